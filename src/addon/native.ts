@@ -1,0 +1,127 @@
+// The typed surface of the C++ addon (addon/src). This file is the contract between the TypeScript engine and the
+// native side: few, coarse operations. Everything here is process-global on the native side (emulated devices and
+// region handles are visible from every thread), but each thread loads its own addon instance.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+import fs from 'node:fs';
+
+/** Numeric profile ids shared with native code. */
+export const NATIVE_PROFILE = { 'draft-2019': 0, 'linux-5.8': 1 } as const;
+/** Data-area access modes of the emulated device. */
+export const NATIVE_DATA_MODE = { mmap: 0, trapped: 1, mixed: 2 } as const;
+/** data_offset policies of the emulated device. */
+export const NATIVE_OFFSET_POLICY = { fixed: 0, moving: 1 } as const;
+/** Which pieces of a chunk regionCopyIn writes (the 2019 draft resume order writes mmap pieces before data_size). */
+export const COPY_MMAP = 1;
+export const COPY_TRAPPED = 2;
+export const COPY_ALL = 3;
+
+export interface EmuConfig {
+  profile: number;          // NATIVE_PROFILE
+  stateSize: number;        // bytes, multiple of 4096, 8 KiB .. 64 GiB
+  seed: number;             // u32; initial content is a pure function of (seed, offset). Ignored if zeroFill.
+  zeroFill: boolean;        // destination devices start zeroed
+  maxChunk: number;         // bytes per staged chunk, multiple of 4096, 8 KiB .. 64 MiB
+  dataMode: number;         // NATIVE_DATA_MODE
+  offsetPolicy: number;     // NATIVE_OFFSET_POLICY
+  dirtyRate: number;        // state pages/s the workload dirties while RUNNING (0 = idle)
+  guestPages: number;       // guest-memory pages (4 KiB) the device DMA-writes to, 1 .. 2^24
+  dmaRate: number;          // guest pages/s written while RUNNING (0 = none)
+  reservedBits: number;     // initial value of device_state bits 3..31 (a write that changes them fails)
+}
+
+export interface EmuInfo {
+  id: number;
+  profile: number;
+  stateSize: number;
+  maxChunk: number;
+  dataAreaOffset: number;
+  dataAreaSize: number;
+  regionSize: number;
+  deviceState: number;      // raw u32 register value
+  chunksStaged: number;
+  chunksConsumed: number;   // save: chunks consumed by pending_bytes re-read; resume: chunks accepted
+  pagesSent: number;
+  pagesLoaded: number;
+  workloadWrites: number;   // state pages the workload wrote so far
+  dmaWrites: number;
+  lastError: string;        // last vendor-side error text ('' if none)
+}
+
+export interface RegionAreaSpec { offset: number; size: number }
+
+export interface VfioDeviceHandles { container: number; group: number; device: number }
+export interface VfioDeviceInfo { flags: number; numRegions: number; numIrqs: number }
+
+export interface NativeAddon {
+  // ---- emulated vendor device --------------------------------------------------------------------------------
+  emuCreate(cfg: EmuConfig): number;
+  emuDestroy(id: number): void;
+  emuInfo(id: number): EmuInfo;
+  /** Kernel-identical `struct vfio_device_info` fields for the emulated device. */
+  emuDeviceInfo(id: number): VfioDeviceInfo;
+  /** Kernel-identical bytes of VFIO_DEVICE_GET_REGION_INFO (struct vfio_region_info + capability chain). */
+  emuRegionInfo(id: number, index: number): Uint8Array;
+  /** VFIO_DEVICE_RESET: back to RUNNING, sessions dropped, ERROR cleared. */
+  emuReset(id: number): void;
+  /** Fault injection; see docs/EMULATED-DEVICE.md. kind '' clears. */
+  emuSetFault(id: number, kind: string, arg: number): void;
+  /** Copy device state bytes [off, off+dst.length) into dst (verification digests). */
+  emuReadState(id: number, off: number, dst: Uint8Array): void;
+  /** Write one byte of device state and mark its page dirty, as the workload would (deterministic tests). */
+  emuTouch(id: number, off: number, value: number): void;
+  /** Device config space (256 bytes): read into dst or write from src. */
+  emuConfigRead(id: number, dst: Uint8Array): void;
+  emuConfigWrite(id: number, src: Uint8Array): void;
+  /** Guest-memory DMA write at page (logged as dirty), for deterministic bitmap tests. */
+  emuDmaTouch(id: number, page: number): void;
+  /** Emulated type1 container dirty tracking (linux-5.8): op 1 START, 2 STOP, 4 GET_BITMAP (ORs bits into bitmap). */
+  emuDirtyPages(id: number, op: number, iova: number, size: number, pgsize: number, bitmap?: Uint8Array): void;
+
+  // ---- region access (emulated device or a real VFIO device fd) ----------------------------------------------
+  regionOpenEmu(id: number): number;
+  regionOpenFd(fd: number, regionOffset: number, regionSize: number, areas: RegionAreaSpec[], mmap: boolean): number;
+  regionClose(h: number): void;
+  /** Mapped sparse areas of the open region (areas whose mmap failed are absent: slow path). */
+  regionAreas(h: number): RegionAreaSpec[];
+  /** One access of exactly `width` bytes at `off` (naturally aligned, inside the region). */
+  regRead(h: number, off: number, width: 4 | 8): bigint;
+  regWrite(h: number, off: number, width: 4 | 8, value: bigint): void;
+  /** Copy region [off, off+len) into dst[dstOff..]: mmap pieces by memcpy, trapped pieces by read. Returns trapped bytes. */
+  regionCopyOut(h: number, off: number, len: number, dst: Uint8Array, dstOff: number): number;
+  /** Copy src[srcOff..srcOff+len) into region [off, off+len); `which` selects mmap and/or trapped pieces. */
+  regionCopyIn(h: number, off: number, len: number, src: Uint8Array, srcOff: number, which: number): number;
+
+  // ---- real kernel VFIO ----------------------------------------------------------------------------------------
+  vfioOpenDevice(groupPath: string, deviceName: string): VfioDeviceHandles;
+  vfioDeviceInfo(deviceFd: number): VfioDeviceInfo;
+  vfioRegionInfo(deviceFd: number, index: number): Uint8Array;
+  vfioReset(deviceFd: number): void;
+  vfioClose(fd: number): void;
+  /** Layout facts checked by static_assert against <linux/vfio.h>, exported so tests can compare with TS tables. */
+  uapiLayout(): Record<string, number>;
+
+  // ---- native loops used only by `npm run bench` -------------------------------------------------------------
+  /** Copy `total` bytes of the region data area [off, off+len) in `chunk`-byte pieces into dst, with `threads` threads. Returns ns. */
+  benchCopyLimit(h: number, off: number, len: number, chunk: number, total: number, threads: number, dst: Uint8Array): number;
+  /** The seed's sequential algorithm: for each region handle, save with the v1 protocol into `buf`, write() to outFd. Returns bytes. */
+  baselineSequentialSave(handles: number[], profile: number, buf: Uint8Array, outFd: number): number;
+}
+
+function findAddon(): string {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  // dist/src/addon -> repo root is three levels up; src/addon (tsx) is two.
+  for (const up of ['../../..', '../..']) {
+    const p = path.resolve(here, up, 'build/Release/vfio_mig.node');
+    if (fs.existsSync(p)) return p;
+  }
+  throw new Error('vfio-mig native addon not built: run `npm ci` (or `npx cmake-js compile --out build`)');
+}
+
+let cached: NativeAddon | undefined;
+/** The addon for this thread (each worker thread gets its own instance; native globals are shared). */
+export function native(): NativeAddon {
+  if (!cached) cached = createRequire(import.meta.url)(findAddon()) as NativeAddon;
+  return cached;
+}

@@ -1,0 +1,108 @@
+// Sequential, bounds-checked reading of a container file. Every length is checked against fixed limits before a
+// byte is read into memory, and a short read is an error naming the byte offset.
+import fs from 'node:fs';
+import { ErrorCode, MigError } from '../errors.js';
+import {
+  FILE_HEADER_SIZE, MAX_META_BODY, RECORD_HEADER_SIZE, RECORD_NAMES, REC_DEVICE_TABLE, decodeFileHeader, decodeJson,
+  decodeRecordHeader, validateDeviceTable, verifyRecord, type DeviceTable, type RecordHeader,
+} from './format.js';
+
+export interface RecordRef {
+  h: RecordHeader;
+  header: Uint8Array;
+  /** File offset of the record header. */
+  at: number;
+}
+
+export class ContainerReader {
+  offset = 0;
+  readonly size: number;
+  private hdrBuf = new Uint8Array(RECORD_HEADER_SIZE);
+  private constructor(private fd: number, readonly path: string) {
+    this.size = fs.fstatSync(fd).size;
+  }
+
+  static open(path: string): ContainerReader {
+    try {
+      return new ContainerReader(fs.openSync(path, 'r'), path);
+    } catch (e) {
+      throw new MigError(ErrorCode.IO, `cannot open stream ${path}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  close(): void {
+    if (this.fd >= 0) fs.closeSync(this.fd);
+    this.fd = -1;
+  }
+
+  private readExact(dst: Uint8Array, len: number, what: string): Promise<void> {
+    const at = this.offset;
+    return new Promise((resolve, reject) => {
+      let done = 0;
+      const step = () => {
+        fs.read(this.fd, dst, done, len - done, at + done, (err, n) => {
+          if (err) return reject(new MigError(ErrorCode.IO, `reading ${what}: ${err.message}`, { offset: at + done, cause: err }));
+          if (n === 0) {
+            return reject(new MigError(ErrorCode.STREAM_TRUNCATED, `stream truncated in ${what}: needed ${len} bytes, file ends after ${done}`,
+              { offset: at + done }));
+          }
+          done += n;
+          if (done < len) step(); else { this.offset = at + len; resolve(); }
+        });
+      };
+      if (len === 0) resolve(); else step();
+    });
+  }
+
+  async readFileHeader(): Promise<void> {
+    const b = new Uint8Array(FILE_HEADER_SIZE);
+    await this.readExact(b, FILE_HEADER_SIZE, 'file header');
+    decodeFileHeader(b);
+  }
+
+  /** Next record header, or null at a clean end of file. */
+  async next(): Promise<RecordRef | null> {
+    if (this.offset === this.size) return null;
+    const at = this.offset;
+    await this.readExact(this.hdrBuf, RECORD_HEADER_SIZE, 'record header');
+    const h = decodeRecordHeader(this.hdrBuf, at);
+    return { h, header: this.hdrBuf.slice(), at };
+  }
+
+  /** Read the body of `r` into dst[dstOff..] (caller bounded dst from trusted geometry) and verify its checksum. */
+  async body(r: RecordRef, dst: Uint8Array, dstOff: number, device?: string): Promise<Uint8Array> {
+    if (r.h.length > dst.length - dstOff) {
+      throw new MigError(ErrorCode.STREAM_TOO_LARGE,
+        `${RECORD_NAMES[r.h.type]} record of ${r.h.length} bytes exceeds the ${dst.length - dstOff}-byte buffer for it`,
+        { offset: r.at + 4, device, value: r.h.length });
+    }
+    const view = dst.subarray(dstOff, dstOff + r.h.length);
+    await this.readExact(view, r.h.length, `${RECORD_NAMES[r.h.type]} body`);
+    verifyRecord(r.header, view, r.h, r.at, device);
+    return view;
+  }
+
+  async metaBody<T>(r: RecordRef): Promise<T> {
+    const buf = new Uint8Array(Math.min(r.h.length, MAX_META_BODY));
+    return decodeJson<T>(await this.body(r, buf, 0), RECORD_NAMES[r.h.type], r.at + RECORD_HEADER_SIZE);
+  }
+
+  /** Skip a body without reading it (inspect of huge files). */
+  skip(r: RecordRef): void {
+    if (this.offset + r.h.length > this.size) {
+      throw new MigError(ErrorCode.STREAM_TRUNCATED, `stream truncated: record at ${r.at} claims ${r.h.length} bytes, file ends at ${this.size}`,
+        { offset: this.size });
+    }
+    this.offset += r.h.length;
+  }
+
+  /** Header + device table, which must come first. */
+  async readPreamble(): Promise<DeviceTable> {
+    await this.readFileHeader();
+    const r = await this.next();
+    if (!r || r.h.type !== REC_DEVICE_TABLE) {
+      throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'the first record must be the DEVICE_TABLE', { offset: FILE_HEADER_SIZE });
+    }
+    return validateDeviceTable(await this.metaBody<DeviceTable>(r), r.at);
+  }
+}

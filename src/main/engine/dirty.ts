@@ -1,0 +1,84 @@
+// Guest dirty pages, queried from the main thread and kept as a union per device for the embedder (the VMM migrates
+// guest RAM; vfio-mig tells it which pages the devices dirtied). draft-2019 queries through the migration region
+// (pfn registers, bitmap in the data area) under the region lock; linux-5.8 asks the type1 container.
+import { OWNER_MAIN } from './region-lock.js';
+import { Histogram } from './histogram.js';
+import type { SourceDevice } from './source-device.js';
+
+export class DirtyTracker {
+  readonly latencyMs = new Histogram();
+  readonly lockWaitMs = new Histogram();
+  queries = 0;
+  private readonly union = new Map<number, Uint8Array>();
+  private scratch = new Map<number, Uint8Array>();
+
+  constructor(private readonly devices: SourceDevice[]) {
+    for (const d of devices) {
+      const bytes = Math.ceil(d.transport.guestPages / 64) * 8;
+      this.union.set(d.index, new Uint8Array(bytes));
+      this.scratch.set(d.index, new Uint8Array(bytes));
+    }
+  }
+
+  start(): void {
+    for (const d of this.devices) if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(true);
+  }
+
+  stop(): void {
+    for (const d of this.devices) {
+      try {
+        if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(false);
+      } catch { /* stopping is best effort during rollback */ }
+    }
+  }
+
+  /** One query of one device; returns pages newly reported dirty. */
+  async query(d: SourceDevice): Promise<number> {
+    const pages = d.transport.guestPages;
+    if (!pages) return 0;
+    const out = this.union.get(d.index)!;
+    const t0 = performance.now();
+    let found = 0;
+    if (d.transport.profile.dirtySource === 'region') {
+      const lock = d.shared.lock;
+      await lock.lockAsync(OWNER_MAIN);
+      const t1 = performance.now();
+      this.lockWaitMs.record(t1 - t0);
+      try {
+        found = d.region.queryDirtyPfns(0, pages, 4096, out, this.scratch.get(d.index)!);
+      } finally {
+        lock.unlock();
+      }
+    } else {
+      const bm = this.scratch.get(d.index)!;
+      bm.fill(0);
+      d.transport.containerDirty?.('get', bm);
+      for (let i = 0; i < bm.length; i++) {
+        if (bm[i]) { out[i] |= bm[i]; found += popcount8(bm[i]); }
+      }
+    }
+    this.latencyMs.record(performance.now() - t0);
+    this.queries++;
+    return found;
+  }
+
+  async queryAll(): Promise<void> {
+    for (const d of this.devices) await this.query(d);
+  }
+
+  /** Union of dirty guest pages of a device (bit i = pfn i). */
+  bitmap(index: number): Uint8Array | undefined { return this.union.get(index); }
+
+  count(index: number): number {
+    const b = this.union.get(index);
+    let n = 0;
+    if (b) for (const x of b) n += popcount8(x);
+    return n;
+  }
+}
+
+function popcount8(x: number): number {
+  x = x - ((x >> 1) & 0x55);
+  x = (x & 0x33) + ((x >> 2) & 0x33);
+  return (x + (x >> 4)) & 0x0f;
+}

@@ -1,0 +1,79 @@
+// The worker pool (piscina) plus a device-task semaphore. At most `threads` device tasks hold staging rings at
+// once, across every migration sharing the pool, which keeps staging memory bounded by threads x ring size.
+import os from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { Piscina } from 'piscina';
+import { ErrorCode, MigError } from '../errors.js';
+import { RingPool } from './staging.js';
+import type { DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
+
+export interface EnginePoolOptions {
+  threads?: number;
+  /** Slots per staging ring. */
+  ringSlots?: number;
+}
+
+export class EnginePool {
+  readonly threads: number;
+  readonly rings: RingPool;
+  private readonly piscina: Piscina;
+  private active = 0;
+  private waiters: (() => void)[] = [];
+
+  constructor(o: EnginePoolOptions = {}) {
+    this.threads = o.threads ?? Math.max(1, os.availableParallelism?.() ?? os.cpus().length);
+    if (!Number.isInteger(this.threads) || this.threads < 1 || this.threads > 256) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `threads must be 1..256, got ${o.threads}`);
+    }
+    const slots = o.ringSlots ?? 3;
+    if (!Number.isInteger(slots) || slots < 2 || slots > 64) throw new MigError(ErrorCode.BAD_ARGUMENT, `ring slots must be 2..64, got ${slots}`);
+    this.rings = new RingPool(slots);
+    this.piscina = new Piscina({
+      filename: fileURLToPath(new URL('../../workers/worker.js', import.meta.url)),
+      minThreads: this.threads,
+      maxThreads: this.threads,
+      idleTimeout: 60_000,
+    });
+  }
+
+  /** Hold one of `threads` device-task places (a borrowed ring lives inside it). */
+  async acquire(): Promise<void> {
+    if (this.active < this.threads) { this.active++; return; }
+    await new Promise<void>((r) => this.waiters.push(r));
+  }
+
+  release(): void {
+    const w = this.waiters.shift();
+    if (w) w(); else this.active--;
+  }
+
+  private async run<R>(task: Task): Promise<R> {
+    let out: unknown;
+    try {
+      out = await this.piscina.run(task);
+    } catch (e) {
+      const dev = 'region' in task ? task.region.device : undefined;
+      throw new MigError(ErrorCode.WORKER_FAILED, `worker failed during ${task.op}: ${(e as Error).message}`, { device: dev, cause: e });
+    }
+    if (out && typeof out === 'object' && (out as TaskError).__migError) {
+      const te = out as TaskError;
+      const err = new MigError(te.code as MigError['code'], te.message, {});
+      Object.assign(err, { device: te.device, offset: te.offset, register: te.register, errno: te.errno });
+      throw err;
+    }
+    return out as R;
+  }
+
+  save(t: SaveTask): Promise<SaveResult> { return this.run<SaveResult>(t); }
+  load(t: LoadTask): Promise<LoadResult> { return this.run<LoadResult>(t); }
+  digest(t: DigestTask): Promise<string> { return this.run<string>(t); }
+
+  get stats() {
+    return { threads: this.threads, completed: this.piscina.completed, stagingBytes: this.rings.allocatedBytes, rings: this.rings.ringsCreated };
+  }
+
+  async close(): Promise<void> {
+    await this.piscina.destroy();
+    this.rings.clear();
+  }
+}

@@ -1,0 +1,96 @@
+// The migration mutex of QEMU's 2019 patches, in shared memory: a 3-state futex-style lock (0 free, 1 held,
+// 2 held with waiters) over an Int32Array on a SharedArrayBuffer. Workers take it synchronously around one data chunk
+// (data_offset -> data_size -> copy); the main thread takes it asynchronously (Atomics.waitAsync, so the event loop
+// keeps running) around a dirty-bitmap query or a state change. Without it a bitmap query can land in the data area
+// between a worker's data_offset read and its copy (test/lock.test.ts shows the corruption).
+
+const STATE = 0;   // lock word
+const OWNER = 1;   // who holds it (debugging, forced release after a worker death)
+const DISABLED = 2; // test-only switch: 1 turns the lock into a no-op
+export const LOCK_INTS = 4;
+export const OWNER_MAIN = 1;
+export const OWNER_WORKER = 2;
+
+export class RegionLock {
+  private readonly i32: Int32Array;
+  private readonly base: number;
+
+  /** `sab` holds the lock at Int32 index `index` (LOCK_INTS words). */
+  constructor(sab: SharedArrayBuffer, index = 0) {
+    this.i32 = new Int32Array(sab);
+    this.base = index;
+  }
+
+  static create(): RegionLock {
+    return new RegionLock(new SharedArrayBuffer(LOCK_INTS * 4), 0);
+  }
+
+  get buffer(): SharedArrayBuffer { return this.i32.buffer as SharedArrayBuffer; }
+  get index(): number { return this.base; }
+
+  /** Test-only: run without mutual exclusion to demonstrate the race. */
+  setDisabled(off: boolean): void { Atomics.store(this.i32, this.base + DISABLED, off ? 1 : 0); }
+  get disabled(): boolean { return Atomics.load(this.i32, this.base + DISABLED) === 1; }
+
+  /** Blocking acquire (worker threads only: Atomics.wait is not allowed on the main thread). */
+  lockSync(owner = OWNER_WORKER): void {
+    if (this.disabled) return;
+    const s = this.base + STATE;
+    let c = Atomics.compareExchange(this.i32, s, 0, 1);
+    if (c !== 0) {
+      if (c !== 2) c = Atomics.exchange(this.i32, s, 2);
+      while (c !== 0) {
+        Atomics.wait(this.i32, s, 2);
+        c = Atomics.exchange(this.i32, s, 2);
+      }
+    }
+    Atomics.store(this.i32, this.base + OWNER, owner);
+  }
+
+  /** Non-blocking acquire for the main thread: waits with Atomics.waitAsync, never stalling the event loop. */
+  async lockAsync(owner = OWNER_MAIN): Promise<void> {
+    if (this.disabled) return;
+    const s = this.base + STATE;
+    let c = Atomics.compareExchange(this.i32, s, 0, 1);
+    if (c !== 0) {
+      if (c !== 2) c = Atomics.exchange(this.i32, s, 2);
+      while (c !== 0) {
+        const w = Atomics.waitAsync(this.i32, s, 2);
+        if (w.async) await w.value;
+        c = Atomics.exchange(this.i32, s, 2);
+      }
+    }
+    Atomics.store(this.i32, this.base + OWNER, owner);
+  }
+
+  tryLock(owner: number): boolean {
+    if (this.disabled) return true;
+    if (Atomics.compareExchange(this.i32, this.base + STATE, 0, 1) !== 0) return false;
+    Atomics.store(this.i32, this.base + OWNER, owner);
+    return true;
+  }
+
+  unlock(): void {
+    if (this.disabled) return;
+    Atomics.store(this.i32, this.base + OWNER, 0);
+    if (Atomics.sub(this.i32, this.base + STATE, 1) !== 1) {
+      Atomics.store(this.i32, this.base + STATE, 0);
+      Atomics.notify(this.i32, this.base + STATE, 1);
+    }
+  }
+
+  get held(): boolean { return Atomics.load(this.i32, this.base + STATE) !== 0; }
+  get owner(): number { return Atomics.load(this.i32, this.base + OWNER); }
+
+  /** After a worker died holding the lock (nobody else can own it then): free it and wake waiters. */
+  forceRelease(): void {
+    Atomics.store(this.i32, this.base + OWNER, 0);
+    Atomics.store(this.i32, this.base + STATE, 0);
+    Atomics.notify(this.i32, this.base + STATE);
+  }
+
+  async withAsync<T>(fn: () => T | Promise<T>): Promise<T> {
+    await this.lockAsync();
+    try { return await fn(); } finally { this.unlock(); }
+  }
+}

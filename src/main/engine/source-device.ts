@@ -1,0 +1,206 @@
+// One source device's migration, one small function per phase as in QEMU's hw/vfio/migration.c: setup, pending,
+// iterate, complete (stop-and-copy), save_state (config) and rollback. Data moves in workers; this object runs on
+// the main thread and only touches registers (under the region lock) and the staging ring's bookkeeping.
+import { ErrorCode, MigError } from '../errors.js';
+import { trace } from '../trace.js';
+import { encodeConfigBlob } from '../protocol/config-blob.js';
+import type { MigrationRegion } from '../protocol/migration-region.js';
+import { DATA_PREFIX, configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
+import { RECORD_HEADER_SIZE } from '../container/format.js';
+import type { ContainerWriter } from '../container/writer.js';
+import type { DeviceTransport } from '../transport/transport.js';
+import type { SaveResult } from '../../workers/tasks.js';
+import { DeviceShared } from './device-shared.js';
+import type { EnginePool } from './pool.js';
+import { OWNER_MAIN, OWNER_WORKER } from './region-lock.js';
+import type { StagingRing } from './staging.js';
+import type { RateLimiter } from './rate.js';
+
+export type DevicePhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'saved' | 'failed' | 'rolled-back';
+
+export interface DeviceStats {
+  name: string;
+  rounds: number;
+  precopyBytes: number;
+  precopyChunks: number;
+  stopCopyBytes: number;
+  stopCopyChunks: number;
+  stopCopyMs: number;
+  streamBytes: number;
+  lastPending: number;
+  lockWaitMs: number;
+  finalState?: string;
+  digest?: string;
+}
+
+export interface SourceDeviceOptions {
+  maxEmptyChunks: number;
+  maxNoProgress: number;
+  testExitAfterChunks?: number;
+}
+
+export class SourceDevice {
+  readonly shared = DeviceShared.create();
+  region!: MigrationRegion;
+  phase: DevicePhase = 'idle';
+  stats: DeviceStats;
+  private ring: StagingRing | null = null;
+  private taskActive = false;
+
+  constructor(readonly index: number, readonly transport: DeviceTransport, private readonly pool: EnginePool,
+    private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
+    this.stats = {
+      name: transport.name, rounds: 0, precopyBytes: 0, precopyChunks: 0, stopCopyBytes: 0, stopCopyChunks: 0,
+      stopCopyMs: 0, streamBytes: 0, lastPending: 0, lockWaitMs: 0,
+    };
+  }
+
+  get name(): string { return this.transport.name; }
+
+  private setPhase(p: DevicePhase): void {
+    trace('vfio_device_phase', { device: this.name, from: this.phase, to: p });
+    this.phase = p;
+  }
+
+  private async locked<T>(fn: () => T): Promise<T> {
+    await this.shared.lock.lockAsync(OWNER_MAIN);
+    try { return fn(); } finally { this.shared.lock.unlock(); }
+  }
+
+  /** save_setup: [SETUP][END]; RUNNING -> PRE_COPY (a stopped device goes straight to STOP_COPY). */
+  async setup(): Promise<void> {
+    this.setPhase('setup');
+    this.region = this.transport.openRegion();
+    await this.locked(() => {
+      const s = this.region.state();
+      if (s !== 'RUNNING' && s !== 'STOP') {
+        throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${s} (expected RUNNING or STOP)`, { device: this.name });
+      }
+      this.region.setState(s === 'RUNNING' ? 'PRE_COPY' : 'STOP_COPY');
+    });
+    await this.writer.deviceBytes(this.index, this.shared, setupSection());
+    this.setPhase('precopy');
+  }
+
+  /** save_pending: pending_bytes as the vendor reports it. */
+  async pending(): Promise<number> {
+    const p = await this.locked(() => this.region.read('pending_bytes'));
+    this.stats.lastPending = Number(p);
+    return this.stats.lastPending;
+  }
+
+  /** save_live_iterate for one round: chunks until `budget` bytes went out or nothing is pending. */
+  async iterate(budget: number): Promise<SaveResult> {
+    const r = await this.runPhase('iterate', budget);
+    this.stats.rounds++;
+    this.stats.precopyBytes += r.bytes;
+    this.stats.precopyChunks += r.chunks;
+    this.stats.lastPending = r.pending;
+    return r;
+  }
+
+  /** save_live_complete_precopy: SAVING, drain while pending_bytes > 0, [END], then STOP. */
+  async complete(): Promise<void> {
+    const t0 = performance.now();
+    this.setPhase('stopcopy');
+    await this.locked(() => this.region.setState('STOP_COPY'));
+    const r = await this.runPhase('complete', Number.MAX_SAFE_INTEGER);
+    await this.writer.deviceBytes(this.index, this.shared, endTag());
+    await this.locked(() => this.region.setState('STOP'));
+    this.stats.stopCopyBytes += r.bytes;
+    this.stats.stopCopyChunks += r.chunks;
+    this.stats.stopCopyMs = performance.now() - t0;
+  }
+
+  /** save_state: [CONFIG][len][blob][END] after all iterables (QEMU 6.0+ placement). */
+  async saveState(): Promise<void> {
+    const blob = encodeConfigBlob(this.transport.readConfig());
+    await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
+    this.stats.streamBytes = this.shared.streamBytes;
+    this.stats.finalState = this.region.state();
+    this.setPhase('saved');
+  }
+
+  /** Stop a running data task (cancel). */
+  abort(): void {
+    this.ring?.abort();
+  }
+
+  /** After a failure or cancel: back to RUNNING, resetting a device that reports ERROR. Never throws. */
+  async rollback(): Promise<string> {
+    this.abort();
+    if (this.shared.lock.owner === OWNER_WORKER && !this.taskActive) this.shared.lock.forceRelease();
+    let outcome: string;
+    try {
+      if (!this.region) return 'not opened';
+      outcome = await this.locked(() => {
+        let s: string;
+        try {
+          s = this.region.state();
+        } catch (e) {
+          if ((e as MigError).code !== ErrorCode.DEVICE_ERROR_STATE) throw e;
+          this.transport.reset();
+          trace('vfio_device_reset', { device: this.name });
+          s = this.region.state();
+          if (s !== 'RUNNING') this.region.setState('RUNNING');
+          return 'reset from ERROR to RUNNING';
+        }
+        if (s === 'RUNNING') return 'was RUNNING';
+        this.region.setState('RUNNING');
+        return `${s} -> RUNNING`;
+      });
+    } catch (e) {
+      outcome = `rollback failed: ${(e as Error).message}`;
+    }
+    this.setPhase('rolled-back');
+    return outcome;
+  }
+
+  private slotSize(): number {
+    // A vendor chunk can be as large as the data area after the header; a slot holds one whole QEMU packet.
+    const maxData = this.region.size - this.region.profile.headerSize;
+    return Math.ceil((RECORD_HEADER_SIZE + DATA_PREFIX + maxData + 8) / 4096) * 4096;
+  }
+
+  private async runPhase(phase: 'iterate' | 'complete', budget: number): Promise<SaveResult> {
+    await this.pool.acquire();
+    const ring = this.pool.rings.borrow(this.slotSize());
+    this.ring = ring;
+    this.taskActive = true;
+    try {
+      const task = this.pool.save({
+        op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
+        budget, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
+        testExitAfterChunks: this.opts.testExitAfterChunks,
+      }).finally(() => { this.taskActive = false; });
+      const drain = this.drain(ring);
+      // Whichever side fails first stops the other: the ring abort wakes a blocked producer or consumer.
+      task.catch(() => ring.abort());
+      drain.catch(() => ring.abort());
+      const [t, d] = await Promise.allSettled([task, drain]);
+      if (t.status === 'rejected') {
+        if (this.shared.lock.owner === OWNER_WORKER) this.shared.lock.forceRelease(); // a worker died holding it
+        throw t.reason;
+      }
+      if (d.status === 'rejected') throw d.reason;
+      const r = t.value;
+      this.stats.lockWaitMs += r.lockWaitNs / 1e6;
+      if (r.aborted) throw new MigError(ErrorCode.CANCELLED, `${phase} cancelled`, { device: this.name });
+      return r;
+    } finally {
+      this.ring = null;
+      this.pool.rings.giveBack(ring);
+      this.pool.release();
+    }
+  }
+
+  private async drain(ring: StagingRing): Promise<void> {
+    for (;;) {
+      const s = await ring.next();
+      if (!s) return;
+      if (this.limiter) await this.limiter.take(s.len);
+      await this.writer.slot(ring.slot(s.index).subarray(0, s.len));
+      ring.release();
+    }
+  }
+}

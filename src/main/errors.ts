@@ -1,0 +1,92 @@
+// One error class with stable codes (better-sqlite3 style). Every error that reaches a user names the device and,
+// where there is one, the byte offset (stream) or register offset (region) that was wrong.
+
+export const ErrorCode = {
+  BAD_ARGUMENT: 'VFM_BAD_ARGUMENT',            // a CLI flag or API option is invalid
+  NATIVE: 'VFM_NATIVE',                        // a region access failed (errno in .errno)
+  BAD_STATE: 'VFM_BAD_STATE',                  // a device_state value or transition is not allowed
+  DEVICE_ERROR_STATE: 'VFM_DEVICE_ERROR_STATE',// the device entered the ERROR state (110); it was reset
+  TRANSITION_FAILED: 'VFM_TRANSITION_FAILED',  // the vendor refused a state write
+  VENDOR_BAD_VALUE: 'VFM_VENDOR_BAD_VALUE',    // a vendor register holds an impossible value
+  VENDOR_STUCK: 'VFM_VENDOR_STUCK',            // pending_bytes never drains
+  NO_MIGRATION_REGION: 'VFM_NO_MIGRATION_REGION',
+  BAD_REGION_INFO: 'VFM_BAD_REGION_INFO',
+  STREAM_TRUNCATED: 'VFM_STREAM_TRUNCATED',
+  STREAM_BAD_MAGIC: 'VFM_STREAM_BAD_MAGIC',
+  STREAM_BAD_VERSION: 'VFM_STREAM_BAD_VERSION',
+  STREAM_BAD_RECORD: 'VFM_STREAM_BAD_RECORD',
+  STREAM_CHECKSUM: 'VFM_STREAM_CHECKSUM',
+  STREAM_TOO_LARGE: 'VFM_STREAM_TOO_LARGE',
+  STREAM_UNKNOWN_TAG: 'VFM_STREAM_UNKNOWN_TAG',
+  STREAM_BAD_END: 'VFM_STREAM_BAD_END',
+  STREAM_ABORTED: 'VFM_STREAM_ABORTED',
+  LOAD_REJECTED: 'VFM_LOAD_REJECTED',          // the destination vendor rejected the data
+  VERIFY_FAILED: 'VFM_VERIFY_FAILED',          // digests differ
+  CANCELLED: 'VFM_CANCELLED',
+  WORKER_FAILED: 'VFM_WORKER_FAILED',
+  IO: 'VFM_IO',
+} as const;
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+export interface MigErrorDetails {
+  device?: string;          // device name
+  offset?: number;          // byte offset in the stream file, or register offset in the region
+  register?: string;        // register name when a vendor value is wrong
+  value?: bigint | number;  // the offending value
+  errno?: number;
+  cause?: unknown;
+}
+
+export class MigError extends Error {
+  readonly code: ErrorCode;
+  readonly device?: string;
+  readonly offset?: number;
+  readonly register?: string;
+  readonly value?: bigint | number;
+  readonly errno?: number;
+
+  constructor(code: ErrorCode, message: string, details: MigErrorDetails = {}) {
+    super(formatMessage(message, details), details.cause !== undefined ? { cause: details.cause } : undefined);
+    this.name = 'MigError';
+    this.code = code;
+    this.device = details.device;
+    this.offset = details.offset;
+    this.register = details.register;
+    this.value = details.value;
+    this.errno = details.errno;
+  }
+
+  /** Plain object for --json output and for crossing a worker boundary. */
+  toJSON(): Record<string, unknown> {
+    return {
+      code: this.code, message: this.message, device: this.device, offset: this.offset, register: this.register,
+      value: typeof this.value === 'bigint' ? '0x' + this.value.toString(16) : this.value, errno: this.errno,
+    };
+  }
+
+  /** Rebuild an error serialised by a worker (structured clone drops the class). */
+  static fromJSON(o: Record<string, unknown>): MigError {
+    const e = new MigError((o.code as ErrorCode) ?? ErrorCode.WORKER_FAILED, String(o.rawMessage ?? o.message ?? ''), {});
+    Object.assign(e, { message: String(o.message ?? ''), device: o.device, offset: o.offset, register: o.register, errno: o.errno });
+    return e;
+  }
+}
+
+function formatMessage(message: string, d: MigErrorDetails): string {
+  const where: string[] = [];
+  if (d.device !== undefined) where.push(d.device);
+  if (d.register !== undefined) where.push(d.register);
+  if (d.offset !== undefined) where.push(`offset ${d.offset}`);
+  return where.length ? `${where.join(': ')}: ${message}` : message;
+}
+
+/** Wrap a native (addon) exception as a MigError that names the device. */
+export function nativeError(device: string, what: string, e: unknown): MigError {
+  if (e instanceof MigError) return e;
+  const ne = e as { code?: string; errno?: number; message?: string };
+  return new MigError(ErrorCode.NATIVE, `${what}: ${ne?.message ?? String(e)}`, { device, errno: ne?.errno, cause: e });
+}
+
+export function isMigError(e: unknown): e is MigError {
+  return e instanceof MigError;
+}

@@ -1,0 +1,239 @@
+// Access to one device's migration region: registers at their exact size and offset, state changes by
+// read-modify-write through the state table, and every vendor-reported offset/size validated before any copy.
+// Used on the main thread and in workers (it holds only a native region handle, which is process-global).
+import { native, COPY_ALL, COPY_MMAP, COPY_TRAPPED } from '../../addon/native.js';
+import { ErrorCode, MigError } from '../errors.js';
+import { trace } from '../trace.js';
+import { DIRTY_PFNS_ALL, DIRTY_PFNS_NONE, type ProfileDef, type RegName } from './profiles.js';
+import {
+  STATE_BITS, fmtState, isErrorState, isValidState, stateName, statePath, withStateBits, type V1State,
+} from './states.js';
+
+export interface RegionDesc {
+  device: string;
+  handle: number;
+  profile: ProfileDef;
+  size: number;
+}
+
+export interface ChunkInfo {
+  /** pending_bytes as read at the start of this step (0: nothing copied). */
+  pending: bigint;
+  dataOffset: number;
+  size: number;
+}
+
+export class MigrationRegion {
+  readonly device: string;
+  readonly handle: number;
+  readonly profile: ProfileDef;
+  readonly size: number;
+  constructor(d: RegionDesc) {
+    this.device = d.device; this.handle = d.handle; this.profile = d.profile; this.size = d.size;
+  }
+
+  get desc(): RegionDesc {
+    return { device: this.device, handle: this.handle, profile: this.profile, size: this.size };
+  }
+
+  private reg(name: RegName) {
+    const r = this.profile.regs[name];
+    if (!r) throw new MigError(ErrorCode.BAD_ARGUMENT, `register ${name} does not exist in profile ${this.profile.name}`, { device: this.device });
+    return r;
+  }
+
+  read(name: RegName): bigint {
+    const r = this.reg(name);
+    try {
+      return native().regRead(this.handle, r.off, r.width);
+    } catch (e) {
+      throw this.regError('read', name, r.off, e);
+    }
+  }
+
+  write(name: RegName, v: bigint): void {
+    const r = this.reg(name);
+    try {
+      native().regWrite(this.handle, r.off, r.width, v);
+    } catch (e) {
+      throw this.regError('write', name, r.off, e);
+    }
+  }
+
+  private regError(op: string, name: RegName, off: number, e: unknown): MigError {
+    const ne = e as { errno?: number; code?: string; message?: string };
+    return new MigError(ErrorCode.NATIVE, `${op} failed: ${ne?.message ?? String(e)}`,
+      { device: this.device, register: name, offset: off, errno: ne?.errno, cause: e });
+  }
+
+  // ---- device_state -------------------------------------------------------------------------------------------
+
+  rawState(): number {
+    return Number(this.read('device_state'));
+  }
+
+  /** Current state, refusing a value the profile calls invalid; ERROR is reported as such (needs a reset). */
+  state(): V1State {
+    const raw = this.rawState();
+    if (isErrorState(raw)) {
+      throw new MigError(ErrorCode.DEVICE_ERROR_STATE, `device is in the error state ${fmtState(raw)}; a reset is required`,
+        { device: this.device, register: 'device_state', value: raw });
+    }
+    if (!isValidState(raw, this.profile.name)) {
+      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `device_state reads ${fmtState(raw)}, not a valid state`,
+        { device: this.device, register: 'device_state', value: raw });
+    }
+    return stateName(raw) as V1State;
+  }
+
+  /** Walk the state table to `target`, one read-modify-write per arc. */
+  setState(target: Exclude<V1State, 'ERROR'>): void {
+    const from = this.state() as Exclude<V1State, 'ERROR'>;
+    const path = statePath(from, target);
+    if (!path) {
+      throw new MigError(ErrorCode.BAD_STATE, `no allowed transition ${from} -> ${target}`, { device: this.device });
+    }
+    for (const next of path) {
+      const cur = this.rawState();
+      const val = withStateBits(cur, STATE_BITS[next]);
+      try {
+        this.write('device_state', BigInt(val));
+      } catch (e) {
+        // The 5.8 uAPI: on failure re-read; the driver keeps the old state unless it went to ERROR.
+        let after: number | undefined;
+        try { after = this.rawState(); } catch { /* reported below */ }
+        trace('vfio_migration_set_state_failed', { device: this.device, from: fmtState(cur), to: next, after });
+        if (after !== undefined && isErrorState(after)) {
+          throw new MigError(ErrorCode.DEVICE_ERROR_STATE,
+            `transition ${stateName(cur)} -> ${next} put the device in the error state ${fmtState(after)}`,
+            { device: this.device, register: 'device_state', value: after, cause: e });
+        }
+        const ne = e as MigError;
+        throw new MigError(ErrorCode.TRANSITION_FAILED,
+          `vendor refused ${stateName(cur)} -> ${next}${after !== undefined ? ` (state now ${fmtState(after)})` : ''}: ${ne.message}`,
+          { device: this.device, register: 'device_state', errno: ne.errno, cause: e });
+      }
+      trace('vfio_migration_set_state', { device: this.device, from: stateName(cur), to: next, raw: val });
+    }
+  }
+
+  // ---- data ------------------------------------------------------------------------------------------------------
+
+  /** Validate a vendor-reported data_offset/data_size pair against the region and the caller's buffer capacity. */
+  checkData(dataOffset: bigint, dataSize: bigint, capacity: number): { off: number; size: number } {
+    const hdr = BigInt(this.profile.headerSize);
+    const size = BigInt(this.size);
+    if (dataOffset < hdr) {
+      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `data_offset 0x${dataOffset.toString(16)} lies inside the ${hdr}-byte header`,
+        { device: this.device, register: 'data_offset', value: dataOffset });
+    }
+    if (dataOffset >= size) {
+      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `data_offset 0x${dataOffset.toString(16)} is past the region (size 0x${size.toString(16)})`,
+        { device: this.device, register: 'data_offset', value: dataOffset });
+    }
+    if (dataSize > size - dataOffset) {
+      throw new MigError(ErrorCode.VENDOR_BAD_VALUE,
+        `data_size 0x${dataSize.toString(16)} at data_offset 0x${dataOffset.toString(16)} runs past the region end 0x${size.toString(16)}`,
+        { device: this.device, register: 'data_size', value: dataSize });
+    }
+    if (dataSize > BigInt(capacity)) {
+      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `data_size 0x${dataSize.toString(16)} exceeds the staging capacity ${capacity}`,
+        { device: this.device, register: 'data_size', value: dataSize });
+    }
+    return { off: Number(dataOffset), size: Number(dataSize) };
+  }
+
+  /**
+   * One save step (vfio-facts §2.3 a-d): pending_bytes (which also marks the previous chunk consumed), then
+   * data_offset (the vendor stages), data_size, and the copy into dst[dstOff..]. Caller holds the region lock.
+   */
+  saveChunk(dst: Uint8Array, dstOff: number, capacity: number): ChunkInfo {
+    const pending = this.read('pending_bytes');
+    if (pending === 0n) return { pending, dataOffset: 0, size: 0 };
+    const dataOffset = this.read('data_offset');
+    const dataSize = this.read('data_size');
+    const { off, size } = this.checkData(dataOffset, dataSize, capacity);
+    if (size > 0) this.copyOut(off, size, dst, dstOff);
+    return { pending, dataOffset: off, size };
+  }
+
+  /**
+   * One resume step in the profile's order: 5.8 writes the data then data_size; the 2019 drafts write mmap'd pieces,
+   * then data_size, then the trapped pieces (QEMU v4 09/13). Caller holds the region lock.
+   */
+  loadChunk(src: Uint8Array, srcOff: number, size: number, capacity: number): number {
+    const dataOffset = this.read('data_offset');
+    const { off } = this.checkData(dataOffset, BigInt(size), capacity);
+    if (this.profile.resumeOrder === 'data-then-size') {
+      this.copyIn(off, size, src, srcOff, COPY_ALL);
+      this.write('data_size', BigInt(size));
+    } else {
+      this.copyIn(off, size, src, srcOff, COPY_MMAP);
+      this.write('data_size', BigInt(size));
+      this.copyIn(off, size, src, srcOff, COPY_TRAPPED);
+    }
+    return off;
+  }
+
+  copyOut(off: number, len: number, dst: Uint8Array, dstOff: number): number {
+    try {
+      return native().regionCopyOut(this.handle, off, len, dst, dstOff);
+    } catch (e) {
+      throw new MigError(ErrorCode.NATIVE, `reading ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
+    }
+  }
+
+  copyIn(off: number, len: number, src: Uint8Array, srcOff: number, which: number): number {
+    try {
+      return native().regionCopyIn(this.handle, off, len, src, srcOff, which);
+    } catch (e) {
+      throw new MigError(ErrorCode.NATIVE, `writing ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
+    }
+  }
+
+  // ---- dirty pages through the region (2019 design, vfio-facts §1.5) -------------------------------------------
+
+  /**
+   * Query pfns [startPfn, startPfn+total) and OR them into `out` (bit i = pfn startPfn+i). Follows QEMU v5: rewrite
+   * start_pfn / page_size / the remaining total_pfns each step, read copied_pfns (NONE / ALL / count), then the bitmap
+   * at data_offset. Bounded: every step must make progress. Caller holds the region lock. Returns dirty pages found.
+   */
+  queryDirtyPfns(startPfn: number, total: number, pageSize: number, out: Uint8Array, scratch: Uint8Array): number {
+    let done = 0;
+    let found = 0;
+    while (done < total) {
+      this.write('start_pfn', BigInt(startPfn + done));
+      this.write('page_size', BigInt(pageSize));
+      this.write('total_pfns', BigInt(total - done));
+      const copied = this.read('copied_pfns');
+      if (copied === DIRTY_PFNS_NONE) break;
+      if (copied === DIRTY_PFNS_ALL) {
+        for (let i = done; i < total; i++) out[i >> 3] |= 1 << (i & 7);
+        found += total - done;
+        break;
+      }
+      if (copied > BigInt(total - done)) {
+        throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `copied_pfns ${copied} exceeds the ${total - done} pfns requested`,
+          { device: this.device, register: 'copied_pfns', value: copied });
+      }
+      const n = Number(copied);
+      const bytes = Math.ceil(n / 64) * 8;
+      if (bytes > scratch.length) {
+        throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `copied_pfns ${n} needs a ${bytes}-byte bitmap, more than the ${scratch.length} allowed`,
+          { device: this.device, register: 'copied_pfns', value: copied });
+      }
+      const dataOffset = this.read('data_offset');
+      const { off } = this.checkData(dataOffset, BigInt(bytes), scratch.length);
+      this.copyOut(off, bytes, scratch, 0);
+      for (let i = 0; i < n; i++) {
+        if (scratch[i >> 3] & (1 << (i & 7))) {
+          const bit = done + i;
+          out[bit >> 3] |= 1 << (bit & 7);
+          found++;
+        }
+      }
+      done += n;
+    }
+    return found;
+  }
+}

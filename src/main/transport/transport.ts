@@ -1,0 +1,29 @@
+// A device is reached through a transport: the in-process emulated device now, a kernel VFIO v1 device fd, and
+// later the v2 fd protocol and vfio-user sockets. The engine sees only this interface.
+import type { MigrationRegion } from '../protocol/migration-region.js';
+import type { ProfileDef } from '../protocol/profiles.js';
+import type { DeviceGeometry } from '../container/format.js';
+
+export interface DirtyQueryResult { pages: number; bitmap: Uint8Array }
+
+export interface DeviceTransport {
+  readonly kind: 'emulated' | 'vfio-v1';
+  readonly name: string;
+  readonly profile: ProfileDef;
+  /** Discover the migration region and open it (VFIO_DEVICE_GET_REGION_INFO walk + mmap of sparse areas). */
+  openRegion(): MigrationRegion;
+  readConfig(): Uint8Array;
+  /** What a worker needs to write the config blob (workers cannot share this object). */
+  configTarget(): { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
+  writeConfig(b: Uint8Array): void;
+  /** VFIO_DEVICE_RESET: the only way out of the ERROR state. */
+  reset(): void;
+  /** Guest pages this device can report dirty (0: none). */
+  readonly guestPages: number;
+  /** Dirty-page query through the container (linux-5.8); region-based queries go through MigrationRegion. */
+  containerDirty?(start: boolean | 'get', bitmap?: Uint8Array): void;
+  /** Digest of the device's state, if the transport can produce one (the emulated device can). */
+  digestTarget(): { kind: 'emulated'; id: number; stateSize: number } | null;
+  geometry(): DeviceGeometry;
+  close(): void;
+}

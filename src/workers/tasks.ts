@@ -1,0 +1,62 @@
+// Messages between the main thread and the worker pool. Everything here survives structured cloning; shared
+// memory (locks, counters, staging) travels as SharedArrayBuffers.
+import type { RegionDesc } from '../main/protocol/migration-region.js';
+import type { QemuLimits, QemuParseState } from '../main/protocol/qemu-stream.js';
+import type { RingDesc } from '../main/engine/staging.js';
+
+export interface SaveTask {
+  op: 'save';
+  region: RegionDesc;
+  deviceIndex: number;
+  shared: SharedArrayBuffer;
+  ring: RingDesc;
+  /** iterate: QEMU save_live_iterate packets ([DATA][size][bytes][END]); complete: stop-and-copy ([DATA][size][bytes]). */
+  phase: 'iterate' | 'complete';
+  /** iterate: stop once this many data bytes were sent (the pending seen at round start). */
+  budget: number;
+  /** Bound on consecutive empty chunks while pending_bytes > 0 before the vendor is declared stuck. */
+  maxEmptyChunks: number;
+  /** complete: bound on consecutive chunks without pending_bytes reaching a new low. */
+  maxNoProgress: number;
+  /** Test only: the worker thread exits while holding the region lock after this many chunks. */
+  testExitAfterChunks?: number;
+}
+
+export interface SaveResult {
+  chunks: number;
+  bytes: number;
+  /** pending_bytes read after the last chunk (0 in complete). */
+  pending: number;
+  aborted: boolean;
+  lockWaitNs: number;
+  lockHoldNs: number;
+}
+
+export interface LoadTask {
+  op: 'load';
+  region: RegionDesc;
+  deviceIndex: number;
+  shared: SharedArrayBuffer;
+  /** The slot holding the record: header at [0, 32), body after. */
+  slot: SharedArrayBuffer;
+  bodyLen: number;
+  /** File offset of the record (errors name byte offsets). */
+  fileOffset: number;
+  parse: QemuParseState;
+  limits: QemuLimits;
+  config: { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
+}
+
+export interface LoadResult {
+  parse: QemuParseState;
+  dataPackets: number;
+  dataBytes: number;
+  configLoaded: boolean;
+}
+
+export interface DigestTask { op: 'digest'; id: number; stateSize: number }
+
+export type Task = SaveTask | LoadTask | DigestTask;
+
+/** Errors cross the thread boundary as plain objects carrying the MigError fields. */
+export interface TaskError { __migError: true; code: string; message: string; device?: string; offset?: number; register?: string; errno?: number }

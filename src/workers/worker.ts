@@ -1,0 +1,178 @@
+// Piscina worker: moves device data. save: region -> staging slots (framed as container CHUNK records with QEMU
+// packets inside, checksummed here so the main thread never touches the bytes); load: staging slot -> region in
+// the profile's write order; digest: hash an emulated device's state.
+import { crc32c } from '@node-rs/crc32';
+import { native } from '../addon/native.js';
+import { MigError, ErrorCode } from '../main/errors.js';
+import { DeviceShared } from '../main/engine/device-shared.js';
+import { OWNER_WORKER } from '../main/engine/region-lock.js';
+import { StagingRing } from '../main/engine/staging.js';
+import { MigrationRegion } from '../main/protocol/migration-region.js';
+import {
+  DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_END_OF_STATE, parsePackets, putBe64,
+} from '../main/protocol/qemu-stream.js';
+import { decodeConfigBlob } from '../main/protocol/config-blob.js';
+import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
+import { emulatedDigest } from '../main/emulated/device.js';
+import type { DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
+
+void crc32c; // the checksum itself is computed in writeRecordHeader (format.ts)
+
+function now(): bigint { return process.hrtime.bigint(); }
+
+function save(t: SaveTask): SaveResult {
+  const ring = new StagingRing(t.ring);
+  const shared = new DeviceShared(t.shared);
+  const region = new MigrationRegion(t.region);
+  const lock = shared.lock;
+  const iterate = t.phase === 'iterate';
+  const trailer = iterate ? 8 : 0;
+  const payloadAt = RECORD_HEADER_SIZE + DATA_PREFIX;
+  const r: SaveResult = { chunks: 0, bytes: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
+  let empty = 0;
+  let noProgress = 0;
+  let low = -1n;
+  try {
+    for (;;) {
+      if (iterate && r.chunks > 0 && r.bytes >= t.budget) break;
+      const s = ring.acquireSync();
+      if (s < 0) { r.aborted = true; break; }
+      const view = ring.slot(s);
+      const capacity = view.length - payloadAt - trailer;
+      const t0 = now();
+      lock.lockSync(OWNER_WORKER);
+      const t1 = now();
+      let info;
+      try {
+        info = region.saveChunk(view, payloadAt, capacity);
+      } finally {
+        if (t.testExitAfterChunks !== undefined && r.chunks >= t.testExitAfterChunks) process.exit(86); // dies holding the lock
+        lock.unlock();
+      }
+      r.lockWaitNs += Number(t1 - t0);
+      r.lockHoldNs += Number(now() - t1);
+      r.pending = Number(info.pending);
+      if (info.pending === 0n) {
+        if (iterate && r.chunks === 0) {
+          // QEMU: an iterate call that finds nothing pending still writes [DATA][0][END].
+          putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
+          putBe64(view, RECORD_HEADER_SIZE + 8, 0n);
+          putBe64(view, RECORD_HEADER_SIZE + 16, FLAG_END_OF_STATE);
+          publish(ring, shared, t.deviceIndex, view, 24);
+        }
+        break;
+      }
+      if (info.size === 0) {
+        if (++empty > t.maxEmptyChunks) {
+          throw new MigError(ErrorCode.VENDOR_STUCK,
+            `vendor staged ${empty} empty chunks in a row while pending_bytes is ${info.pending}: it never drains`,
+            { device: region.device, register: 'data_size', value: 0 });
+        }
+        continue;
+      }
+      empty = 0;
+      if (!iterate) {
+        // Stopped device: pending_bytes must keep reaching new lows, or the vendor never drains.
+        if (low < 0n || info.pending < low) { low = info.pending; noProgress = 0; }
+        else if (++noProgress > t.maxNoProgress) {
+          throw new MigError(ErrorCode.VENDOR_STUCK,
+            `pending_bytes has not decreased below ${low} for ${noProgress} chunks in stop-and-copy`,
+            { device: region.device, register: 'pending_bytes', value: info.pending });
+        }
+      }
+      putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
+      putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(info.size));
+      if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
+      publish(ring, shared, t.deviceIndex, view, DATA_PREFIX + info.size + trailer);
+      r.chunks++;
+      r.bytes += info.size;
+    }
+    if (!r.aborted && r.pending !== 0) {
+      // Re-reading pending_bytes marks the last chunk consumed and tells the main thread what is left.
+      lock.lockSync(OWNER_WORKER);
+      try { r.pending = Number(region.read('pending_bytes')); } finally { lock.unlock(); }
+    }
+  } finally {
+    ring.finish();
+  }
+  return r;
+}
+
+function publish(ring: StagingRing, shared: DeviceShared, device: number, view: Uint8Array, bodyLen: number): void {
+  const { seq, offset } = shared.reserve(bodyLen);
+  writeRecordHeader(view, REC_CHUNK, device, seq, offset, view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen));
+  ring.publish(RECORD_HEADER_SIZE + bodyLen);
+}
+
+function load(t: LoadTask): LoadResult {
+  const slot = new Uint8Array(t.slot);
+  const header = slot.subarray(0, RECORD_HEADER_SIZE);
+  const body = slot.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen);
+  const h = decodeRecordHeader(header, t.fileOffset);
+  verifyRecord(header, body, h, t.fileOffset, t.region.device);
+  const region = new MigrationRegion(t.region);
+  const lock = new DeviceShared(t.shared).lock;
+  const st = t.parse;
+  // Validate the whole record before the first write reaches the device.
+  const events = parsePackets(st, slot, RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen, t.fileOffset + RECORD_HEADER_SIZE,
+    t.limits, region.device);
+  const res: LoadResult = { parse: st, dataPackets: 0, dataBytes: 0, configLoaded: false };
+  for (const e of events) {
+    if (e.kind === 'data' && e.size > 0) {
+      lock.lockSync(OWNER_WORKER);
+      try {
+        region.loadChunk(slot, e.dataAt, e.size, t.limits.maxData);
+      } catch (err) {
+        throw rejected(err, region.device, e.at, t);
+      } finally {
+        lock.unlock();
+      }
+      res.dataPackets++;
+      res.dataBytes += e.size;
+    } else if (e.kind === 'config') {
+      const blobOff = t.fileOffset + e.blobAt;
+      const space = decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), region.device, blobOff);
+      if (t.config.kind === 'emulated') native().emuConfigWrite(t.config.id, space);
+      else native().regionCopyIn(t.config.handle, 4, 2, space, 4, 3);
+      res.configLoaded = true;
+    }
+  }
+  return res;
+}
+
+/** A vendor refusal while loading: name the stream byte offset and the vendor's own reason. */
+function rejected(err: unknown, device: string, offset: number, t: LoadTask): MigError {
+  let reason = '';
+  if (t.config.kind === 'emulated') {
+    try { reason = native().emuInfo(t.config.id).lastError; } catch { /* device gone */ }
+  }
+  const m = (err as Error).message;
+  return new MigError(ErrorCode.LOAD_REJECTED, `destination rejected the data packet at stream offset ${offset}: ${m}${reason && !m.includes(reason) ? ` (${reason})` : ''}`,
+    { device, offset, errno: (err as MigError).errno, cause: err });
+}
+
+function digest(t: DigestTask): string {
+  return emulatedDigest(t.id, t.stateSize);
+}
+
+function toTaskError(e: unknown): TaskError {
+  const m = e as MigError;
+  return {
+    __migError: true, code: m.code ?? ErrorCode.WORKER_FAILED, message: m.message ?? String(e), device: m.device,
+    offset: m.offset, register: m.register, errno: m.errno,
+  };
+}
+
+export default function run(task: Task): unknown {
+  try {
+    switch (task.op) {
+      case 'save': return save(task);
+      case 'load': return load(task);
+      case 'digest': return digest(task);
+      default: throw new Error(`unknown task ${(task as { op: string }).op}`);
+    }
+  } catch (e) {
+    // Returned, not thrown: piscina would flatten a thrown MigError into a plain Error and lose the code.
+    return toTaskError(e);
+  }
+}
