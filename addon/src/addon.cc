@@ -1,3 +1,446 @@
+// N-API bindings only: argument validation, conversion, and JS errors ({code, errno, message}). The contract is
+// src/addon/native.ts. Native code never touches memory outside the region, the device, or the JS buffers.
 #include <napi.h>
-static Napi::Object Init(Napi::Env env, Napi::Object exports) { exports.Set("version", Napi::Number::New(env, 1)); return exports; }
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bench/bench.h"
+#include "common/error.h"
+#include "emu/device.h"
+#include "region/region.h"
+#include "vfio/vfio.h"
+
+namespace {
+
+using vm::ArgError;
+using vm::fmt;
+using vm::NativeError;
+using ull = unsigned long long;
+
+constexpr double kMaxSafe = 9007199254740991.0;  // 2^53 - 1
+
+std::string errName(int e) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+  if (const char* n = strerrorname_np(e)) return n;
+#endif
+  switch (e) {  // older C libraries: the codes this addon produces
+#define E(x) case x: return #x;
+    E(EINVAL) E(EIO) E(ENOENT) E(EBADF) E(ENODEV) E(ENOMEM) E(EPERM) E(EACCES) E(EBUSY) E(ENOTTY) E(ENOTSUP)
+    E(E2BIG) E(EAGAIN) E(EFAULT) E(ENXIO) E(EEXIST) E(ENOSPC) E(EPIPE) E(ENOSYS)
+#undef E
+    default: return "E" + std::to_string(e);
+  }
+}
+
+// "regRead(h=1,off=16,width=8)": the operation and its arguments, for error messages.
+std::string describe(const char* name, const Napi::CallbackInfo& info, std::initializer_list<const char*> args) {
+  std::string s = std::string(name) + "(";
+  size_t i = 0;
+  for (const char* a : args) {
+    if (i) s += ",";
+    s += a;
+    s += "=";
+    Napi::Value v = info[i++];
+    if (v.IsNumber()) {
+      double d = v.As<Napi::Number>().DoubleValue();
+      s += (std::floor(d) == d && std::fabs(d) <= kMaxSafe) ? std::to_string(static_cast<long long>(d)) : fmt("%g", d);
+    } else if (v.IsBigInt()) {
+      bool lossless;
+      s += fmt("0x%llx", static_cast<ull>(v.As<Napi::BigInt>().Uint64Value(&lossless)));
+    } else if (v.IsString()) {
+      s += "'" + v.As<Napi::String>().Utf8Value() + "'";
+    } else if (v.IsTypedArray()) {
+      s += fmt("<%zu bytes>", v.As<Napi::TypedArray>().ByteLength());
+    } else if (v.IsArray()) {
+      s += fmt("[%u]", v.As<Napi::Array>().Length());
+    } else if (v.IsUndefined()) {
+      s += "undefined";
+    } else {
+      s += v.IsObject() ? "{..}" : "?";
+    }
+  }
+  return s + ")";
+}
+
+[[noreturn]] void throwJs(Napi::Env env, const std::string& op, const std::string& code, int err, const std::string& detail) {
+  Napi::Error e = Napi::Error::New(env, op + ": " + code + (detail.empty() ? "" : ": " + detail));
+  e.Set("code", Napi::String::New(env, code));
+  if (err) e.Set("errno", Napi::Number::New(env, err));
+  throw e;
+}
+
+// Runs a binding body; native exceptions become JS errors naming the operation.
+template <typename F>
+Napi::Value guarded(const Napi::CallbackInfo& info, const char* name, std::initializer_list<const char*> args, F body) {
+  try {
+    return body();
+  } catch (const ArgError& e) {
+    throwJs(info.Env(), describe(name, info, args), "ERR_ARG", 0, e.what());
+  } catch (const NativeError& e) {
+    throwJs(info.Env(), describe(name, info, args), errName(e.err), e.err, e.what());
+  } catch (const std::bad_alloc&) {
+    throwJs(info.Env(), describe(name, info, args), "ENOMEM", ENOMEM, "out of memory");
+  } catch (const std::system_error& e) {  // std::thread creation
+    throwJs(info.Env(), describe(name, info, args), errName(e.code().value()), e.code().value(), e.what());
+  }
+}
+
+// ---- argument helpers ----------------------------------------------------------------------------------------
+double number(const Napi::Value& v, const char* name) {
+  if (!v.IsNumber()) throw ArgError(fmt("'%s' must be a number", name));
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d)) throw ArgError(fmt("'%s' must be finite", name));
+  return d;
+}
+
+uint64_t integer(const Napi::Value& v, const char* name, double lo, double hi) {
+  double d = number(v, name);
+  if (std::floor(d) != d || d < lo || d > hi) throw ArgError(fmt("'%s' must be an integer in [%.0f, %.0f]", name, lo, hi));
+  return static_cast<uint64_t>(d);
+}
+uint64_t u64(const Napi::Value& v, const char* name) { return integer(v, name, 0, kMaxSafe); }
+uint32_t u32(const Napi::Value& v, const char* name) { return static_cast<uint32_t>(integer(v, name, 0, 4294967295.0)); }
+int fdArg(const Napi::Value& v, const char* name) { return static_cast<int>(integer(v, name, 0, 2147483647.0)); }
+
+struct Bytes {
+  uint8_t* p;
+  size_t n;
+};
+Bytes bytes(const Napi::Value& v, const char* name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw ArgError(fmt("'%s' must be a Uint8Array", name));
+  auto a = v.As<Napi::Uint8Array>();
+  return {a.Data(), a.ByteLength()};
+}
+
+Napi::Value field(const Napi::Object& o, const char* key) { return o.Get(key); }
+
+std::shared_ptr<emu::Device> device(const Napi::CallbackInfo& info) { return emu::get(u32(info[0], "id")); }
+std::shared_ptr<region::Region> regionArg(const Napi::Value& v) { return region::get(static_cast<int>(integer(v, "h", 0, 2147483647.0))); }
+
+// [off, off+len) inside the region, [bufOff, bufOff+len) inside the buffer; both overflow-safe.
+void checkRange(const region::Region& r, uint64_t off, uint64_t len, const Bytes& b, uint64_t bufOff) {
+  if (!vm::fits(off, len, r.size()))
+    throw ArgError(fmt("region range %llu+%llu exceeds the region size %llu", static_cast<ull>(off), static_cast<ull>(len), static_cast<ull>(r.size())));
+  if (!vm::fits(bufOff, len, b.n))
+    throw ArgError(fmt("buffer range %llu+%llu exceeds the buffer length %zu", static_cast<ull>(bufOff), static_cast<ull>(len), b.n));
+}
+
+Napi::Object deviceInfoObject(Napi::Env env, uint32_t flags, uint32_t regions, uint32_t irqs) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("flags", flags);
+  o.Set("numRegions", regions);
+  o.Set("numIrqs", irqs);
+  return o;
+}
+
+Napi::Uint8Array toBytes(Napi::Env env, const std::vector<uint8_t>& v) {
+  auto a = Napi::Uint8Array::New(env, v.size());
+  if (!v.empty()) memcpy(a.Data(), v.data(), v.size());
+  return a;
+}
+
+#define BIND(name, ...) Napi::Value name(const Napi::CallbackInfo& info) { return guarded(info, #name, {__VA_ARGS__}, [&]() -> Napi::Value
+#define END_BIND ); }
+
+// ---- emulated device ------------------------------------------------------------------------------------------
+BIND(emuCreate, "cfg") {
+  if (!info[0].IsObject()) throw ArgError("'cfg' must be an object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  emu::Config c{};
+  c.profile = static_cast<uint32_t>(integer(field(o, "profile"), "profile", 0, 1));
+  c.stateSize = integer(field(o, "stateSize"), "stateSize", 8192, 68719476736.0);
+  c.seed = u32(field(o, "seed"), "seed");
+  Napi::Value zf = field(o, "zeroFill");
+  if (!zf.IsBoolean()) throw ArgError("'zeroFill' must be a boolean");
+  c.zeroFill = zf.As<Napi::Boolean>().Value();
+  c.maxChunk = integer(field(o, "maxChunk"), "maxChunk", 8192, 67108864.0);
+  c.dataMode = static_cast<uint32_t>(integer(field(o, "dataMode"), "dataMode", 0, 2));
+  c.offsetPolicy = static_cast<uint32_t>(integer(field(o, "offsetPolicy"), "offsetPolicy", 0, 1));
+  c.dirtyRate = number(field(o, "dirtyRate"), "dirtyRate");
+  c.guestPages = integer(field(o, "guestPages"), "guestPages", 1, 16777216.0);
+  c.dmaRate = number(field(o, "dmaRate"), "dmaRate");
+  c.reservedBits = u32(field(o, "reservedBits"), "reservedBits");
+  if (c.stateSize % 4096 || c.maxChunk % 4096) throw ArgError("'stateSize' and 'maxChunk' must be multiples of 4096");
+  if (c.dirtyRate < 0 || c.dirtyRate > 1e7 || c.dmaRate < 0 || c.dmaRate > 1e7)
+    throw ArgError("'dirtyRate' and 'dmaRate' must be in [0, 1e7]");
+  return Napi::Number::New(info.Env(), emu::create(c));
+} END_BIND
+
+BIND(emuDestroy, "id") {
+  emu::destroy(u32(info[0], "id"));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuInfo, "id") {
+  emu::Info i = device(info)->info();
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  auto num = [&](const char* k, double v) { o.Set(k, Napi::Number::New(env, v)); };
+  num("id", i.id);
+  num("profile", i.profile);
+  num("stateSize", static_cast<double>(i.stateSize));
+  num("maxChunk", static_cast<double>(i.maxChunk));
+  num("dataAreaOffset", static_cast<double>(i.dataAreaOffset));
+  num("dataAreaSize", static_cast<double>(i.dataAreaSize));
+  num("regionSize", static_cast<double>(i.regionSize));
+  num("deviceState", i.deviceState);
+  num("chunksStaged", static_cast<double>(i.chunksStaged));
+  num("chunksConsumed", static_cast<double>(i.chunksConsumed));
+  num("pagesSent", static_cast<double>(i.pagesSent));
+  num("pagesLoaded", static_cast<double>(i.pagesLoaded));
+  num("workloadWrites", static_cast<double>(i.workloadWrites));
+  num("dmaWrites", static_cast<double>(i.dmaWrites));
+  o.Set("lastError", Napi::String::New(env, i.lastError));
+  return o;
+} END_BIND
+
+BIND(emuDeviceInfo, "id") {
+  device(info);
+  return deviceInfoObject(info.Env(), emu::kDeviceFlags, emu::kNumRegions, emu::kNumIrqs);
+} END_BIND
+
+BIND(emuRegionInfo, "id", "index") {
+  auto d = device(info);
+  return toBytes(info.Env(), d->regionInfo(u32(info[1], "index")));
+} END_BIND
+
+BIND(emuReset, "id") {
+  device(info)->reset();
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuSetFault, "id", "kind", "arg") {
+  auto d = device(info);
+  if (!info[1].IsString()) throw ArgError("'kind' must be a string");
+  emu::Fault f;
+  std::string kind = info[1].As<Napi::String>().Utf8Value();
+  if (!emu::parseFault(kind, &f)) throw ArgError("unknown fault kind '" + kind + "'");
+  d->setFault(f, info[2].IsUndefined() ? 0 : u64(info[2], "arg"));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuReadState, "id", "off", "dst") {
+  auto d = device(info);
+  uint64_t off = u64(info[1], "off");
+  Bytes b = bytes(info[2], "dst");
+  if (!vm::fits(off, b.n, d->config().stateSize)) throw ArgError("range exceeds the device state");
+  d->readState(off, b.p, b.n);
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuTouch, "id", "off", "value") {
+  auto d = device(info);
+  uint64_t off = u64(info[1], "off");
+  if (off >= d->config().stateSize) throw ArgError("'off' exceeds the device state");
+  d->touch(off, static_cast<uint8_t>(integer(info[2], "value", 0, 255)));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuConfigRead, "id", "dst") {
+  auto d = device(info);
+  Bytes b = bytes(info[1], "dst");
+  if (b.n != 256) throw ArgError("'dst' must be 256 bytes");
+  d->configRead(b.p);
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuConfigWrite, "id", "src") {
+  auto d = device(info);
+  Bytes b = bytes(info[1], "src");
+  if (b.n != 256) throw ArgError("'src' must be 256 bytes");
+  d->configWrite(b.p);
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuDmaTouch, "id", "page") {
+  auto d = device(info);
+  uint64_t page = u64(info[1], "page");
+  if (page >= d->config().guestPages) throw ArgError("'page' exceeds guest memory");
+  d->dmaTouch(page);
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(emuDirtyPages, "id", "op", "iova", "size", "pgsize", "bitmap") {
+  auto d = device(info);
+  uint32_t op = u32(info[1], "op");
+  uint64_t iova = u64(info[2], "iova"), size = u64(info[3], "size"), pgsize = u64(info[4], "pgsize");
+  Bytes b{nullptr, 0};
+  if (!info[5].IsUndefined() && !info[5].IsNull()) b = bytes(info[5], "bitmap");
+  d->dirtyPages(op, iova, size, pgsize, b.p, b.n);
+  return info.Env().Undefined();
+} END_BIND
+
+// ---- regions --------------------------------------------------------------------------------------------------
+BIND(regionOpenEmu, "id") {
+  return Napi::Number::New(info.Env(), region::add(std::make_shared<region::EmuRegion>(device(info))));
+} END_BIND
+
+BIND(regionOpenFd, "fd", "regionOffset", "regionSize", "areas", "mmap") {
+  int fd = fdArg(info[0], "fd");
+  uint64_t base = u64(info[1], "regionOffset"), size = u64(info[2], "regionSize");
+  if (!info[3].IsArray()) throw ArgError("'areas' must be an array");
+  if (!info[4].IsBoolean()) throw ArgError("'mmap' must be a boolean");
+  Napi::Array arr = info[3].As<Napi::Array>();
+  std::vector<region::AreaSpec> areas;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsObject()) throw ArgError("'areas' entries must be {offset, size}");
+    Napi::Object a = v.As<Napi::Object>();
+    region::AreaSpec s{u64(a.Get("offset"), "areas[].offset"), u64(a.Get("size"), "areas[].size")};
+    if (!vm::fits(s.offset, s.size, size)) throw ArgError(fmt("area %u exceeds the region", i));
+    areas.push_back(s);
+  }
+  std::sort(areas.begin(), areas.end(), [](const region::AreaSpec& x, const region::AreaSpec& y) { return x.offset < y.offset; });
+  for (size_t i = 1; i < areas.size(); i++)
+    if (areas[i].offset < areas[i - 1].offset + areas[i - 1].size) throw ArgError("areas overlap");
+  bool map = info[4].As<Napi::Boolean>().Value();
+  return Napi::Number::New(info.Env(), region::add(std::make_shared<region::FdRegion>(fd, base, size, std::move(areas), map)));
+} END_BIND
+
+BIND(regionClose, "h") {
+  region::remove(static_cast<int>(integer(info[0], "h", 0, 2147483647.0)));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(regionAreas, "h") {
+  auto r = regionArg(info[0]);
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env, r->areas().size());
+  uint32_t i = 0;
+  for (const auto& a : r->areas()) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("offset", Napi::Number::New(env, static_cast<double>(a.offset)));
+    o.Set("size", Napi::Number::New(env, static_cast<double>(a.size)));
+    out.Set(i++, o);
+  }
+  return out;
+} END_BIND
+
+size_t widthArg(const Napi::CallbackInfo& info, const region::Region& r, uint64_t off) {
+  uint64_t w = integer(info[2], "width", 0, 8);
+  if (w != 4 && w != 8) throw ArgError("'width' must be 4 or 8");
+  if (off % w) throw ArgError("'off' must be a multiple of 'width'");
+  if (!vm::fits(off, w, r.size())) throw ArgError("register access beyond the region");
+  return static_cast<size_t>(w);
+}
+
+BIND(regRead, "h", "off", "width") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), v = 0;
+  size_t w = widthArg(info, *r, off);
+  int rc = r->rw(false, off, &v, w);
+  if (rc < 0) throw NativeError(-rc, r->errorText());
+  return Napi::BigInt::New(info.Env(), w == 4 ? (v & 0xffffffffu) : v);
+} END_BIND
+
+BIND(regWrite, "h", "off", "width", "value") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off");
+  size_t w = widthArg(info, *r, off);
+  if (!info[3].IsBigInt()) throw ArgError("'value' must be a bigint");
+  bool lossless = false;
+  uint64_t v = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless || (w == 4 && v > 0xffffffffu)) throw ArgError(fmt("'value' does not fit %zu bytes", w));
+  int rc = r->rw(true, off, &v, w);
+  if (rc < 0) throw NativeError(-rc, r->errorText());
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(regionCopyOut, "h", "off", "len", "dst", "dstOff") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), dstOff = u64(info[4], "dstOff");
+  Bytes b = bytes(info[3], "dst");
+  checkRange(*r, off, len, b, dstOff);
+  if (len == 0) return Napi::Number::New(info.Env(), 0);
+  return Napi::Number::New(info.Env(), static_cast<double>(region::copyOut(*r, off, len, b.p + dstOff)));
+} END_BIND
+
+BIND(regionCopyIn, "h", "off", "len", "src", "srcOff", "which") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), srcOff = u64(info[4], "srcOff");
+  Bytes b = bytes(info[3], "src");
+  int which = static_cast<int>(integer(info[5], "which", 1, 3));
+  checkRange(*r, off, len, b, srcOff);
+  if (len == 0) return Napi::Number::New(info.Env(), 0);
+  return Napi::Number::New(info.Env(), static_cast<double>(region::copyIn(*r, off, len, b.p + srcOff, which)));
+} END_BIND
+
+// ---- real VFIO ------------------------------------------------------------------------------------------------
+BIND(vfioOpenDevice, "groupPath", "deviceName") {
+  if (!info[0].IsString() || !info[1].IsString()) throw ArgError("'groupPath' and 'deviceName' must be strings");
+  vfio::Handles h = vfio::openDevice(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::String>().Utf8Value());
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("container", h.container);
+  o.Set("group", h.group);
+  o.Set("device", h.device);
+  return o;
+} END_BIND
+
+BIND(vfioDeviceInfo, "deviceFd") {
+  vfio::DeviceInfo d = vfio::deviceInfo(fdArg(info[0], "deviceFd"));
+  return deviceInfoObject(info.Env(), d.flags, d.numRegions, d.numIrqs);
+} END_BIND
+
+BIND(vfioRegionInfo, "deviceFd", "index") {
+  return toBytes(info.Env(), vfio::regionInfo(fdArg(info[0], "deviceFd"), u32(info[1], "index")));
+} END_BIND
+
+BIND(vfioReset, "deviceFd") {
+  vfio::reset(fdArg(info[0], "deviceFd"));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(vfioClose, "fd") {
+  vfio::closeFd(fdArg(info[0], "fd"));
+  return info.Env().Undefined();
+} END_BIND
+
+BIND(uapiLayout) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  for (const auto& kv : vfio::layout()) o.Set(kv.first, Napi::Number::New(info.Env(), kv.second));
+  return o;
+} END_BIND
+
+// ---- bench ----------------------------------------------------------------------------------------------------
+BIND(benchCopyLimit, "h", "off", "len", "chunk", "total", "threads", "dst") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), chunk = u64(info[3], "chunk"), total = u64(info[4], "total");
+  unsigned threads = static_cast<unsigned>(integer(info[5], "threads", 1, 2));
+  Bytes b = bytes(info[6], "dst");
+  if (len == 0 || !vm::fits(off, len, r->size())) throw ArgError("[off, off+len) must be a non-empty range of the region");
+  if (chunk == 0 || chunk > len || chunk > b.n / threads) throw ArgError("'chunk' must be in [1, min(len, dst.length/threads)]");
+  return Napi::Number::New(info.Env(), bench::copyLimit(*r, off, len, chunk, total, threads, b.p, b.n));
+} END_BIND
+
+BIND(baselineSequentialSave, "handles", "profile", "buf", "outFd") {
+  if (!info[0].IsArray()) throw ArgError("'handles' must be an array");
+  Napi::Array arr = info[0].As<Napi::Array>();
+  std::vector<std::shared_ptr<region::Region>> regions;
+  for (uint32_t i = 0; i < arr.Length(); i++) regions.push_back(regionArg(arr.Get(i)));
+  uint32_t profile = static_cast<uint32_t>(integer(info[1], "profile", 0, 1));
+  Bytes b = bytes(info[2], "buf");
+  int fd = fdArg(info[3], "outFd");
+  return Napi::Number::New(info.Env(), static_cast<double>(bench::sequentialSave(regions, profile, b.p, b.n, fd)));
+} END_BIND
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+#define EXPORT(f) exports.Set(#f, Napi::Function::New(env, f, #f))
+  EXPORT(emuCreate); EXPORT(emuDestroy); EXPORT(emuInfo); EXPORT(emuDeviceInfo); EXPORT(emuRegionInfo);
+  EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
+  EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
+  EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
+  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(regionCopyIn);
+  EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
+  EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
+#undef EXPORT
+  return exports;
+}
+
+}  // namespace
+
 NODE_API_MODULE(vfio_mig, Init)

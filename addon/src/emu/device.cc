@@ -1,0 +1,726 @@
+// Vendor side of the emulated device: registers, state arcs, staging, resume parsing, dirty logs, faults.
+#include "emu/device.h"
+
+#include <linux/vfio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <system_error>
+
+#include "common/error.h"
+#include "emu/stream_format.h"
+
+namespace emu {
+
+using vm::fmt;
+using vm::NativeError;
+namespace sf = emu::stream;
+static_assert(kDeviceFlags == (VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET), "device info flags");
+
+static thread_local std::string tlsErr;
+const std::string& threadErrorText() { return tlsErr; }
+
+uint64_t splitmix64(uint64_t x) {
+  uint64_t z = x + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+bool parseFault(const std::string& s, Fault* out) {
+  static const std::pair<const char*, Fault> kNames[] = {
+      {"", Fault::kNone}, {"fail-transition", Fault::kFailTransition},
+      {"error-on-transition", Fault::kErrorOnTransition}, {"bad-data-offset", Fault::kBadDataOffset},
+      {"huge-data-offset", Fault::kHugeDataOffset}, {"bad-data-size", Fault::kBadDataSize}, {"stuck", Fault::kStuck},
+      {"eio-on-chunk", Fault::kEioOnChunk}, {"bad-copied-pfns", Fault::kBadCopiedPfns},
+      {"slow-chunk", Fault::kSlowChunk}};
+  for (const auto& n : kNames)
+    if (s == n.first) return *out = n.second, true;
+  return false;
+}
+
+static const char* stateName(uint32_t s) {
+  static const char* const kNames[8] = {"STOP",     "RUNNING", "STOP-AND-COPY", "PRE-COPY",
+                                        "RESUMING", "101",     "ERROR",         "111"};
+  return kNames[s & kStateMask];
+}
+
+// ---- bitmap helpers (u64 words, bit i of word w = item 64w+i) ------------------------------------------------
+static inline bool testBit(const std::vector<uint64_t>& v, uint64_t i) { return (v[i >> 6] >> (i & 63)) & 1; }
+// Up to 64 bits starting at `pos` (bits beyond the vector read as 0).
+static uint64_t getBits(const std::vector<uint64_t>& v, uint64_t pos) {
+  uint64_t w = pos >> 6, sh = pos & 63;
+  uint64_t lo = w < v.size() ? v[w] >> sh : 0;
+  uint64_t hi = (sh && w + 1 < v.size()) ? v[w + 1] << (64 - sh) : 0;
+  return lo | hi;
+}
+// Clears [lo, lo+n); returns how many bits were set.
+static uint64_t clearRange(std::vector<uint64_t>& v, uint64_t lo, uint64_t n) {
+  uint64_t cleared = 0;
+  for (uint64_t i = lo, end = lo + n; i < end;) {
+    uint64_t w = i >> 6, sh = i & 63, take = std::min<uint64_t>(64 - sh, end - i);
+    uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << sh;
+    cleared += static_cast<uint64_t>(__builtin_popcountll(v[w] & mask));
+    v[w] &= ~mask;
+    i += take;
+  }
+  return cleared;
+}
+static uint64_t countRange(const std::vector<uint64_t>& v, uint64_t lo, uint64_t n) {
+  uint64_t c = 0;
+  for (uint64_t i = lo, end = lo + n; i < end;) {
+    uint64_t w = i >> 6, sh = i & 63, take = std::min<uint64_t>(64 - sh, end - i);
+    uint64_t mask = (take == 64 ? ~0ull : ((1ull << take) - 1)) << sh;
+    c += static_cast<uint64_t>(__builtin_popcountll(v[w] & mask));
+    i += take;
+  }
+  return c;
+}
+
+static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut) {
+  int fd = memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0) throw NativeError(errno, fmt("memfd_create(%s)", name));
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
+    int e = errno;
+    close(fd);
+    throw NativeError(e, fmt("ftruncate(%s, %llu)", name, static_cast<unsigned long long>(size)));
+  }
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+  if (p == MAP_FAILED) {
+    int e = errno;
+    close(fd);
+    throw NativeError(e, fmt("mmap(%s, %llu)", name, static_cast<unsigned long long>(size)));
+  }
+  *fdOut = fd;
+  return static_cast<uint8_t*>(p);
+}
+
+// ---- construction ---------------------------------------------------------------------------------------------
+Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
+  pages_ = cfg.stateSize / kPage;
+  uint64_t bitmapBytes = (cfg.guestPages + 63) / 64 * 8;
+  dataAreaSize_ = (std::max(2 * cfg.maxChunk, bitmapBytes) + kPage - 1) / kPage * kPage;
+  regionSize_ = kDataStart + dataAreaSize_;
+  hdrEnd_ = cfg.profile == kDraft2019 ? 64 : 32;
+  if (cfg.dataMode == kModeMmap) {
+    areas_.push_back({kDataStart, dataAreaSize_});
+  } else if (cfg.dataMode == kModeMixed) {
+    for (uint64_t o = kDataStart; o < regionSize_; o += 2 * 65536) areas_.push_back({o, std::min<uint64_t>(65536, regionSize_ - o)});
+  }
+  try {
+    state_ = mapMemfd("vfio-mig-state", cfg.stateSize, &stateFd_);
+    data_ = mapMemfd("vfio-mig-data", dataAreaSize_, &dataFd_);
+    guest_ = mapMemfd("vfio-mig-guest", cfg.guestPages * kPage, &guestFd_);
+    dirty_.assign((pages_ + 63) / 64, 0);
+    guestLog_.assign((cfg.guestPages + 63) / 64, 0);
+  } catch (...) {
+    release();  // the destructor does not run for a half-built object
+    throw;
+  }
+  if (!cfg.zeroFill) {
+    // Big states are filled by several threads (page faults dominate); the content is per-word, so it is identical.
+    uint64_t base = static_cast<uint64_t>(cfg.seed) << 32, words = cfg.stateSize / 8;
+    uint64_t* w = reinterpret_cast<uint64_t*>(state_);
+    auto fill = [=](uint64_t lo, uint64_t hi) {
+      for (uint64_t i = lo; i < hi; i++) w[i] = splitmix64(base + i);
+    };
+    unsigned nt = cfg.stateSize >= (64u << 20) ? std::min(4u, std::max(1u, std::thread::hardware_concurrency())) : 1;
+    std::vector<std::thread> ts;
+    unsigned started = 1;
+    for (unsigned t = 1; t < nt; t++, started++) {
+      try {
+        ts.emplace_back(fill, words * t / nt, words * (t + 1) / nt);
+      } catch (const std::system_error&) {
+        break;  // no helper thread: this thread fills the remaining ranges
+      }
+    }
+    fill(0, words / nt);
+    fill(words * started / nt, words);
+    for (auto& th : ts) th.join();
+    for (uint64_t i = 0; i < 256; i++)
+      config_[i] = static_cast<uint8_t>(splitmix64(static_cast<uint64_t>(cfg.seed) ^ (0xC0F1 + i)));
+  }
+  reg_ = (cfg.reservedBits & ~kStateMask) | kRunning;
+  try {
+    if (cfg.dirtyRate > 0 || cfg.dmaRate > 0) worker_ = std::thread([this] { workloadLoop(); });
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+Device::~Device() {
+  shutdown();
+  release();
+}
+
+void Device::release() {
+  if (state_) munmap(state_, cfg_.stateSize), close(stateFd_);
+  if (data_) munmap(data_, dataAreaSize_), close(dataFd_);
+  if (guest_) munmap(guest_, cfg_.guestPages * kPage), close(guestFd_);
+  state_ = data_ = guest_ = nullptr;
+}
+
+void Device::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = dead_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable() && worker_.get_id() != std::this_thread::get_id()) worker_.join();
+}
+
+int Device::fail(int err, std::string msg) {
+  lastError_ = msg;
+  tlsErr = std::move(msg);
+  return -err;
+}
+
+// ---- trapped access ---------------------------------------------------------------------------------------------
+int Device::access(bool write, uint64_t off, void* buf, size_t len) {
+  std::lock_guard<std::mutex> lk(mu_);
+  tlsErr.clear();
+  if (dead_) return fail(ENODEV, "device destroyed");
+  if (off >= kDataStart) {
+    if (!vm::fits(off, len, regionSize_)) return fail(EINVAL, fmt("access beyond the region (off=%llu len=%zu)", static_cast<unsigned long long>(off), len));
+    uint8_t* p = data_ + (off - kDataStart);
+    if (!write) {
+      memcpy(buf, p, len);
+      return 0;
+    }
+    memcpy(p, buf, len);
+    return noteTrappedWrite(off, len);
+  }
+  if (off >= hdrEnd_ || len > hdrEnd_ - off)
+    return fail(EINVAL, fmt("offset %llu len %zu is outside the %llu-byte header", static_cast<unsigned long long>(off), len,
+                            static_cast<unsigned long long>(hdrEnd_)));
+  size_t want = off < 8 ? 4 : 8;
+  if ((off != 0 && off != 4 && off % 8 != 0) || len != want)
+    return fail(EINVAL, fmt("register access off=%llu len=%zu does not match a register", static_cast<unsigned long long>(off), len));
+  if (write) {
+    uint64_t v = 0;
+    memcpy(&v, buf, len);
+    return writeReg(off, len, v);
+  }
+  uint64_t v = 0;
+  int rc = readReg(off, len, &v);
+  if (rc == 0) memcpy(buf, &v, len);
+  return rc;
+}
+
+int Device::readReg(uint64_t off, size_t, uint64_t* v) {
+  switch (off) {
+    case 0: *v = reg_; return 0;
+    case 4: *v = 0; return 0;
+    case 8: *v = readPending(); return 0;
+    case 16: return readDataOffset(v);
+    case 24: *v = readDataSize(); return 0;
+    case 56: return readCopiedPfns(v);
+    default: return fail(EINVAL, fmt("register at %llu is write-only", static_cast<unsigned long long>(off)));
+  }
+}
+
+int Device::writeReg(uint64_t off, size_t, uint64_t v) {
+  switch (off) {
+    case 0: return writeState(static_cast<uint32_t>(v));
+    case 4: return 0;
+    case 24: return writeDataSize(v);
+    case 32: startPfn_ = v; return 0;
+    case 40:
+      if (v != kPage) return fail(EINVAL, fmt("page_size %llu unsupported (4096 only)", static_cast<unsigned long long>(v)));
+      pageSize_ = v;
+      return 0;
+    case 48: totalPfns_ = v; return 0;
+    default: return fail(EINVAL, fmt("register at %llu is read-only", static_cast<unsigned long long>(off)));
+  }
+}
+
+// ---- state machine -----------------------------------------------------------------------------------------------
+static bool arcAllowed(uint32_t from, uint32_t to) {
+  switch (from) {
+    case kRunning: return to == 0 || to == (kSaving | kRunning) || to == kSaving || to == kResuming;
+    case kSaving | kRunning: return to == kSaving || to == kRunning;
+    case kSaving: return to == 0 || to == kRunning;
+    case 0: return to == kRunning || to == kSaving || to == kResuming;
+    case kResuming: return to == kRunning || to == 0;
+    default: return false;  // ERROR (and invalid values) are left only by reset
+  }
+}
+
+int Device::writeState(uint32_t v) {
+  if (res_.waiting) return fail(EIO, "data_size written but the data never followed");
+  if ((v & ~kStateMask) != (reg_ & ~kStateMask))
+    return fail(EINVAL, fmt("device_state: reserved bits 3..31 changed (0x%x -> 0x%x)", reg_, v));
+  uint32_t cur = reg_ & kStateMask, nw = v & kStateMask;
+  if (nw == cur) return 0;
+  if (!arcAllowed(cur, nw)) return fail(EINVAL, fmt("device_state: %s -> %s not allowed", stateName(cur), stateName(nw)));
+  if (fault_ == Fault::kFailTransition && faultArg_ == nw)
+    return fail(EIO, fmt("injected fault: transition %s -> %s failed", stateName(cur), stateName(nw)));
+  if (fault_ == Fault::kErrorOnTransition && faultArg_ == nw) {
+    reg_ = (reg_ & ~kStateMask) | kSaving | kResuming;
+    save_ = SaveSession();
+    res_ = ResumeSession();
+    cv_.notify_all();
+    return fail(EIO, fmt("injected fault: transition %s -> %s put the device in ERROR", stateName(cur), stateName(nw)));
+  }
+  if (cur == kResuming) {  // the device never runs with partial state
+    if (res_.poisoned) return fail(EINVAL, "resume failed earlier: " + res_.reason);
+    if (!res_.sawHeader) return fail(EINVAL, "resume incomplete: no HEADER record loaded");
+    if (!res_.sawEnd) return fail(EINVAL, "resume incomplete: no END record loaded");
+    res_ = ResumeSession();
+  }
+  if ((nw & kSaving) && !(cur & kSaving)) startSave();
+  if (!(nw & kSaving) && (cur & kSaving)) save_ = SaveSession();
+  if (nw == kResuming) {
+    res_ = ResumeSession();
+    res_.active = true;
+    chunksConsumed_ = pagesLoaded_ = 0;
+  }
+  reg_ = (reg_ & ~kStateMask) | nw;
+  if ((cur ^ nw) & kRunning) cv_.notify_all();
+  return 0;
+}
+
+void Device::startSave() {
+  save_ = SaveSession();
+  save_.active = true;
+  std::fill(dirty_.begin(), dirty_.end(), ~0ull);
+  if (pages_ % 64) dirty_.back() = (1ull << (pages_ % 64)) - 1;
+  dirtyCount_ = pages_;
+  chunksStaged_ = chunksConsumed_ = pagesSent_ = 0;
+}
+
+void Device::reset() {
+  std::lock_guard<std::mutex> lk(mu_);
+  save_ = SaveSession();
+  res_ = ResumeSession();
+  bitmapPending_ = false;
+  lastError_.clear();
+  uint32_t cur = reg_ & kStateMask;
+  reg_ = (reg_ & ~kStateMask) | kRunning;
+  if (cur != kRunning) cv_.notify_all();
+}
+
+// ---- save side -----------------------------------------------------------------------------------------------------
+uint64_t Device::estimate() const {
+  return (save_.headerSent ? 0 : sf::kHeaderRec) + dirtyCount_ * (kPage + sf::kRecHdr) +
+         (!(reg_ & kRunning) && !save_.endSent ? sf::kRecHdr : 0);
+}
+
+uint64_t Device::readPending() {
+  if (!(reg_ & kSaving) || !save_.active) return 0;
+  if (save_.staged && !save_.consumed) {
+    save_.consumed = true;
+    chunksConsumed_++;
+  }
+  if (stuckActive()) {
+    if (!save_.frozen) save_.frozen = true, save_.frozenPending = std::max<uint64_t>(estimate(), 1);
+    return save_.frozenPending;
+  }
+  return estimate();
+}
+
+uint64_t Device::slotOffset(uint64_t k) const {
+  if (cfg_.offsetPolicy == kFixed) return kDataStart;
+  uint64_t slots = (dataAreaSize_ - cfg_.maxChunk) / kPage + 1;
+  return kDataStart + ((k * 37) % slots) * kPage;
+}
+
+int Device::readDataOffset(uint64_t* v) {
+  if (bitmapPending_) {
+    bitmapPending_ = false;
+    *v = bitmapOff_;
+    return 0;
+  }
+  uint32_t s = reg_ & kStateMask;
+  if (s == kResuming) {
+    if (res_.waiting) return fail(EIO, "data_size written but the data never followed");
+    *v = slotOffset(res_.k);
+    return 0;
+  }
+  if (!(s & kSaving) || s == (kSaving | kResuming)) return fail(EINVAL, fmt("data_offset: device is %s, not saving", stateName(s)));
+  if (!save_.staged || save_.consumed) {
+    int rc = stage();
+    if (rc) return rc;
+  }
+  *v = save_.stagedOff;
+  if (fault_ == Fault::kBadDataOffset && save_.stagedIdx >= faultArg_) *v = 16;
+  if (fault_ == Fault::kHugeDataOffset && save_.stagedIdx >= faultArg_) *v = ~0ull - 4095;
+  return 0;
+}
+
+uint64_t Device::readDataSize() {
+  uint32_t s = reg_ & kStateMask;
+  if (s == kResuming) return res_.waiting ? res_.waitSize : 0;
+  if (!(s & kSaving) || !save_.staged || save_.consumed) return 0;
+  if (fault_ == Fault::kBadDataSize && save_.stagedIdx >= faultArg_) return dataAreaSize_ + kPage;
+  return save_.stagedSize;
+}
+
+int Device::stage() {
+  uint64_t idx = save_.k;
+  if (fault_ == Fault::kEioOnChunk && idx == faultArg_)
+    return fail(EIO, fmt("injected fault: staging chunk %llu failed", static_cast<unsigned long long>(idx)));
+  if (fault_ == Fault::kSlowChunk) std::this_thread::sleep_for(std::chrono::microseconds(faultArg_));
+  uint64_t off = slotOffset(idx);
+  uint64_t n = stuckActive() ? 0 : fillChunk(data_ + (off - kDataStart), cfg_.maxChunk);
+  save_.staged = true;
+  save_.consumed = false;
+  save_.stagedOff = off;
+  save_.stagedSize = n;
+  save_.stagedIdx = idx;
+  save_.k++;
+  chunksStaged_++;
+  return 0;
+}
+
+static uint8_t* putRec(uint8_t* p, uint32_t tag, uint32_t seq, uint64_t a, uint64_t b) {
+  sf::RecHdr h{tag, seq, a, b};
+  memcpy(p, &h, sizeof h);
+  return p + sizeof h;
+}
+
+uint64_t Device::fillChunk(uint8_t* out, uint64_t cap) {
+  uint8_t* p = out;
+  auto room = [&] { return cap - static_cast<uint64_t>(p - out); };
+  if (!save_.headerSent) {
+    p = putRec(p, sf::kTagHeader, save_.seq++, cfg_.stateSize, sf::kPageSize | (sf::kFormatVersion << 32));
+    uint64_t magic = sf::kMagic, zero = 0;
+    uint32_t mc = static_cast<uint32_t>(cfg_.maxChunk), flags = 0;
+    memcpy(p, &magic, 8), memcpy(p + 8, &mc, 4), memcpy(p + 12, &flags, 4), memcpy(p + 16, &zero, 8);
+    p += sf::kHeaderPayload;
+    save_.headerSent = true;
+  }
+  while (dirtyCount_ > 0 && room() >= sf::kRecHdr + kPage) {
+    // next dirty page at or after the cyclic cursor
+    uint64_t nw = dirty_.size(), w = save_.cursor >> 6, word = dirty_[w] & (~0ull << (save_.cursor & 63)), first = 0;
+    for (uint64_t i = 0; i <= nw; i++) {
+      if (word) {
+        first = w * 64 + static_cast<uint64_t>(__builtin_ctzll(word));
+        break;
+      }
+      w = (w + 1) % nw;
+      word = dirty_[w];
+    }
+    uint64_t maxRun = (room() - sf::kRecHdr) / kPage, n = 1;
+    while (n < maxRun && first + n < pages_ && testBit(dirty_, first + n)) n++;
+    p = putRec(p, sf::kTagPages, save_.seq++, first, n);
+    dirtyCount_ -= clearRange(dirty_, first, n);  // cleared before the copy: a racing write re-dirties the page
+    memcpy(p, state_ + first * kPage, n * kPage);
+    p += n * kPage;
+    save_.pagesSent += n;
+    pagesSent_ += n;
+    save_.cursor = (first + n) % pages_;
+  }
+  if (!(reg_ & kRunning) && dirtyCount_ == 0 && !save_.endSent && room() >= sf::kRecHdr) {
+    p = putRec(p, sf::kTagEnd, save_.seq, save_.seq, save_.pagesSent);
+    save_.seq++;
+    save_.endSent = true;
+  }
+  return static_cast<uint64_t>(p - out);
+}
+
+// ---- resume side -----------------------------------------------------------------------------------------------
+template <typename F>
+void Device::forEachTrapped(uint64_t lo, uint64_t hi, F fn) const {
+  for (const Area& a : areas_) {
+    if (lo >= hi) return;
+    uint64_t aEnd = a.offset + a.size;
+    if (aEnd <= lo) continue;
+    if (a.offset >= hi) break;
+    if (a.offset > lo) fn(lo, a.offset);
+    lo = std::max(lo, aEnd);
+  }
+  if (lo < hi) fn(lo, hi);
+}
+
+uint64_t Device::trappedBytes(uint64_t lo, uint64_t hi) const {
+  uint64_t n = 0;
+  forEachTrapped(lo, hi, [&](uint64_t a, uint64_t b) { n += b - a; });
+  return n;
+}
+
+int Device::writeDataSize(uint64_t v) {
+  if ((reg_ & kStateMask) != kResuming) return fail(EINVAL, fmt("data_size write while %s (only RESUMING)", stateName(reg_)));
+  if (res_.poisoned) return fail(EINVAL, "resume failed earlier: " + res_.reason);
+  if (res_.waiting) return fail(EIO, "data_size written but the data never followed");
+  if (v == 0) return 0;
+  uint64_t off = slotOffset(res_.k);
+  if (!vm::fits(off, v, regionSize_))
+    return fail(EINVAL, fmt("data_size %llu does not fit the data area at offset %llu", static_cast<unsigned long long>(v),
+                            static_cast<unsigned long long>(off)));
+  if (cfg_.profile == kLinux58) return consume(off, v);
+  uint64_t trapped = trappedBytes(off, off + v);
+  if (trapped == 0) return consume(off, v);
+  res_.waiting = true;  // draft order: the trapped part of the chunk follows this write
+  res_.waitOff = off;
+  res_.waitSize = v;
+  res_.trapped = trapped;
+  res_.coveredBytes = 0;
+  res_.covered.clear();
+  return 0;
+}
+
+int Device::noteTrappedWrite(uint64_t off, uint64_t len) {
+  if (!res_.waiting) return 0;
+  uint64_t lo = std::max(off, res_.waitOff), hi = std::min(off + len, res_.waitOff + res_.waitSize);
+  if (lo >= hi) return 0;
+  forEachTrapped(lo, hi, [&](uint64_t a, uint64_t b) {
+    auto& cov = res_.covered;
+    auto it = cov.upper_bound(a);
+    if (it != cov.begin() && std::prev(it)->second >= a) {
+      --it;
+      a = it->first;
+      b = std::max(b, it->second);
+      res_.coveredBytes -= it->second - it->first;
+      it = cov.erase(it);
+    }
+    while (it != cov.end() && it->first <= b) {
+      b = std::max(b, it->second);
+      res_.coveredBytes -= it->second - it->first;
+      it = cov.erase(it);
+    }
+    cov[a] = b;
+    res_.coveredBytes += b - a;
+  });
+  if (res_.coveredBytes < res_.trapped) return 0;
+  res_.waiting = false;
+  res_.covered.clear();
+  return consume(res_.waitOff, res_.waitSize);
+}
+
+int Device::consume(uint64_t off, uint64_t size) {
+  uint64_t chunk = res_.k++;
+  int rc = parseChunk(data_ + (off - kDataStart), size, chunk);
+  if (rc == 0) chunksConsumed_++;
+  return rc;
+}
+
+int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
+  uint64_t pos = 0, rec = 0;
+  auto bad = [&](const std::string& why) {
+    res_.poisoned = true;
+    res_.reason = fmt("chunk %llu record %llu: ", static_cast<unsigned long long>(chunk), static_cast<unsigned long long>(rec)) + why;
+    return fail(EINVAL, res_.reason);
+  };
+  using ull = unsigned long long;
+  for (; pos < size; rec++) {
+    if (size - pos < sf::kRecHdr) return bad(fmt("truncated record header (%llu bytes left)", static_cast<ull>(size - pos)));
+    sf::RecHdr h;
+    memcpy(&h, p + pos, sizeof h);
+    const uint8_t* body = p + pos + sf::kRecHdr;
+    uint64_t left = size - pos - sf::kRecHdr;
+    if (h.seq != res_.seq) return bad(fmt("seq %u, expected %u (stale or reordered chunk)", h.seq, res_.seq));
+    if (res_.sawEnd) return bad("record after END");
+    if (!res_.sawHeader && h.tag != sf::kTagHeader) return bad(fmt("first record has tag 0x%08x, not HEADER", h.tag));
+    uint64_t len = sf::kRecHdr;
+    if (h.tag == sf::kTagHeader) {
+      if (res_.sawHeader) return bad("duplicate HEADER");
+      if (left < sf::kHeaderPayload) return bad("truncated HEADER");
+      uint64_t magic;
+      memcpy(&magic, body, 8);
+      if (magic != sf::kMagic) return bad(fmt("bad magic 0x%016llx", static_cast<ull>(magic)));
+      if ((h.b >> 32) != sf::kFormatVersion) return bad(fmt("unsupported format version %llu", static_cast<ull>(h.b >> 32)));
+      if ((h.b & 0xffffffffu) != sf::kPageSize) return bad(fmt("page size %llu, expected 4096", static_cast<ull>(h.b & 0xffffffffu)));
+      if (h.a != cfg_.stateSize)
+        return bad(fmt("state size %llu, this device has %llu", static_cast<ull>(h.a), static_cast<ull>(cfg_.stateSize)));
+      res_.sawHeader = true;
+      len += sf::kHeaderPayload;
+    } else if (h.tag == sf::kTagPages) {
+      if (h.b == 0 || h.a >= pages_ || h.b > pages_ - h.a)
+        return bad(fmt("PAGES %llu+%llu outside the %llu-page state", static_cast<ull>(h.a), static_cast<ull>(h.b), static_cast<ull>(pages_)));
+      if (h.b > left / kPage) return bad(fmt("PAGES payload of %llu pages exceeds data_size", static_cast<ull>(h.b)));
+      memcpy(state_ + h.a * kPage, body, h.b * kPage);
+      res_.pages += h.b;
+      pagesLoaded_ += h.b;
+      len += h.b * kPage;
+    } else if (h.tag == sf::kTagEnd) {
+      if (h.a != res_.seq || h.b != res_.pages)
+        return bad(fmt("END counts (%llu records, %llu pages) do not match the loaded (%u, %llu)", static_cast<ull>(h.a),
+                       static_cast<ull>(h.b), res_.seq, static_cast<ull>(res_.pages)));
+      if (left != 0) return bad("END is not the last record");
+      res_.sawEnd = true;
+    } else {
+      return bad(fmt("unknown tag 0x%08x", h.tag));
+    }
+    res_.seq++;
+    pos += len;
+  }
+  return 0;
+}
+
+// ---- dirty pages ---------------------------------------------------------------------------------------------------
+void Device::setDirty(uint64_t page) {
+  uint64_t& w = dirty_[page >> 6];
+  uint64_t bit = 1ull << (page & 63);
+  if (!(w & bit)) w |= bit, dirtyCount_++;
+}
+
+void Device::logDma(uint64_t page) {
+  if (cfg_.profile == kDraft2019 || logging_) guestLog_[page >> 6] |= 1ull << (page & 63);
+}
+
+int Device::readCopiedPfns(uint64_t* v) {
+  using ull = unsigned long long;
+  uint32_t s = reg_ & kStateMask;
+  if (s == kResuming || s == (kSaving | kResuming)) return fail(EINVAL, fmt("dirty bitmap query while %s", stateName(s)));
+  if (pageSize_ != kPage) return fail(EINVAL, "dirty bitmap query: page_size not set to 4096");
+  uint64_t start = startPfn_, total = totalPfns_;
+  if (total == 0 || start >= cfg_.guestPages || total > cfg_.guestPages - start)
+    return fail(EINVAL, fmt("dirty bitmap query: pfns %llu+%llu beyond the %llu guest pages", static_cast<ull>(start),
+                            static_cast<ull>(total), static_cast<ull>(cfg_.guestPages)));
+  uint64_t dirty = countRange(guestLog_, start, total);
+  if (dirty == 0) {
+    *v = 0;  // VFIO_DEVICE_DIRTY_PFNS_NONE
+  } else if (dirty == total) {
+    clearRange(guestLog_, start, total);
+    *v = ~0ull;  // VFIO_DEVICE_DIRTY_PFNS_ALL
+  } else {
+    // The bitmap goes where the staged chunk is: this sharing is why the user needs a migration lock.
+    uint64_t off = (save_.active && save_.staged) ? save_.stagedOff : kDataStart;
+    uint64_t n = std::min(total, (regionSize_ - off) / 8 * 64);
+    uint8_t* dst = data_ + (off - kDataStart);
+    for (uint64_t i = 0; i < n; i += 64) {
+      uint64_t word = getBits(guestLog_, start + i);
+      if (n - i < 64) word &= (1ull << (n - i)) - 1;
+      memcpy(dst + i / 8, &word, 8);
+    }
+    clearRange(guestLog_, start, n);
+    bitmapPending_ = true;
+    bitmapOff_ = off;
+    *v = n;
+  }
+  if (fault_ == Fault::kBadCopiedPfns) *v = total + 1;
+  return 0;
+}
+
+void Device::dirtyPages(uint32_t op, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, size_t bitmapLen) {
+  std::lock_guard<std::mutex> lk(mu_);
+  using ull = unsigned long long;
+  auto err = [&](const std::string& m) {
+    lastError_ = m;
+    return NativeError(EINVAL, m);
+  };
+  if (cfg_.profile != kLinux58) throw err("VFIO_IOMMU_DIRTY_PAGES: draft-2019 devices report dirty pages through the region");
+  if (op == VFIO_IOMMU_DIRTY_PAGES_FLAG_START) {
+    if (!logging_) std::fill(guestLog_.begin(), guestLog_.end(), 0);
+    logging_ = true;
+    return;
+  }
+  if (op == VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP) {
+    logging_ = false;
+    return;
+  }
+  if (op != VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) throw err(fmt("VFIO_IOMMU_DIRTY_PAGES: bad flags %u", op));
+  if (!logging_) throw err("GET_BITMAP: dirty logging not started");
+  if (pgsize != kPage) throw err(fmt("GET_BITMAP: pgsize %llu unsupported (4096 only)", static_cast<ull>(pgsize)));
+  if (size == 0 || iova % kPage || size % kPage || !vm::fits(iova, size, cfg_.guestPages * kPage))
+    throw err(fmt("GET_BITMAP: iova 0x%llx size 0x%llx outside guest memory", static_cast<ull>(iova), static_cast<ull>(size)));
+  uint64_t first = iova / kPage, n = size / kPage;
+  if (bitmap == nullptr || bitmapLen < (n + 7) / 8)
+    throw err(fmt("GET_BITMAP: bitmap of %zu bytes too small for %llu pages", bitmapLen, static_cast<ull>(n)));
+  for (uint64_t i = 0; i < n; i += 64) {
+    uint64_t word = getBits(guestLog_, first + i);
+    if (n - i < 64) word &= (1ull << (n - i)) - 1;
+    for (uint64_t b = 0; b < 8 && i / 8 + b < bitmapLen; b++) bitmap[i / 8 + b] |= static_cast<uint8_t>(word >> (8 * b));
+  }
+  clearRange(guestLog_, first, n);
+}
+
+// ---- test hooks & info -------------------------------------------------------------------------------------------
+void Device::setFault(Fault f, uint64_t arg) {
+  std::lock_guard<std::mutex> lk(mu_);
+  fault_ = f;
+  faultArg_ = arg;
+  save_.frozen = false;
+}
+
+void Device::readState(uint64_t off, uint8_t* dst, size_t len) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!vm::fits(off, len, cfg_.stateSize)) throw NativeError(EINVAL, "range beyond the device state");
+  if (len) memcpy(dst, state_ + off, len);
+}
+
+void Device::touch(uint64_t off, uint8_t value) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (off >= cfg_.stateSize) throw NativeError(EINVAL, "offset beyond the device state");
+  state_[off] = value;
+  setDirty(off / kPage);
+}
+
+void Device::configRead(uint8_t* dst) {
+  std::lock_guard<std::mutex> lk(mu_);
+  memcpy(dst, config_, sizeof config_);
+}
+
+void Device::configWrite(const uint8_t* src) {
+  std::lock_guard<std::mutex> lk(mu_);
+  memcpy(config_, src, sizeof config_);
+}
+
+void Device::dmaTouch(uint64_t page) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (page >= cfg_.guestPages) throw NativeError(EINVAL, "page beyond guest memory");
+  uint64_t v = splitmix64(page ^ dmaWrites_);
+  memcpy(guest_ + page * kPage, &v, 8);
+  logDma(page);
+}
+
+Info Device::info() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return Info{id_, cfg_.profile, cfg_.stateSize, cfg_.maxChunk, kDataStart, dataAreaSize_, regionSize_, reg_,
+              chunksStaged_, chunksConsumed_, pagesSent_, pagesLoaded_, workloadWrites_, dmaWrites_, lastError_};
+}
+
+std::vector<uint8_t> Device::regionInfo(uint32_t index) const {
+  if (index >= kNumRegions) throw NativeError(EINVAL, fmt("region index %u out of range (%u regions)", index, kNumRegions));
+  vfio_region_info ri{};
+  ri.argsz = sizeof ri;
+  ri.index = index;
+  ri.offset = static_cast<uint64_t>(index) << 40;  // VFIO_PCI_INDEX_TO_OFFSET
+  if (index == 0) {
+    ri.flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+    ri.size = 16u << 20;
+  }
+  std::vector<uint8_t> out;
+  if (index != kRegionIndex) {
+    out.resize(sizeof ri);
+    memcpy(out.data(), &ri, sizeof ri);
+    return out;
+  }
+  vfio_region_info_cap_type ct{};
+  ct.header.id = VFIO_REGION_INFO_CAP_TYPE;
+  ct.header.version = 1;
+  ct.type = cfg_.profile == kDraft2019 ? 2 : VFIO_REGION_TYPE_MIGRATION_DEPRECATED;
+  ct.subtype = VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED;
+  vfio_region_info_cap_sparse_mmap sp{};
+  size_t spBytes = areas_.empty() ? 0 : sizeof sp + areas_.size() * sizeof(vfio_region_sparse_mmap_area);
+  ri.flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_CAPS |
+             (areas_.empty() ? 0u : VFIO_REGION_INFO_FLAG_MMAP);
+  ri.size = regionSize_;
+  ri.cap_offset = sizeof ri;
+  ri.argsz = static_cast<uint32_t>(sizeof ri + sizeof ct + spBytes);
+  if (spBytes) ct.header.next = static_cast<uint32_t>(sizeof ri + sizeof ct);
+  out.resize(ri.argsz);
+  memcpy(out.data(), &ri, sizeof ri);
+  memcpy(out.data() + sizeof ri, &ct, sizeof ct);
+  if (spBytes) {
+    sp.header.id = VFIO_REGION_INFO_CAP_SPARSE_MMAP;
+    sp.header.version = 1;
+    sp.nr_areas = static_cast<uint32_t>(areas_.size());
+    uint8_t* p = out.data() + sizeof ri + sizeof ct;
+    memcpy(p, &sp, sizeof sp);
+    p += sizeof sp;
+    for (const Area& a : areas_) {
+      vfio_region_sparse_mmap_area ma{a.offset, a.size};
+      memcpy(p, &ma, sizeof ma);
+      p += sizeof ma;
+    }
+  }
+  return out;
+}
+
+}  // namespace emu

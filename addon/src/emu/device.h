@@ -1,0 +1,164 @@
+// The emulated VFIO migration-v1 vendor device (docs/EMULATED-DEVICE.md).
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace emu {
+
+enum Profile : uint32_t { kDraft2019 = 0, kLinux58 = 1 };
+enum DataMode : uint32_t { kModeMmap = 0, kModeTrapped = 1, kModeMixed = 2 };
+enum OffsetPolicy : uint32_t { kFixed = 0, kMoving = 1 };
+enum class Fault {
+  kNone, kFailTransition, kErrorOnTransition, kBadDataOffset, kHugeDataOffset, kBadDataSize, kStuck, kEioOnChunk,
+  kBadCopiedPfns, kSlowChunk
+};
+bool parseFault(const std::string& s, Fault* out);
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kDataStart = 4096;       // data area starts at region offset 4096
+constexpr uint32_t kRegionIndex = 9;        // first device-specific PCI region index
+constexpr uint32_t kNumRegions = 10;
+constexpr uint32_t kNumIrqs = 5;
+constexpr uint32_t kDeviceFlags = 3;        // VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET
+constexpr uint32_t kRunning = 1, kSaving = 2, kResuming = 4, kStateMask = 7;
+
+struct Config {
+  uint32_t profile;
+  uint64_t stateSize;
+  uint32_t seed;
+  bool zeroFill;
+  uint64_t maxChunk;
+  uint32_t dataMode;
+  uint32_t offsetPolicy;
+  double dirtyRate;
+  uint64_t guestPages;
+  double dmaRate;
+  uint32_t reservedBits;
+};
+
+struct Area { uint64_t offset, size; };
+
+struct Info {
+  uint32_t id, profile;
+  uint64_t stateSize, maxChunk, dataAreaOffset, dataAreaSize, regionSize;
+  uint32_t deviceState;
+  uint64_t chunksStaged, chunksConsumed, pagesSent, pagesLoaded, workloadWrites, dmaWrites;
+  std::string lastError;
+};
+
+// Text of the last failing vendor access made by *this thread* (exact, unlike the shared lastError).
+const std::string& threadErrorText();
+
+uint64_t splitmix64(uint64_t x);
+
+class Device {
+ public:
+  Device(uint32_t id, const Config& cfg);  // throws vm::NativeError
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  // Stops the workload thread; later accesses fail ENODEV. Memory stays mapped until the last reference goes.
+  void shutdown();
+
+  // A trapped region access (read/write on the device fd). Returns 0 or -errno (text in threadErrorText()).
+  int access(bool write, uint64_t off, void* buf, size_t len);
+
+  const Config& config() const { return cfg_; }
+  uint64_t regionSize() const { return regionSize_; }
+  const std::vector<Area>& areas() const { return areas_; }
+  int dataFd() const { return dataFd_; }
+
+  Info info();
+  std::vector<uint8_t> regionInfo(uint32_t index) const;  // throws EINVAL for a bad index
+  void reset();
+  void setFault(Fault f, uint64_t arg);
+  void readState(uint64_t off, uint8_t* dst, size_t len);
+  void touch(uint64_t off, uint8_t value);
+  void configRead(uint8_t* dst);
+  void configWrite(const uint8_t* src);
+  void dmaTouch(uint64_t page);
+  // Emulated VFIO_IOMMU_DIRTY_PAGES on the container (linux-5.8). Throws vm::NativeError.
+  void dirtyPages(uint32_t op, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, size_t bitmapLen);
+
+ private:
+  struct SaveSession {
+    bool active = false, headerSent = false, endSent = false, staged = false, consumed = false, frozen = false;
+    uint32_t seq = 0;
+    uint64_t k = 0, cursor = 0, stagedOff = 0, stagedSize = 0, stagedIdx = 0, pagesSent = 0, frozenPending = 0;
+  };
+  struct ResumeSession {
+    bool active = false, sawHeader = false, sawEnd = false, poisoned = false, waiting = false;
+    uint32_t seq = 0;
+    uint64_t k = 0, pages = 0, waitOff = 0, waitSize = 0, trapped = 0, coveredBytes = 0;
+    std::map<uint64_t, uint64_t> covered;  // trapped byte ranges of the waiting chunk written so far
+    std::string reason;
+  };
+
+  void release();
+  int fail(int err, std::string msg);
+  int readReg(uint64_t off, size_t len, uint64_t* v);
+  int writeReg(uint64_t off, size_t len, uint64_t v);
+  int writeState(uint32_t v);
+  uint64_t readPending();
+  int readDataOffset(uint64_t* v);
+  uint64_t readDataSize();
+  int writeDataSize(uint64_t v);
+  int readCopiedPfns(uint64_t* v);
+  int noteTrappedWrite(uint64_t off, uint64_t len);
+  int consume(uint64_t off, uint64_t size);
+  int parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk);
+  int stage();
+  uint64_t fillChunk(uint8_t* out, uint64_t cap);
+  uint64_t estimate() const;
+  bool stuckActive() const { return fault_ == Fault::kStuck && save_.k >= faultArg_; }
+  uint64_t slotOffset(uint64_t k) const;
+  uint64_t trappedBytes(uint64_t lo, uint64_t hi) const;
+  template <typename F> void forEachTrapped(uint64_t lo, uint64_t hi, F fn) const;
+  void setDirty(uint64_t page);
+  void logDma(uint64_t page);
+  void startSave();
+  void workloadLoop();
+
+  const uint32_t id_;
+  const Config cfg_;
+  uint64_t pages_ = 0, dataAreaSize_ = 0, regionSize_ = 0, hdrEnd_ = 0;
+  std::vector<Area> areas_;
+  int stateFd_ = -1, dataFd_ = -1, guestFd_ = -1;
+  uint8_t* state_ = nullptr;  // stateSize bytes
+  uint8_t* data_ = nullptr;   // the device's own mapping of the data area
+  uint8_t* guest_ = nullptr;  // guestPages * 4096 bytes
+
+  std::mutex mu_;  // serialises every vendor-side access, staging, and the workload
+  std::condition_variable cv_;
+  uint32_t reg_ = 0;  // raw device_state
+  std::vector<uint64_t> dirty_;  // state pages dirty since the last send
+  uint64_t dirtyCount_ = 0;
+  std::vector<uint64_t> guestLog_;  // guest pages DMA-written (draft: always logged; linux-5.8: while logging_)
+  bool logging_ = false;
+  uint8_t config_[256] = {};
+  Fault fault_ = Fault::kNone;
+  uint64_t faultArg_ = 0;
+  std::string lastError_;
+  SaveSession save_;
+  ResumeSession res_;
+  uint64_t startPfn_ = 0, pageSize_ = 0, totalPfns_ = 0, bitmapOff_ = 0;
+  bool bitmapPending_ = false;
+  uint64_t chunksStaged_ = 0, chunksConsumed_ = 0, pagesSent_ = 0, pagesLoaded_ = 0, workloadWrites_ = 0,
+           dmaWrites_ = 0;
+  bool stop_ = false, dead_ = false;
+  std::thread worker_;
+};
+
+// Process-global registry (ids from 1). All functions throw vm::NativeError(ENOENT) for an unknown id.
+uint32_t create(const Config& cfg);
+void destroy(uint32_t id);
+std::shared_ptr<Device> get(uint32_t id);
+
+}  // namespace emu

@@ -1,0 +1,167 @@
+#include "region/region.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "common/error.h"
+#include "emu/device.h"
+
+namespace region {
+
+Region::~Region() = default;
+
+// ---- real VFIO device fd -----------------------------------------------------------------------------------------
+FdRegion::FdRegion(int fd, uint64_t regionOffset, uint64_t size, std::vector<AreaSpec> areas, bool map)
+    : fd_(fd), base_(regionOffset) {
+  size_ = size;
+  if (!map) return;
+  for (const AreaSpec& a : areas) {
+    if (a.size == 0) continue;
+    void* p = mmap(nullptr, a.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(regionOffset + a.offset));
+    if (p != MAP_FAILED) areas_.push_back({a.offset, a.size, static_cast<uint8_t*>(p)});
+  }
+  std::sort(areas_.begin(), areas_.end(), [](const MappedArea& x, const MappedArea& y) { return x.offset < y.offset; });
+}
+
+FdRegion::~FdRegion() {
+  for (const MappedArea& a : areas_) munmap(a.ptr, a.size);
+}
+
+int FdRegion::rw(bool write, uint64_t off, void* buf, size_t len) {
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  for (size_t done = 0; done < len;) {
+    off_t at = static_cast<off_t>(base_ + off + done);
+    ssize_t n = write ? pwrite(fd_, p + done, len - done, at) : pread(fd_, p + done, len - done, at);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (n == 0) return -EIO;  // the region ended early
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+// ---- emulated device ---------------------------------------------------------------------------------------------
+EmuRegion::EmuRegion(std::shared_ptr<emu::Device> dev) : dev_(std::move(dev)) {
+  size_ = dev_->regionSize();
+  // Map the data memfd the way a device fd would be mapped: a fresh mapping per open, area by area.
+  for (const emu::Area& a : dev_->areas()) {
+    void* p = mmap(nullptr, a.size, PROT_READ | PROT_WRITE, MAP_SHARED, dev_->dataFd(),
+                   static_cast<off_t>(a.offset - emu::kDataStart));
+    if (p != MAP_FAILED) areas_.push_back({a.offset, a.size, static_cast<uint8_t*>(p)});
+  }
+}
+
+EmuRegion::~EmuRegion() {
+  for (const MappedArea& a : areas_) munmap(a.ptr, a.size);
+}
+
+int EmuRegion::rw(bool write, uint64_t off, void* buf, size_t len) { return dev_->access(write, off, buf, len); }
+std::string EmuRegion::errorText() const { return emu::threadErrorText(); }
+
+// ---- section split (QEMU get_data_section_size) --------------------------------------------------------------
+// Calls fn(off, n, map) for consecutive pieces of [off, off+len): map points into a mapped area, or is null for a
+// trapped piece, which ends at the next area start.
+template <typename F>
+static void sections(const Region& r, uint64_t off, uint64_t len, F fn) {
+  const auto& areas = r.areas();
+  while (len > 0) {
+    // first area ending after off
+    auto it = std::upper_bound(areas.begin(), areas.end(), off,
+                               [](uint64_t o, const MappedArea& a) { return o < a.offset + a.size; });
+    uint64_t n;
+    uint8_t* map = nullptr;
+    if (it != areas.end() && it->offset <= off) {
+      n = std::min(len, it->offset + it->size - off);
+      map = it->ptr + (off - it->offset);
+    } else {
+      n = it != areas.end() ? std::min(len, it->offset - off) : len;
+    }
+    fn(off, n, map);
+    off += n;
+    len -= n;
+  }
+}
+
+static void trappedFail(const Region& r, int rc, bool write, uint64_t off, uint64_t n) {
+  std::string t = r.errorText();
+  throw vm::NativeError(-rc, vm::fmt("trapped %s at off=%llu len=%llu", write ? "write" : "read",
+                                     static_cast<unsigned long long>(off), static_cast<unsigned long long>(n)) +
+                                 (t.empty() ? "" : ": " + t));
+}
+
+uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst) {
+  uint64_t trapped = 0, start = off;
+  sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) {
+    uint8_t* d = dst + (o - start);
+    if (map) {
+      memcpy(d, map, n);
+      return;
+    }
+    int rc = r.rw(false, o, d, n);
+    if (rc < 0) trappedFail(r, rc, false, o, n);
+    trapped += n;
+  });
+  return trapped;
+}
+
+uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which) {
+  uint64_t trapped = 0, start = off;
+  sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) {
+    const uint8_t* s = src + (o - start);
+    if (map) {
+      if (which & kCopyMmap) memcpy(map, s, n);
+      return;
+    }
+    if (!(which & kCopyTrapped)) return;
+    int rc = r.rw(true, o, const_cast<uint8_t*>(s), n);
+    if (rc < 0) trappedFail(r, rc, true, o, n);
+    trapped += n;
+  });
+  return trapped;
+}
+
+// ---- handle registry (leaked on purpose: see emu/registry.cc) ---------------------------------------------------
+namespace {
+struct Handles {
+  std::mutex mu;
+  std::map<int, std::shared_ptr<Region>> map;
+  int next = 1;
+};
+Handles& handles() {
+  static Handles* h = new Handles;
+  return *h;
+}
+}  // namespace
+
+int add(std::shared_ptr<Region> r) {
+  std::lock_guard<std::mutex> lk(handles().mu);
+  int h = handles().next++;
+  handles().map[h] = std::move(r);
+  return h;
+}
+
+void remove(int h) {
+  std::shared_ptr<Region> r;  // released after the lock: unmapping may be slow
+  std::lock_guard<std::mutex> lk(handles().mu);
+  auto it = handles().map.find(h);
+  if (it == handles().map.end()) throw vm::NativeError(EBADF, vm::fmt("no region handle %d", h));
+  r = std::move(it->second);
+  handles().map.erase(it);
+}
+
+std::shared_ptr<Region> get(int h) {
+  std::lock_guard<std::mutex> lk(handles().mu);
+  auto it = handles().map.find(h);
+  if (it == handles().map.end()) throw vm::NativeError(EBADF, vm::fmt("no region handle %d", h));
+  return it->second;
+}
+
+}  // namespace region

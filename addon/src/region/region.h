@@ -1,0 +1,70 @@
+// A VFIO region: trapped access (rw) plus directly mapped sparse areas. FdRegion is a real device fd,
+// EmuRegion the emulated device; the copy helpers split ranges like QEMU's get_data_section_size().
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace emu { class Device; }
+
+namespace region {
+
+struct MappedArea {
+  uint64_t offset, size;
+  uint8_t* ptr;  // mapping of [offset, offset+size) of the region
+};
+
+class Region {
+ public:
+  virtual ~Region();
+  // One trapped access at region offset `off`. Returns 0 or -errno; errorText() may explain.
+  virtual int rw(bool write, uint64_t off, void* buf, size_t len) = 0;
+  virtual std::string errorText() const { return {}; }
+  uint64_t size() const { return size_; }
+  const std::vector<MappedArea>& areas() const { return areas_; }  // sorted, non-overlapping
+
+ protected:
+  uint64_t size_ = 0;
+  std::vector<MappedArea> areas_;
+};
+
+struct AreaSpec { uint64_t offset, size; };
+
+class FdRegion : public Region {
+ public:
+  // `areas` must be inside the region and non-overlapping (validated by the caller). Areas whose mmap fails are
+  // dropped: the slow path (pread/pwrite) serves them.
+  FdRegion(int fd, uint64_t regionOffset, uint64_t size, std::vector<AreaSpec> areas, bool map);
+  ~FdRegion() override;
+  int rw(bool write, uint64_t off, void* buf, size_t len) override;
+
+ private:
+  int fd_;
+  uint64_t base_;
+};
+
+class EmuRegion : public Region {
+ public:
+  explicit EmuRegion(std::shared_ptr<emu::Device> dev);
+  ~EmuRegion() override;
+  int rw(bool write, uint64_t off, void* buf, size_t len) override;
+  std::string errorText() const override;
+
+ private:
+  std::shared_ptr<emu::Device> dev_;
+};
+
+enum : int { kCopyMmap = 1, kCopyTrapped = 2 };
+
+// Both throw vm::NativeError when a trapped access fails; ranges must already be bounds-checked.
+uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst);              // returns trapped bytes
+uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which);  // returns trapped bytes
+
+// Handle registry (ids from 1). get() throws vm::NativeError(EBADF) for an unknown handle.
+int add(std::shared_ptr<Region> r);
+void remove(int h);
+std::shared_ptr<Region> get(int h);
+
+}  // namespace region

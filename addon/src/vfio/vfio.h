@@ -1,0 +1,23 @@
+// Real kernel VFIO (type1 container + group + device fd) and the uAPI layout facts the engine relies on.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace vfio {
+
+struct Handles { int container, group, device; };
+struct DeviceInfo { uint32_t flags, numRegions, numIrqs; };
+
+// All throw vm::NativeError with the failing step in the text.
+Handles openDevice(const std::string& groupPath, const std::string& deviceName);
+DeviceInfo deviceInfo(int fd);
+std::vector<uint8_t> regionInfo(int fd, uint32_t index);
+void reset(int fd);
+void closeFd(int fd);
+
+// (name, value) pairs taken from <linux/vfio.h> and sizeof/offsetof.
+std::vector<std::pair<const char*, double>> layout();
+
+}  // namespace vfio

@@ -1,0 +1,88 @@
+// `vfio-mig` command line. One clear error line with a stable code on failure (`vfio-mig: VFM_...: message`),
+// non-zero exit (2: bad usage, 1: the operation failed), `--json` for machine-readable output.
+import { Command, CommanderError, Option } from 'commander';
+import { ErrorCode, MigError } from '../errors.js';
+import { PROFILES } from '../protocol/profiles.js';
+import { parseEnum, parseIntIn, parseNumberIn, parseSize } from './args.js';
+import { cmdExtract, cmdInspect } from './inspect.js';
+import { cmdLoad, cmdRun, cmdSave, type DeviceFlags } from './run.js';
+import { cmdStress } from './stress.js';
+
+function deviceOptions(c: Command): Command {
+  return c
+    .option('--devices <n>', 'emulated devices to migrate', (v) => parseIntIn('--devices', v, 1, 1024), 4)
+    .option('--size <bytes>', 'device state size per device', (v) => parseSize('--size', v), 64 << 20)
+    .addOption(new Option('--profile <name>', 'protocol profile').choices(PROFILES as unknown as string[]).default('linux-5.8'))
+    .option('--chunk <bytes>', 'vendor maximum chunk size', (v) => parseSize('--chunk', v), 1 << 20)
+    .option('--data-mode <mode>', 'data area: mmap, trapped or mixed', (v) => parseEnum('--data-mode', v, ['mmap', 'trapped', 'mixed'] as const), 'mmap')
+    .option('--offset-policy <p>', 'data_offset policy: fixed or moving', (v) => parseEnum('--offset-policy', v, ['fixed', 'moving'] as const), 'fixed')
+    .option('--dirty-rate <pages/s>', 'state pages the workload dirties per second while running', (v) => parseNumberIn('--dirty-rate', v, 0, 1e7), 2000)
+    .option('--dma-rate <pages/s>', 'guest pages DMA-written per second while running', (v) => parseNumberIn('--dma-rate', v, 0, 1e7), 1000)
+    .option('--seed <n>', 'seed of the devices initial content', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1), 1)
+    .option('--threads <n>', 'worker threads (default: cores)', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--downtime <ms>', 'stop pre-copy when pending fits this downtime', (v) => parseNumberIn('--downtime', v, 0, 1e7), 300)
+    .option('--max-rounds <n>', 'pre-copy rounds at most', (v) => parseIntIn('--max-rounds', v, 0, 100000), 30)
+    .option('--bandwidth <bytes/s>', 'cap stream bandwidth', (v) => parseSize('--bandwidth', v))
+    .option('--json', 'print the report as JSON');
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = new Command('vfio-mig')
+    .description('Migrate VFIO device state (VFIO migration v1, QEMU stream format) for many devices at once')
+    .exitOverride()
+    .configureOutput({ writeErr: () => undefined });
+  program.showHelpAfterError(false);
+
+  deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
+    .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
+    .action((o: DeviceFlags & { stream?: string }) => cmdRun(o));
+  deviceOptions(program.command('save').description('save emulated source devices into a stream file'))
+    .requiredOption('--stream <file>', 'stream file to write')
+    .action((o: DeviceFlags & { stream: string }) => cmdSave(o));
+  program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
+    .argument('<file>', 'stream file')
+    .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--json', 'JSON output')
+    .action((file: string, o: { threads?: number; json?: boolean }) => cmdLoad(file, o));
+  program.command('inspect').description('show the container and each device\'s QEMU packets')
+    .argument('<file>', 'stream file')
+    .option('--packets', 'list every QEMU packet')
+    .option('--json', 'JSON output')
+    .action((file: string, o: { packets?: boolean; json?: boolean }) => cmdInspect(file, o));
+  program.command('extract').description('write one device\'s raw QEMU byte stream')
+    .argument('<file>', 'stream file')
+    .requiredOption('--device <n>', 'device index', (v) => parseIntIn('--device', v, 0, 4095))
+    .requiredOption('-o, --output <file>', 'output file')
+    .option('--json', 'JSON output')
+    .action((file: string, o: { device: number; output: string; json?: boolean }) => cmdExtract(file, o));
+  program.command('stress').description('many concurrent migrations with random geometry, faults of timing and bitmap queries; verify all')
+    .option('--seconds <s>', 'how long to run', (v) => parseNumberIn('--seconds', v, 1, 86400), 30)
+    .option('--seed <n>', 'master seed (a failure prints the seed that reproduces it)', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1))
+    .option('--count <n>', 'stop after this many iterations', (v) => parseIntIn('--count', v, 1, 1e9))
+    .option('--replay <seed>', 'run exactly the one iteration a failure reported', (v) => parseIntIn('--replay', v, 0, 2 ** 32 - 1))
+    .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--json', 'JSON output')
+    .action((o) => cmdStress(o));
+
+  const json = argv.includes('--json');
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return;
+      const cause = (e as { cause?: unknown }).cause;
+      const err = cause instanceof MigError ? cause : new MigError(ErrorCode.BAD_ARGUMENT, e.message.replace(/^error: /, ''));
+      fail(err, json, 2);
+      return;
+    }
+    const err = e instanceof MigError ? e : new MigError(ErrorCode.IO, (e as Error)?.message ?? String(e));
+    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT ? 2 : 1);
+  }
+}
+
+function fail(err: MigError, json: boolean, code: number): void {
+  const rep = (err as { report?: unknown }).report;
+  if (json) process.stdout.write(JSON.stringify({ ok: false, error: err.toJSON(), report: rep }, null, 2) + '\n');
+  process.stderr.write(`vfio-mig: ${err.code}: ${err.message}\n`);
+  process.exitCode = code;
+}

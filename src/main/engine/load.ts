@@ -1,0 +1,259 @@
+// The destination side: read a container, demultiplex its devices, and load them in parallel (QEMU load_setup /
+// load_state / load_cleanup per device). Each device's records are applied strictly in order by one chain of worker
+// tasks; different devices proceed concurrently. Every size read from the file is bounded by the destination's
+// own geometry before memory is touched, and a destination never runs unless every device loaded completely.
+import { ErrorCode, MigError } from '../errors.js';
+import { trace } from '../trace.js';
+import { ContainerReader } from '../container/reader.js';
+import {
+  RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
+  type DeviceTableEntry, type EndRecord,
+} from '../container/format.js';
+import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
+import type { MigrationRegion } from '../protocol/migration-region.js';
+import { DATA_PREFIX, checkStreamEnd, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
+import { EmulatedTransport } from '../transport/emulated.js';
+import type { DeviceTransport } from '../transport/transport.js';
+import type { DataMode, OffsetPolicy } from '../emulated/device.js';
+import type { ProfileName } from '../protocol/profiles.js';
+import { DeviceShared } from './device-shared.js';
+import type { EnginePool } from './pool.js';
+import { OWNER_MAIN } from './region-lock.js';
+
+export interface LoadOptions {
+  /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
+  makeDestination?: (e: DeviceTableEntry) => DeviceTransport;
+  /** Compare each destination's digest with the source digest in the END record. */
+  verify?: boolean;
+  /** Leave destinations RESUMING -> RUNNING (true, default) or stop after loading (false: RESUMING -> STOP). */
+  start?: boolean;
+}
+
+export interface LoadedDevice {
+  name: string;
+  dataPackets: number;
+  dataBytes: number;
+  state: string;
+  digest?: string;
+  expectedDigest?: string;
+  verified: boolean | null;
+}
+
+export interface LoadReport {
+  ok: boolean;
+  devices: LoadedDevice[];
+  bytesRead: number;
+  totalMs: number;
+  throughputMBps: number;
+  error?: Record<string, unknown>;
+}
+
+export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
+  return EmulatedTransport.create({
+    name: e.name, profile: e.profile as ProfileName, stateSize: e.geometry.stateSize, maxChunk: e.geometry.maxChunk,
+    dataMode: e.geometry.dataMode as DataMode, offsetPolicy: e.geometry.offsetPolicy as OffsetPolicy,
+    guestPages: e.geometry.guestPages, zeroFill: true, dirtyRate: 0, dmaRate: 0,
+  });
+}
+
+interface Dest {
+  entry: DeviceTableEntry;
+  transport: DeviceTransport;
+  region: MigrationRegion;
+  shared: DeviceShared;
+  limits: QemuLimits;
+  parse: QemuParseState;
+  chain: Promise<void>;
+  nextSeq: bigint;
+  nextOffset: bigint;
+  stats: LoadedDevice;
+}
+
+/** A fixed set of reusable staging slots for records being loaded (bounded memory whatever the file says). */
+class SlotPool {
+  private free: SharedArrayBuffer[] = [];
+  private waiters: ((b: SharedArrayBuffer) => void)[] = [];
+  constructor(n: number, readonly size: number) {
+    for (let i = 0; i < n; i++) this.free.push(new SharedArrayBuffer(size));
+  }
+  get(): Promise<SharedArrayBuffer> {
+    const b = this.free.pop();
+    return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
+  }
+  put(b: SharedArrayBuffer): void {
+    const w = this.waiters.shift();
+    if (w) w(b); else this.free.push(b);
+  }
+}
+
+export class Loader {
+  dests: Dest[] = [];
+  table?: DeviceTable;
+  constructor(readonly path: string, private readonly pool: EnginePool, private readonly o: LoadOptions = {}) {}
+
+  async run(): Promise<LoadReport> {
+    const t0 = performance.now();
+    const reader = ContainerReader.open(this.path);
+    let failure: MigError | undefined;
+    try {
+      this.table = await reader.readPreamble();
+      await this.setup(this.table);
+      const end = await this.readRecords(reader);
+      await Promise.all(this.dests.map((d) => d.chain));
+      for (const d of this.dests) checkStreamEnd(d.parse, d.entry.name, reader.offset);
+      await this.finish(end);
+    } catch (e) {
+      failure = e instanceof MigError ? e : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
+      // Let in-flight chunks settle before touching device state.
+      await Promise.allSettled(this.dests.map((d) => d.chain));
+      await this.leaveNotRunning();
+    } finally {
+      reader.close();
+    }
+    const totalMs = performance.now() - t0;
+    const rep: LoadReport = {
+      ok: !failure, devices: this.dests.map((d) => d.stats), bytesRead: reader.offset, totalMs,
+      throughputMBps: this.dests.reduce((a, d) => a + d.stats.dataBytes, 0) / 1e6 / (totalMs / 1000),
+    };
+    if (failure) {
+      rep.error = failure.toJSON();
+      Object.assign(failure, { report: rep });
+      throw failure;
+    }
+    return rep;
+  }
+
+  /** load_setup: create/open each destination and put it in RESUMING. */
+  private async setup(table: DeviceTable): Promise<void> {
+    const make = this.o.makeDestination ?? emulatedDestination;
+    for (const entry of table.devices) {
+      const transport = make(entry);
+      if (transport.profile.name !== entry.profile) {
+        throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${transport.profile.name}`, { device: entry.name });
+      }
+      const region = transport.openRegion();
+      const shared = DeviceShared.create();
+      const maxData = region.size - region.profile.headerSize;
+      const d: Dest = {
+        entry, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
+        chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n,
+        stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
+      };
+      this.dests.push(d);
+      await shared.lock.lockAsync(OWNER_MAIN);
+      try { region.setState('RESUMING'); } finally { shared.lock.unlock(); }
+      d.stats.state = 'RESUMING';
+      trace('vfio_load_setup', { device: entry.name });
+    }
+  }
+
+  /** Demultiplex records into per-device chains. Returns the END record. */
+  private async readRecords(reader: ContainerReader): Promise<EndRecord> {
+    const slotSize = Math.ceil((RECORD_HEADER_SIZE + Math.max(
+      ...this.dests.map((d) => DATA_PREFIX + d.limits.maxData + 8), 24 + MAX_CONFIG_BLOB + 8)) / 4096) * 4096;
+    const slots = new SlotPool(this.pool.threads * 2 + 2, slotSize);
+    let failed: unknown;
+    for (;;) {
+      if (failed) throw failed;
+      const r = await reader.next();
+      if (!r) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends without an END record', { offset: reader.offset });
+      if (r.h.type === REC_END) {
+        const end = await reader.metaBody<EndRecord>(r);
+        if (reader.offset !== reader.size) {
+          throw new MigError(ErrorCode.STREAM_BAD_RECORD, `${reader.size - reader.offset} bytes follow the END record`, { offset: reader.offset });
+        }
+        return end;
+      }
+      if (r.h.type === REC_ABORT) {
+        const a = await reader.metaBody<AbortRecord>(r);
+        throw new MigError(ErrorCode.STREAM_ABORTED, `the source aborted the migration: ${a.code}: ${a.message}`, { offset: r.at, device: a.device });
+      }
+      if (r.h.type === REC_DEVICE_TABLE) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'a second DEVICE_TABLE', { offset: r.at });
+      if (r.h.type !== REC_CHUNK) throw new MigError(ErrorCode.STREAM_BAD_RECORD, `unexpected record type ${r.h.type}`, { offset: r.at });
+      const d = this.dests[r.h.device];
+      if (!d) throw new MigError(ErrorCode.STREAM_BAD_RECORD, `CHUNK for device ${r.h.device}, table has ${this.dests.length}`, { offset: r.at + 8 });
+      if (r.h.seq !== d.nextSeq || r.h.streamOffset !== d.nextOffset) {
+        throw new MigError(ErrorCode.STREAM_BAD_RECORD,
+          `CHUNK seq ${r.h.seq} at stream offset ${r.h.streamOffset}, expected seq ${d.nextSeq} at ${d.nextOffset} (missing or reordered record)`,
+          { offset: r.at, device: d.entry.name });
+      }
+      if (r.h.length > slotSize - RECORD_HEADER_SIZE) {
+        throw new MigError(ErrorCode.STREAM_TOO_LARGE, `CHUNK of ${r.h.length} bytes exceeds what the destination can take (${slotSize - RECORD_HEADER_SIZE})`,
+          { offset: r.at + 4, device: d.entry.name, value: r.h.length });
+      }
+      d.nextSeq++;
+      d.nextOffset += BigInt(r.h.length);
+      const sab = await slots.get();
+      const slot = new Uint8Array(sab);
+      slot.set(r.header, 0);
+      try {
+        await reader.body(r, slot, RECORD_HEADER_SIZE, d.entry.name, false);
+      } catch (e) {
+        slots.put(sab);
+        throw e;
+      }
+      const at = r.at;
+      const len = r.h.length;
+      d.chain = d.chain.then(async () => {
+        const res = await this.pool.load({
+          op: 'load', region: d.region.desc, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
+          fileOffset: at, parse: d.parse, limits: d.limits, config: d.transport.configTarget(),
+        });
+        d.parse = res.parse;
+        d.stats.dataPackets += res.dataPackets;
+        d.stats.dataBytes += res.dataBytes;
+      }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
+      d.chain.catch(() => undefined);
+    }
+  }
+
+  /** Every stream complete: RESUMING -> RUNNING (the vendor validates), then verify digests. */
+  private async finish(end: EndRecord): Promise<void> {
+    for (const d of this.dests) {
+      await d.shared.lock.lockAsync(OWNER_MAIN);
+      try {
+        d.region.setState(this.o.start === false ? 'STOP' : 'RUNNING');
+      } catch (e) {
+        throw new MigError(ErrorCode.LOAD_REJECTED, `destination refused to leave RESUMING: ${(e as Error).message}${lastError(d)}`,
+          { device: d.entry.name, cause: e });
+      } finally {
+        d.shared.lock.unlock();
+      }
+      d.stats.state = d.region.state();
+    }
+    if (this.o.verify === false) return;
+    await Promise.all(this.dests.map(async (d) => {
+      const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
+      const t = d.transport.digestTarget();
+      if (!exp || !t) return;
+      d.stats.expectedDigest = exp;
+      d.stats.digest = await this.pool.digest({ op: 'digest', id: t.id, stateSize: t.stateSize });
+      d.stats.verified = d.stats.digest === exp;
+    }));
+    const bad = this.dests.filter((d) => d.stats.verified === false);
+    if (bad.length) {
+      throw new MigError(ErrorCode.VERIFY_FAILED, `digest mismatch: destination ${bad[0].stats.digest} != source ${bad[0].stats.expectedDigest}`,
+        { device: bad[0].entry.name });
+    }
+  }
+
+  /** On failure no destination may run: RUNNING ones are stopped, the rest stay RESUMING. */
+  private async leaveNotRunning(): Promise<void> {
+    for (const d of this.dests) {
+      try {
+        const s = d.region.state();
+        if (s === 'RUNNING') d.region.setState('STOP');
+        d.stats.state = d.region.state();
+      } catch (e) {
+        d.stats.state = `unknown (${(e as Error).message})`;
+      }
+    }
+  }
+}
+
+function lastError(d: Dest): string {
+  const t = d.transport.digestTarget();
+  if (!t) return '';
+  const le = (d.transport as EmulatedTransport).device?.info().lastError;
+  return le ? ` (vendor: ${le})` : '';
+}

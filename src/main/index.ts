@@ -1,0 +1,18 @@
+// Public, typed API of vfio-mig (the CLI is built on exactly this).
+export { MigError, ErrorCode, isMigError } from './errors.js';
+export { onTrace } from './trace.js';
+export { EnginePool, type EnginePoolOptions } from './engine/pool.js';
+export { Migration, PHASE_ARCS, type MigrationOptions, type MigrationReport, type MigrationPhase } from './engine/migration.js';
+export { Loader, emulatedDestination, type LoadOptions, type LoadReport } from './engine/load.js';
+export { RegionLock } from './engine/region-lock.js';
+export { ContainerWriter } from './container/writer.js';
+export { ContainerReader } from './container/reader.js';
+export { FileSink, type Sink } from './container/sink.js';
+export { EmulatedDevice, emulatedDigest, type EmulatedDeviceOptions } from './emulated/device.js';
+export { EmulatedTransport } from './transport/emulated.js';
+export { VfioKernelTransport } from './transport/vfio-kernel.js';
+export type { DeviceTransport } from './transport/transport.js';
+export { MigrationRegion } from './protocol/migration-region.js';
+export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
+export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
+export { saveDevices, loadStream, runEmulated, type RunOptions, type RunReport } from './api.js';

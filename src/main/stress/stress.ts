@@ -1,0 +1,91 @@
+// Stress: rounds of concurrent migrations sharing one pool, each with random device geometry, data-area mode,
+// data_offset policy, chunk size, dirty rate and dirty-bitmap query rate; every device verified by digest.
+// Deterministic per seed: a failure reports the iteration seed that reproduces it.
+import { runEmulated, type RunReport } from '../api.js';
+import { EnginePool } from '../engine/pool.js';
+import type { DataMode, OffsetPolicy } from '../emulated/device.js';
+import type { ProfileName } from '../protocol/profiles.js';
+
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export interface StressOptions { seconds: number; seed: number; count?: number; threads?: number; concurrent?: number; onIteration?: (s: IterationSummary) => void }
+export interface IterationSummary { iteration: number; seed: number; migrations: number; devices: number; bytes: number; chunks: number; ok: boolean; error?: string }
+export interface StressSummary {
+  seed: number; iterations: number; migrations: number; devices: number; bytes: number; chunks: number; failures: number;
+  failed: IterationSummary[]; seconds: number;
+}
+
+function pick<T>(r: () => number, xs: readonly T[]): T { return xs[Math.floor(r() * xs.length)]; }
+
+export function iterationPlan(seed: number, concurrent: number) {
+  const r = mulberry32(seed);
+  return Array.from({ length: concurrent }, () => {
+    const chunk = pick(r, [8192, 16384, 65536, 262144, 1 << 20]);
+    return {
+      devices: 1 + Math.floor(r() * 3),
+      device: {
+        profile: pick(r, ['draft-2019', 'linux-5.8'] as ProfileName[]),
+        stateSize: (1 + Math.floor(r() * 16)) << 20,
+        maxChunk: chunk,
+        dataMode: pick(r, ['mmap', 'trapped', 'mixed'] as DataMode[]),
+        offsetPolicy: pick(r, ['fixed', 'moving'] as OffsetPolicy[]),
+        dirtyRate: pick(r, [0, 500, 5000, 20000]),
+        dmaRate: pick(r, [0, 1000, 20000]),
+        guestPages: pick(r, [256, 4096, 16384]),
+      },
+      seed: Math.floor(r() * 2 ** 31),
+      dirtyQueryIntervalMs: pick(r, [1, 2, 5, 20]),
+      maxRounds: 1 + Math.floor(r() * 6),
+      downtimeLimitMs: pick(r, [5, 50, 300]),
+    };
+  });
+}
+
+export async function stress(o: StressOptions): Promise<StressSummary> {
+  const pool = new EnginePool({ threads: o.threads });
+  const t0 = performance.now();
+  const master = mulberry32(o.seed);
+  const sum: StressSummary = { seed: o.seed, iterations: 0, migrations: 0, devices: 0, bytes: 0, chunks: 0, failures: 0, failed: [], seconds: 0 };
+  try {
+    while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
+      const seed = Math.floor(master() * 2 ** 32);
+      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations);
+      sum.iterations++;
+      sum.migrations += it.migrations;
+      sum.devices += it.devices;
+      sum.bytes += it.bytes;
+      sum.chunks += it.chunks;
+      if (!it.ok) { sum.failures++; sum.failed.push(it); }
+      o.onIteration?.(it);
+    }
+  } finally {
+    await pool.close();
+  }
+  sum.seconds = (performance.now() - t0) / 1000;
+  return sum;
+}
+
+/** One iteration: `concurrent` migrations at once on the shared pool. */
+export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0): Promise<IterationSummary> {
+  const plans = iterationPlan(seed, concurrent);
+  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool })));
+  const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
+  for (const r of res) {
+    if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
+    const rep: RunReport = r.value;
+    s.devices += rep.save.devices.length;
+    s.bytes += rep.save.precopyBytes + rep.save.stopCopyBytes;
+    s.chunks += rep.save.devices.reduce((a, d) => a + d.precopyChunks + d.stopCopyChunks, 0);
+    if (!rep.ok) { s.ok = false; s.error ??= 'a device did not verify'; }
+  }
+  return s;
+}
