@@ -44,6 +44,8 @@ export function saveText(r: MigrationReport): string {
   const q = r.dirty.latencyMs;
   lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms, ${r.throughputMBps.toFixed(0)} MB/s of device data`);
   lines.push(`dirty bitmap: ${r.dirty.queries} queries, latency p50 ${q.p50.toFixed(3)} ms, p99 ${q.p99.toFixed(3)} ms, max ${q.max.toFixed(3)} ms; guest pages dirtied: ${r.dirty.pages.join(', ')}`);
+  const el = r.eventLoopDelayMs;
+  lines.push(`main-thread event-loop delay: p50 ${el.p50.toFixed(2)} ms, p99 ${el.p99.toFixed(2)} ms, max ${el.max.toFixed(2)} ms`);
   return lines.join('\n');
 }
 

@@ -2,6 +2,7 @@
 // failure rolling every source device back to RUNNING. Phases and their arcs are data (PHASE_ARCS); every change is
 // a trace point and an event.
 import { EventEmitter } from 'node:events';
+import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks';
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
@@ -59,6 +60,8 @@ export interface MigrationReport {
   streamBytes: number;
   throughputMBps: number;
   dirty: { queries: number; latencyMs: ReturnType<DirtyTracker['latencyMs']['summary']>; lockWaitMs: ReturnType<DirtyTracker['latencyMs']['summary']>; pages: number[] };
+  /** Main-thread responsiveness during the migration (perf_hooks.monitorEventLoopDelay). */
+  eventLoopDelayMs: { p50: number; p99: number; max: number };
   error?: Record<string, unknown>;
   rollback?: string[];
 }
@@ -76,6 +79,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'testExitAfterChunks'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
+  private eld: IntervalHistogram = monitorEventLoopDelay({ resolution: 1 });
 
   constructor(transports: DeviceTransport[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
@@ -124,6 +128,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
   async run(): Promise<MigrationReport> {
     const t0 = performance.now();
     const onAbort = () => { this.cancelled = true; for (const d of this.devices) d.abort(); };
+    this.eld.reset();
+    this.eld.enable();
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let dirtyLoop: Promise<void> | undefined;
     let stopDirty = false;
@@ -190,6 +196,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       Object.assign(err, { report: rep });
       throw err;
     } finally {
+      this.eld.disable();
       this.o.signal?.removeEventListener('abort', onAbort);
     }
   }
@@ -233,6 +240,10 @@ export class Migration extends EventEmitter<MigrationEvents> {
       dirty: {
         queries: this.dirty.queries, latencyMs: this.dirty.latencyMs.summary(), lockWaitMs: this.dirty.lockWaitMs.summary(),
         pages: this.devices.map((d) => this.dirty.count(d.index)),
+      },
+      eventLoopDelayMs: {
+        p50: this.eld.count ? this.eld.percentile(50) / 1e6 : 0, p99: this.eld.count ? this.eld.percentile(99) / 1e6 : 0,
+        max: this.eld.count ? this.eld.max / 1e6 : 0,
       },
     };
   }
