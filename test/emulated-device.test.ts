@@ -175,7 +175,11 @@ for (const profile of PROFILES) {
       // The reserved word reads 0 and ignores writes.
       n.regWrite(h, 4, 4, 0xffn);
       assert.is(n.regRead(h, 4, 4), 0n);
-      // MigrationRegion names the register and carries errno.
+      // Through MigrationRegion the failure names the register and carries errno (data_offset outside SAVING).
+      const e = errnoOf(() => d.r.read('data_offset'), EINVAL, 'data_offset while RUNNING');
+      assert.instance(e, MigError);
+      assert.is((e as MigError).code, ErrorCode.NATIVE);
+      assert.is((e as MigError).register, 'data_offset');
       assert.is(raw(d), 1, 'still RUNNING');
       assert.is(d.r.state(), 'RUNNING');
     });

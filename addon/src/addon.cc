@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bench/bench.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "emu/device.h"
 #include "region/region.h"
@@ -360,6 +361,26 @@ BIND(regionCopyOut, "h", "off", "len", "dst", "dstOff") {
   return Napi::Number::New(info.Env(), static_cast<double>(region::copyOut(*r, off, len, b.p + dstOff)));
 } END_BIND
 
+// Same as regionCopyOut, continuing CRC32C `crc` over the copied bytes; -1 when the CPU lacks SSE4.2.
+BIND(regionCopyOutCrc, "h", "off", "len", "dst", "dstOff", "crc") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), dstOff = u64(info[4], "dstOff");
+  Bytes b = bytes(info[3], "dst");
+  uint32_t crc = u32(info[5], "crc");
+  checkRange(*r, off, len, b, dstOff);
+  if (!crc32c::available()) return Napi::Number::New(info.Env(), -1);
+  if (len == 0) return Napi::Number::New(info.Env(), crc);
+  return Napi::Number::New(info.Env(), region::copyOutCrc(*r, off, len, b.p + dstOff, crc));
+} END_BIND
+
+// CRC32C of buf[0..len) continued from `crc` (tests compare it with the library); -1 without SSE4.2.
+BIND(crc32cNative, "buf", "crc") {
+  Bytes b = bytes(info[0], "buf");
+  uint32_t crc = u32(info[1], "crc");
+  if (!crc32c::available()) return Napi::Number::New(info.Env(), -1);
+  return Napi::Number::New(info.Env(), crc32c::copyUpdate(crc, b.p, nullptr, b.n));
+} END_BIND
+
 BIND(regionCopyIn, "h", "off", "len", "src", "srcOff", "which") {
   auto r = regionArg(info[0]);
   uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), srcOff = u64(info[4], "srcOff");
@@ -434,7 +455,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
-  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(regionCopyIn);
+  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(regionCopyOutCrc); EXPORT(crc32cNative); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT

@@ -56,7 +56,11 @@ export interface LoadResult {
 
 export interface DigestTask { op: 'digest'; id: number; stateSize: number }
 
-export type Task = SaveTask | LoadTask | DigestTask;
+/** Bench only: the seed's sequential algorithm run natively in this worker (a second thread for the 2-thread limit). */
+export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }
+export interface BaselineResult { bytes: number; ns: number }
+
+export type Task = SaveTask | LoadTask | DigestTask | BaselineTask;
 
 /** Errors cross the thread boundary as plain objects carrying the MigError fields. */
 export interface TaskError { __migError: true; code: string; message: string; device?: string; offset?: number; register?: string; errno?: number }

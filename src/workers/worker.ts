@@ -14,9 +14,9 @@ import {
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
-import type { DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
+import fs from 'node:fs';
+import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
-void crc32c; // the checksum itself is computed in writeRecordHeader (format.ts)
 
 function now(): bigint { return process.hrtime.bigint(); }
 
@@ -44,7 +44,12 @@ function save(t: SaveTask): SaveResult {
       const t1 = now();
       let info;
       try {
-        info = region.saveChunk(view, payloadAt, capacity);
+        // The record checksum is summed while the data is copied out (one pass): prefix, data, trailer.
+        info = region.saveChunk(view, payloadAt, capacity, (size) => {
+          putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
+          putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(size));
+          return crc32c(view.subarray(RECORD_HEADER_SIZE, payloadAt));
+        });
       } finally {
         if (t.testExitAfterChunks !== undefined && r.chunks >= t.testExitAfterChunks) process.exit(86); // dies holding the lock
         lock.unlock();
@@ -80,10 +85,12 @@ function save(t: SaveTask): SaveResult {
             { device: region.device, register: 'pending_bytes', value: info.pending });
         }
       }
-      putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
-      putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(info.size));
-      if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
-      publish(ring, shared, t.deviceIndex, view, DATA_PREFIX + info.size + trailer);
+      let crc = info.crc;
+      if (iterate) {
+        putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
+        if (crc >= 0) crc = crc32c(view.subarray(payloadAt + info.size, payloadAt + info.size + 8), crc);
+      }
+      publish(ring, shared, t.deviceIndex, view, DATA_PREFIX + info.size + trailer, crc >= 0 ? crc : undefined);
       r.chunks++;
       r.bytes += info.size;
     }
@@ -98,9 +105,9 @@ function save(t: SaveTask): SaveResult {
   return r;
 }
 
-function publish(ring: StagingRing, shared: DeviceShared, device: number, view: Uint8Array, bodyLen: number): void {
+function publish(ring: StagingRing, shared: DeviceShared, device: number, view: Uint8Array, bodyLen: number, bodyCrc?: number): void {
   const { seq, offset } = shared.reserve(bodyLen);
-  writeRecordHeader(view, REC_CHUNK, device, seq, offset, view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen));
+  writeRecordHeader(view, REC_CHUNK, device, seq, offset, view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen), bodyCrc);
   ring.publish(RECORD_HEADER_SIZE + bodyLen);
 }
 
@@ -151,6 +158,18 @@ function rejected(err: unknown, device: string, offset: number, t: LoadTask): Mi
     { device, offset, errno: (err as MigError).errno, cause: err });
 }
 
+function baseline(t: BaselineTask): BaselineResult {
+  const fd = fs.openSync(t.outPath, 'w');
+  try {
+    const buf = new Uint8Array(t.bufSize);
+    const t0 = process.hrtime.bigint();
+    const bytes = native().baselineSequentialSave(t.handles, t.profile, buf, fd);
+    return { bytes, ns: Number(process.hrtime.bigint() - t0) };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function digest(t: DigestTask): string {
   return emulatedDigest(t.id, t.stateSize);
 }
@@ -169,6 +188,7 @@ export default function run(task: Task): unknown {
       case 'save': return save(task);
       case 'load': return load(task);
       case 'digest': return digest(task);
+      case 'baseline': return baseline(task);
       default: throw new Error(`unknown task ${(task as { op: string }).op}`);
     }
   } catch (e) {

@@ -27,6 +27,8 @@ function deviceOptions(c: Command): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  // `vfio-mig inspect F --packets | head`: a closed pipe ends the output quietly.
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0); else throw e; });
   const program = new Command('vfio-mig')
     .description('Migrate VFIO device state (VFIO migration v1, QEMU stream format) for many devices at once')
     .exitOverride()

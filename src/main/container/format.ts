@@ -85,9 +85,12 @@ export function decodeFileHeader(b: Uint8Array): { version: number; createdMs: n
   return { version, createdMs: Number(dv.getBigUint64(16, true)) };
 }
 
-/** Write a record header into dst[0..32) for `body`, including the checksum over header and body. */
+/**
+ * Write a record header into dst[0..32) for `body`, including the checksum over body and header. `bodyCrc`, when the
+ * caller already has crc32c(body) (computed while copying it), saves a pass over the bytes.
+ */
 export function writeRecordHeader(dst: Uint8Array, type: number, device: number, seq: bigint, streamOffset: bigint,
-  body: Uint8Array): void {
+  body: Uint8Array, bodyCrc?: number): void {
   const dv = new DataView(dst.buffer, dst.byteOffset, RECORD_HEADER_SIZE);
   dv.setUint32(0, type, true);
   dv.setUint32(4, body.length, true);
@@ -95,11 +98,16 @@ export function writeRecordHeader(dst: Uint8Array, type: number, device: number,
   dv.setUint32(12, 0, true);
   dv.setBigUint64(16, seq, true);
   dv.setBigUint64(24, streamOffset, true);
-  dv.setUint32(12, recordCrc(dst.subarray(0, RECORD_HEADER_SIZE), body), true);
+  dv.setUint32(12, headerCrc(dst.subarray(0, RECORD_HEADER_SIZE), bodyCrc ?? crc32c(body)), true);
 }
 
+/** crc32c over the body, then header bytes 0..11 and 16..31 (the body first, so it can be summed while copied). */
 export function recordCrc(header: Uint8Array, body: Uint8Array): number {
-  return crc32c(body, crc32c(header.subarray(16, 32), crc32c(header.subarray(0, 12))));
+  return headerCrc(header, crc32c(body));
+}
+
+function headerCrc(header: Uint8Array, bodyCrc: number): number {
+  return crc32c(header.subarray(16, 32), crc32c(header.subarray(0, 12), bodyCrc));
 }
 
 export function decodeRecordHeader(b: Uint8Array, fileOffset: number): RecordHeader {
@@ -151,7 +159,7 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (typeof d.name !== 'string' || d.name.length === 0 || d.name.length > 256) throw bad(`entry ${i}: bad name`);
     if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
-    if (!g || !isInt(g.stateSize, 4096, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);
+    if (!g || !isInt(g.stateSize, 8192, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);
     if (!isInt(g.maxChunk, 8192, 64 << 20) || g.maxChunk % 4096 !== 0) throw bad(`${d.name}: bad maxChunk`);
     if (!isInt(g.guestPages, 1, 1 << 24)) throw bad(`${d.name}: bad guestPages`);
     if (!['mmap', 'trapped', 'mixed'].includes(g.dataMode)) throw bad(`${d.name}: bad dataMode`);

@@ -115,6 +115,14 @@ export async function inspectContainer(path: string, withPackets = false): Promi
 
 /** Write device `index`'s exact QEMU byte stream to `out`. Returns bytes written. */
 export async function extractDevice(path: string, index: number, out: string): Promise<number> {
+  // Check the index against the device table before creating (or truncating) the output.
+  const pre = ContainerReader.open(path);
+  try {
+    const t = await pre.readPreamble();
+    if (index >= t.devices.length) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${t.devices.length} device(s)`);
+  } finally {
+    pre.close();
+  }
   const fd = fs.openSync(out, 'w');
   let n = 0;
   try {

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { ErrorCode, MigError } from '../errors.js';
 import { RingPool } from './staging.js';
-import type { DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
+import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
 
 export interface EnginePoolOptions {
   threads?: number;
@@ -67,6 +67,7 @@ export class EnginePool {
   save(t: SaveTask): Promise<SaveResult> { return this.run<SaveResult>(t); }
   load(t: LoadTask): Promise<LoadResult> { return this.run<LoadResult>(t); }
   digest(t: DigestTask): Promise<string> { return this.run<string>(t); }
+  baseline(t: BaselineTask): Promise<BaselineResult> { return this.run<BaselineResult>(t); }
 
   get stats() {
     return { threads: this.threads, completed: this.piscina.completed, stagingBytes: this.rings.allocatedBytes, rings: this.rings.ringsCreated };
