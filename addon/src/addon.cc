@@ -361,18 +361,6 @@ BIND(regionCopyOut, "h", "off", "len", "dst", "dstOff") {
   return Napi::Number::New(info.Env(), static_cast<double>(region::copyOut(*r, off, len, b.p + dstOff)));
 } END_BIND
 
-// Same as regionCopyOut, continuing CRC32C `crc` over the copied bytes; -1 when the CPU lacks SSE4.2.
-BIND(regionCopyOutCrc, "h", "off", "len", "dst", "dstOff", "crc") {
-  auto r = regionArg(info[0]);
-  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), dstOff = u64(info[4], "dstOff");
-  Bytes b = bytes(info[3], "dst");
-  uint32_t crc = u32(info[5], "crc");
-  checkRange(*r, off, len, b, dstOff);
-  if (!crc32c::available()) return Napi::Number::New(info.Env(), -1);
-  if (len == 0) return Napi::Number::New(info.Env(), crc);
-  return Napi::Number::New(info.Env(), region::copyOutCrc(*r, off, len, b.p + dstOff, crc));
-} END_BIND
-
 // CRC32C of buf[0..len) continued from `crc` (tests compare it with the library); -1 without SSE4.2.
 BIND(crc32cNative, "buf", "crc") {
   Bytes b = bytes(info[0], "buf");
@@ -455,7 +443,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
-  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(regionCopyOutCrc); EXPORT(crc32cNative); EXPORT(regionCopyIn);
+  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT

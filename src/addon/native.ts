@@ -90,8 +90,6 @@ export interface NativeAddon {
   regWrite(h: number, off: number, width: 4 | 8, value: bigint): void;
   /** Copy region [off, off+len) into dst[dstOff..]: mmap pieces by memcpy, trapped pieces by read. Returns trapped bytes. */
   regionCopyOut(h: number, off: number, len: number, dst: Uint8Array, dstOff: number): number;
-  /** regionCopyOut fused with CRC32C continued from `crc` (SSE4.2); -1 (nothing copied) when the CPU lacks it. */
-  regionCopyOutCrc(h: number, off: number, len: number, dst: Uint8Array, dstOff: number, crc: number): number;
   /** CRC32C of buf continued from `crc`, for cross-checks against the library; -1 without SSE4.2. */
   crc32cNative(buf: Uint8Array, crc: number): number;
   /** Copy src[srcOff..srcOff+len) into region [off, off+len); `which` selects mmap and/or trapped pieces. */

@@ -3,6 +3,7 @@
 import type { RegionDesc } from '../main/protocol/migration-region.js';
 import type { QemuLimits, QemuParseState } from '../main/protocol/qemu-stream.js';
 import type { RingDesc } from '../main/engine/staging.js';
+import type { DirectTarget } from '../main/container/sink.js';
 
 export interface SaveTask {
   op: 'save';
@@ -18,6 +19,11 @@ export interface SaveTask {
   maxEmptyChunks: number;
   /** complete: bound on consecutive chunks without pending_bytes reaching a new low. */
   maxNoProgress: number;
+  /** This task's lane (0..lanes-1): several lanes may work one device's chunks, one chunk each under the lock. */
+  lane: number;
+  lanes: number;
+  /** Positioned sink: write each record straight from staging to the fd instead of handing it to the main thread. */
+  direct?: DirectTarget;
   /** Test only: the worker thread exits while holding the region lock after this many chunks. */
   testExitAfterChunks?: number;
 }

@@ -1,7 +1,6 @@
 // Piscina worker: moves device data. save: region -> staging slots (framed as container CHUNK records with QEMU
 // packets inside, checksummed here so the main thread never touches the bytes); load: staging slot -> region in
 // the profile's write order; digest: hash an emulated device's state.
-import { crc32c } from '@node-rs/crc32';
 import { native } from '../addon/native.js';
 import { MigError, ErrorCode } from '../main/errors.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
@@ -14,6 +13,8 @@ import {
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
+import { reservePosition, writeAt } from '../main/container/sink.js';
+import { crc32c } from '../main/container/checksum.js';
 import fs from 'node:fs';
 import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
@@ -34,22 +35,40 @@ function save(t: SaveTask): SaveResult {
   let low = -1n;
   try {
     for (;;) {
-      if (iterate && r.chunks > 0 && r.bytes >= t.budget) break;
-      const s = ring.acquireSync();
-      if (s < 0) { r.aborted = true; break; }
+      if (shared.done) break;
+      if (iterate && shared.sent >= t.budget && shared.sent > 0) break;
+      // Direct mode: each lane owns one slot (records go straight to the file); ring mode: wait for a free slot.
+      const s = t.direct ? t.lane : ring.acquireSync();
+      if (s < 0 || ring.aborted) { r.aborted = true; break; }
       const view = ring.slot(s);
       const capacity = view.length - payloadAt - trailer;
       const t0 = now();
       lock.lockSync(OWNER_WORKER);
       const t1 = now();
+      // Under the lock: one protocol step (pending -> data_offset -> data_size -> copy), and the record's place in
+      // the device's sequence and in the file, so lanes of one device keep its order.
       let info;
+      let bodyLen = 0;
+      let rec = { seq: 0n, offset: 0n };
+      let pos = -1;
       try {
-        // The record checksum is summed while the data is copied out (one pass): prefix, data, trailer.
-        info = region.saveChunk(view, payloadAt, capacity, (size) => {
-          putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
-          putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(size));
-          return crc32c(view.subarray(RECORD_HEADER_SIZE, payloadAt));
-        });
+        if (shared.done) break;
+        info = region.saveChunk(view, payloadAt, capacity);
+        if (info.pending === 0n) {
+          shared.setDone();
+          // QEMU: an iterate call that finds nothing pending still writes [DATA][0][END].
+          if (iterate && shared.sent === 0 && shared.claimEmpty()) bodyLen = 24;
+        } else if (info.size > 0) {
+          bodyLen = DATA_PREFIX + info.size + trailer;
+          shared.addSent(info.size);
+        }
+        if (bodyLen) {
+          rec = shared.reserve(bodyLen);
+          if (t.direct) pos = reservePosition(t.direct, RECORD_HEADER_SIZE + bodyLen);
+        }
+      } catch (e) {
+        shared.setDone(); // stop the other lanes too
+        throw e;
       } finally {
         if (t.testExitAfterChunks !== undefined && r.chunks >= t.testExitAfterChunks) process.exit(86); // dies holding the lock
         lock.unlock();
@@ -57,18 +76,9 @@ function save(t: SaveTask): SaveResult {
       r.lockWaitNs += Number(t1 - t0);
       r.lockHoldNs += Number(now() - t1);
       r.pending = Number(info.pending);
-      if (info.pending === 0n) {
-        if (iterate && r.chunks === 0) {
-          // QEMU: an iterate call that finds nothing pending still writes [DATA][0][END].
-          putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
-          putBe64(view, RECORD_HEADER_SIZE + 8, 0n);
-          putBe64(view, RECORD_HEADER_SIZE + 16, FLAG_END_OF_STATE);
-          publish(ring, shared, t.deviceIndex, view, 24);
-        }
-        break;
-      }
-      if (info.size === 0) {
+      if (info.pending > 0n && info.size === 0) {
         if (++empty > t.maxEmptyChunks) {
+          shared.setDone();
           throw new MigError(ErrorCode.VENDOR_STUCK,
             `vendor staged ${empty} empty chunks in a row while pending_bytes is ${info.pending}: it never drains`,
             { device: region.device, register: 'data_size', value: 0 });
@@ -76,25 +86,30 @@ function save(t: SaveTask): SaveResult {
         continue;
       }
       empty = 0;
-      if (!iterate) {
+      if (!iterate && info.pending > 0n) {
         // Stopped device: pending_bytes must keep reaching new lows, or the vendor never drains.
         if (low < 0n || info.pending < low) { low = info.pending; noProgress = 0; }
         else if (++noProgress > t.maxNoProgress) {
+          shared.setDone();
           throw new MigError(ErrorCode.VENDOR_STUCK,
             `pending_bytes has not decreased below ${low} for ${noProgress} chunks in stop-and-copy`,
             { device: region.device, register: 'pending_bytes', value: info.pending });
         }
       }
-      let crc = info.crc;
-      if (iterate) {
-        putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
-        if (crc >= 0) crc = crc32c(view.subarray(payloadAt + info.size, payloadAt + info.size + 8), crc);
+      if (bodyLen) {
+        // Outside the lock (short hold: bitmap queries wait less): frame, checksum, write.
+        putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
+        putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(info.size));
+        if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
+        const body = view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen);
+        writeRecordHeader(view, REC_CHUNK, t.deviceIndex, rec.seq, rec.offset, body, crc32c(body));
+        if (t.direct) writeAt(t.direct, view, RECORD_HEADER_SIZE + bodyLen, pos);
+        else ring.publish(RECORD_HEADER_SIZE + bodyLen);
+        if (info.size > 0) { r.chunks++; r.bytes += info.size; }
       }
-      publish(ring, shared, t.deviceIndex, view, DATA_PREFIX + info.size + trailer, crc >= 0 ? crc : undefined);
-      r.chunks++;
-      r.bytes += info.size;
+      if (info.pending === 0n) break;
     }
-    if (!r.aborted && r.pending !== 0) {
+    if (!r.aborted && r.pending !== 0 && t.lane === 0) {
       // Re-reading pending_bytes marks the last chunk consumed and tells the main thread what is left.
       lock.lockSync(OWNER_WORKER);
       try { r.pending = Number(region.read('pending_bytes')); } finally { lock.unlock(); }
@@ -103,12 +118,6 @@ function save(t: SaveTask): SaveResult {
     ring.finish();
   }
   return r;
-}
-
-function publish(ring: StagingRing, shared: DeviceShared, device: number, view: Uint8Array, bodyLen: number, bodyCrc?: number): void {
-  const { seq, offset } = shared.reserve(bodyLen);
-  writeRecordHeader(view, REC_CHUNK, device, seq, offset, view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen), bodyCrc);
-  ring.publish(RECORD_HEADER_SIZE + bodyLen);
 }
 
 function load(t: LoadTask): LoadResult {

@@ -1,5 +1,4 @@
 #include "region/region.h"
-#include "common/crc32c.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -111,21 +110,6 @@ uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst) {
     trapped += n;
   });
   return trapped;
-}
-
-uint32_t copyOutCrc(Region& r, uint64_t off, uint64_t len, uint8_t* dst, uint32_t crc) {
-  uint64_t start = off;
-  sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) {
-    uint8_t* d = dst + (o - start);
-    if (map) {
-      crc = crc32c::copyUpdate(crc, map, d, n);
-      return;
-    }
-    int rc = r.rw(false, o, d, n);
-    if (rc < 0) trappedFail(r, rc, false, o, n);
-    crc = crc32c::copyUpdate(crc, d, nullptr, n);
-  });
-  return crc;
 }
 
 uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which) {

@@ -61,8 +61,6 @@ enum : int { kCopyMmap = 1, kCopyTrapped = 2 };
 // Both throw vm::NativeError when a trapped access fails; ranges must already be bounds-checked.
 uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst);              // returns trapped bytes
 uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which);  // returns trapped bytes
-// copyOut that also continues a CRC32C over the copied bytes in the same pass (crc32c::available() must be true).
-uint32_t copyOutCrc(Region& r, uint64_t off, uint64_t len, uint8_t* dst, uint32_t crc);
 
 // Handle registry (ids from 1). get() throws vm::NativeError(EBADF) for an unknown handle.
 int add(std::shared_ptr<Region> r);

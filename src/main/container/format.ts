@@ -1,7 +1,7 @@
 // The vfio-mig stream container (docs/FORMAT.md): one file carrying any number of device streams, interleaved.
 // Little-endian framing around opaque payloads; each CHUNK payload is a run of whole QEMU packets of one device, so a
 // device's exact QEMU byte stream is the concatenation of its CHUNK payloads in sequence order.
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from './checksum.js';
 import { ErrorCode, MigError } from '../errors.js';
 
 export const FILE_MAGIC = 'VFMIGSTR';

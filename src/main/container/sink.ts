@@ -8,6 +8,29 @@ export interface Sink {
   write(b: Uint8Array): Promise<void>;
   close(): Promise<void>;
   readonly bytes: number;
+  /** For sinks that take positioned writes: what lets a worker write a staged record straight to the fd. */
+  direct?(): DirectTarget | null;
+}
+
+/**
+ * A positioned sink shared with workers: `counters` is a BigInt64Array over shared memory, [0] = next free file
+ * position (reserved with Atomics.add, so records never overlap and each device's records stay in its order).
+ */
+export interface DirectTarget { fd: number; counters: SharedArrayBuffer }
+
+/** Reserve `len` bytes of the file (worker side of DirectTarget); call in the device's record order. */
+export function reservePosition(d: DirectTarget, len: number): number {
+  return Number(Atomics.add(new BigInt64Array(d.counters), 0, BigInt(len)));
+}
+
+/** Write `len` bytes of `buf` at a reserved position. */
+export function writeAt(d: DirectTarget, buf: Uint8Array, len: number, pos: number): void {
+  let done = 0;
+  try {
+    while (done < len) done += fs.writeSync(d.fd, buf, done, len - done, pos + done);
+  } catch (e) {
+    throw new MigError(ErrorCode.IO, `stream write failed: ${(e as Error).message}`, { offset: pos + done, cause: e });
+  }
 }
 
 function writeAll(fd: number, b: Uint8Array, pos: number | null): Promise<void> {
@@ -24,8 +47,20 @@ function writeAll(fd: number, b: Uint8Array, pos: number | null): Promise<void> 
   });
 }
 
+/** Regular files and devices like /dev/null take pwrite; pipes and sockets answer ESPIPE. */
+function positional(fd: number): boolean {
+  if (fs.fstatSync(fd).isFile()) return true;
+  try {
+    fs.writeSync(fd, new Uint8Array(0), 0, 0, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 export class FileSink implements Sink {
-  private pos = 0;
+  private readonly counters = new SharedArrayBuffer(16);
+  private readonly c = new BigInt64Array(this.counters);
   private chain: Promise<void> = Promise.resolve();
   private constructor(private fd: number, private readonly positional: boolean, readonly path: string) {}
 
@@ -36,14 +71,17 @@ export class FileSink implements Sink {
     } catch (e) {
       throw new MigError(ErrorCode.IO, `cannot open stream ${path}: ${(e as Error).message}`, { cause: e });
     }
-    return new FileSink(fd, fs.fstatSync(fd).isFile(), path);
+    return new FileSink(fd, positional(fd), path);
   }
 
-  get bytes(): number { return this.pos; }
+  get bytes(): number { return Number(Atomics.load(this.c, 0)); }
+
+  direct(): DirectTarget | null {
+    return this.positional && this.fd >= 0 ? { fd: this.fd, counters: this.counters } : null;
+  }
 
   write(b: Uint8Array): Promise<void> {
-    const pos = this.pos;
-    this.pos += b.length;
+    const pos = Number(Atomics.add(this.c, 0, BigInt(b.length)));
     if (this.positional) return writeAll(this.fd, b, pos);
     const p = this.chain.then(() => writeAll(this.fd, b, null));
     this.chain = p.catch(() => undefined);

@@ -18,7 +18,7 @@ export class EnginePool {
   readonly rings: RingPool;
   private readonly piscina: Piscina;
   private active = 0;
-  private waiters: (() => void)[] = [];
+  private waiters: { n: number; go: () => void }[] = [];
 
   constructor(o: EnginePoolOptions = {}) {
     this.threads = o.threads ?? Math.max(1, os.availableParallelism?.() ?? os.cpus().length);
@@ -36,15 +36,21 @@ export class EnginePool {
     });
   }
 
-  /** Hold one of `threads` device-task places (a borrowed ring lives inside it). */
-  async acquire(): Promise<void> {
-    if (this.active < this.threads) { this.active++; return; }
-    await new Promise<void>((r) => this.waiters.push(r));
+  /** Hold `n` of the `threads` device-task places at once (all or nothing, so two devices cannot deadlock). */
+  async acquire(n = 1): Promise<void> {
+    const k = Math.min(n, this.threads);
+    if (this.waiters.length === 0 && this.active + k <= this.threads) { this.active += k; return; }
+    await new Promise<void>((r) => this.waiters.push({ n: k, go: r }));
   }
 
-  release(): void {
-    const w = this.waiters.shift();
-    if (w) w(); else this.active--;
+  release(n = 1): void {
+    this.active -= Math.min(n, this.threads);
+    // FIFO: the oldest waiter goes first once its places are free.
+    while (this.waiters.length && this.active + this.waiters[0].n <= this.threads) {
+      const w = this.waiters.shift()!;
+      this.active += w.n;
+      w.go();
+    }
   }
 
   private async run<R>(task: Task): Promise<R> {

@@ -34,6 +34,8 @@ export interface DeviceStats {
 }
 
 export interface SourceDeviceOptions {
+  /** Worker lanes this device may use at once (when the sink takes positioned writes). */
+  lanes?: number;
   maxEmptyChunks: number;
   maxNoProgress: number;
   testExitAfterChunks?: number;
@@ -163,34 +165,45 @@ export class SourceDevice {
   }
 
   private async runPhase(phase: 'iterate' | 'complete', budget: number): Promise<SaveResult> {
-    await this.pool.acquire();
+    // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
+    // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
+    const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;
+    const lanes = direct ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
+    await this.pool.acquire(lanes);
     const ring = this.pool.rings.borrow(this.slotSize());
     this.ring = ring;
     this.taskActive = true;
+    this.shared.resetPhase();
     try {
-      const task = this.pool.save({
+      const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
         op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
         budget, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
-        testExitAfterChunks: this.opts.testExitAfterChunks,
-      }).finally(() => { this.taskActive = false; });
+        testExitAfterChunks: lane === 0 ? this.opts.testExitAfterChunks : undefined, lane, lanes, direct,
+      }));
+      const task = Promise.all(tasks).finally(() => { this.taskActive = false; });
       const drain = this.drain(ring);
       // Whichever side fails first stops the other: the ring abort wakes a blocked producer or consumer.
-      task.catch(() => ring.abort());
+      task.catch(() => { this.shared.setDone(); ring.abort(); });
       drain.catch(() => ring.abort());
       const [t, d] = await Promise.allSettled([task, drain]);
       if (t.status === 'rejected') {
+        await Promise.allSettled(tasks); // every lane has stopped before the device is touched again
         if (this.shared.lock.owner === OWNER_WORKER) this.shared.lock.forceRelease(); // a worker died holding it
         throw t.reason;
       }
       if (d.status === 'rejected') throw d.reason;
-      const r = t.value;
+      const rs = t.value;
+      const r: SaveResult = {
+        chunks: rs.reduce((a, x) => a + x.chunks, 0), bytes: rs.reduce((a, x) => a + x.bytes, 0), pending: rs[0].pending,
+        aborted: rs.some((x) => x.aborted), lockWaitNs: rs.reduce((a, x) => a + x.lockWaitNs, 0), lockHoldNs: rs.reduce((a, x) => a + x.lockHoldNs, 0),
+      };
       this.stats.lockWaitMs += r.lockWaitNs / 1e6;
       if (r.aborted) throw new MigError(ErrorCode.CANCELLED, `${phase} cancelled`, { device: this.name });
       return r;
     } finally {
       this.ring = null;
       this.pool.rings.giveBack(ring);
-      this.pool.release();
+      this.pool.release(lanes);
     }
   }
 

@@ -1,7 +1,7 @@
 // The device config blob carried by [DEV_CONFIG_STATE][be64 len][blob][END]. QEMU writes its VFIOPCIDevice vmstate
 // here; vfio-mig's blob is its own, documented in docs/FORMAT.md:
 //   u32 magic 'VFMC' (0x434d4656 LE) | u16 version 1 | u16 flags 0 | u32 n | n bytes config space | u32 crc32c(all before)
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from '../container/checksum.js';
 import { ErrorCode, MigError } from '../errors.js';
 
 export const CONFIG_MAGIC = 0x434d4656;

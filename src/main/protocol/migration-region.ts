@@ -21,8 +21,6 @@ export interface ChunkInfo {
   pending: bigint;
   dataOffset: number;
   size: number;
-  /** crc32c continued over the copied data (when requested and the CPU can fuse it into the copy), else -1. */
-  crc: number;
 }
 
 export class MigrationRegion {
@@ -149,18 +147,14 @@ export class MigrationRegion {
    * One save step (vfio-facts §2.3 a-d): pending_bytes (which also marks the previous chunk consumed), then
    * data_offset (the vendor stages), data_size, and the copy into dst[dstOff..]. Caller holds the region lock.
    */
-  saveChunk(dst: Uint8Array, dstOff: number, capacity: number, crcInit?: (size: number) => number): ChunkInfo {
+  saveChunk(dst: Uint8Array, dstOff: number, capacity: number): ChunkInfo {
     const pending = this.read('pending_bytes');
-    if (pending === 0n) return { pending, dataOffset: 0, size: 0, crc: -1 };
+    if (pending === 0n) return { pending, dataOffset: 0, size: 0 };
     const dataOffset = this.read('data_offset');
     const dataSize = this.read('data_size');
     const { off, size } = this.checkData(dataOffset, dataSize, capacity);
-    let crc = -1;
-    if (size > 0) {
-      if (crcInit) crc = this.copyOutCrc(off, size, dst, dstOff, crcInit(size));
-      else this.copyOut(off, size, dst, dstOff);
-    }
-    return { pending, dataOffset: off, size, crc };
+    if (size > 0) this.copyOut(off, size, dst, dstOff);
+    return { pending, dataOffset: off, size };
   }
 
   /**
@@ -184,17 +178,6 @@ export class MigrationRegion {
   copyOut(off: number, len: number, dst: Uint8Array, dstOff: number): number {
     try {
       return native().regionCopyOut(this.handle, off, len, dst, dstOff);
-    } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `reading ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
-    }
-  }
-
-  /** copyOut plus crc32c continued from `crc` in the same pass; -1 if the CPU cannot (data is still copied). */
-  copyOutCrc(off: number, len: number, dst: Uint8Array, dstOff: number, crc: number): number {
-    try {
-      const r = native().regionCopyOutCrc(this.handle, off, len, dst, dstOff, crc);
-      if (r < 0) native().regionCopyOut(this.handle, off, len, dst, dstOff);
-      return r;
     } catch (e) {
       throw new MigError(ErrorCode.NATIVE, `reading ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
     }
