@@ -361,6 +361,19 @@ BIND(regionCopyOut, "h", "off", "len", "dst", "dstOff") {
   return Napi::Number::New(info.Env(), static_cast<double>(region::copyOut(*r, off, len, b.p + dstOff)));
 } END_BIND
 
+// Zero-copy save of one record: see region::sendRecord. `buf` holds the record head at [0, 56) and the scratch for
+// trapped pieces at [64, 64+len). -1 when the CPU lacks SSE4.2 (the caller then copies and writes itself).
+BIND(regionSendRecord, "h", "off", "len", "buf", "fd", "pos", "trailer") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), pos = u64(info[5], "pos");
+  Bytes b = bytes(info[3], "buf");
+  int fd = static_cast<int>(integer(info[4], "fd", 0, 1 << 30));
+  if (!info[6].IsBoolean()) throw ArgError("'trailer' must be a boolean");
+  checkRange(*r, off, len, b, 64);
+  if (!crc32c::available()) return Napi::Number::New(info.Env(), -1);
+  return Napi::Number::New(info.Env(), static_cast<double>(region::sendRecord(*r, off, len, b.p + 64, fd, pos, b.p, info[6].As<Napi::Boolean>().Value())));
+} END_BIND
+
 // CRC32C of buf[0..len) continued from `crc` (tests compare it with the library); -1 without SSE4.2.
 BIND(crc32cNative, "buf", "crc") {
   Bytes b = bytes(info[0], "buf");
@@ -443,7 +456,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
-  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(regionCopyIn);
+  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(regionSendRecord); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT

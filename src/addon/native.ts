@@ -90,6 +90,12 @@ export interface NativeAddon {
   regWrite(h: number, off: number, width: 4 | 8, value: bigint): void;
   /** Copy region [off, off+len) into dst[dstOff..]: mmap pieces by memcpy, trapped pieces by read. Returns trapped bytes. */
   regionCopyOut(h: number, off: number, len: number, dst: Uint8Array, dstOff: number): number;
+  /**
+   * Zero-copy save of one container record: buf[0..56) holds the record header (checksum filled in here), the
+   * [DATA][size] prefix and the [END] trailer (if `trailer`); the data goes from the mapped areas straight into
+   * pwritev(fd, pos), trapped pieces through buf[64..]. Returns bytes written, -1 without SSE4.2.
+   */
+  regionSendRecord(h: number, off: number, len: number, buf: Uint8Array, fd: number, pos: number, trailer: boolean): number;
   /** CRC32C of buf continued from `crc`, for cross-checks against the library; -1 without SSE4.2. */
   crc32cNative(buf: Uint8Array, crc: number): number;
   /** Copy src[srcOff..srcOff+len) into region [off, off+len); `which` selects mmap and/or trapped pieces. */

@@ -1,5 +1,11 @@
 #include "region/region.h"
 
+#include <sys/uio.h>
+#include <climits>
+#include <cerrno>
+
+#include "common/crc32c.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -110,6 +116,52 @@ uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst) {
     trapped += n;
   });
   return trapped;
+}
+
+uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int fd, uint64_t pos, uint8_t* rec, bool trailer) {
+  std::vector<iovec> iov;
+  iov.push_back({rec, 48});
+  uint32_t crc = crc32c::copyUpdate(0, rec + 32, nullptr, 16);
+  uint64_t start = off;
+  sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) {
+    uint8_t* p = map;
+    if (!p) {
+      p = scratch + (o - start);
+      int rc = r.rw(false, o, p, n);
+      if (rc < 0) trappedFail(r, rc, false, o, n);
+    }
+    crc = crc32c::copyUpdate(crc, p, nullptr, n);
+    iov.push_back({p, n});
+  });
+  if (trailer) {
+    crc = crc32c::copyUpdate(crc, rec + 48, nullptr, 8);
+    iov.push_back({rec + 48, 8});
+  }
+  // Record checksum: body, then header bytes 0..11 and 16..31 (as recordCrc in format.ts).
+  uint32_t h = crc32c::copyUpdate(crc32c::copyUpdate(crc, rec, nullptr, 12), rec + 16, nullptr, 16);
+  for (int i = 0; i < 4; i++) rec[12 + i] = static_cast<uint8_t>(h >> (8 * i));
+  uint64_t total = 0;
+  for (auto& v : iov) total += v.iov_len;
+  size_t first = 0;
+  uint64_t done = 0;
+  while (first < iov.size()) {
+    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t w = pwritev(fd, &iov[first], cnt, static_cast<off_t>(pos + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw vm::NativeError(errno, vm::fmt("pwritev(fd=%d, pos=%llu)", fd, static_cast<unsigned long long>(pos + done)));
+    }
+    done += static_cast<uint64_t>(w);
+    // Drop fully written vectors, trim a partly written one.
+    size_t left = static_cast<size_t>(w);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left) {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  if (done != total) throw vm::NativeError(EIO, "short pwritev");
+  return done;
 }
 
 uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which) {

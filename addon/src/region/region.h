@@ -62,6 +62,12 @@ enum : int { kCopyMmap = 1, kCopyTrapped = 2 };
 uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst);              // returns trapped bytes
 uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which);  // returns trapped bytes
 
+// Zero-copy save of one container record (src/main/container/format.ts): `rec` holds the 32-byte record header, the
+// 16-byte [DATA][size] prefix and, if `trailer`, the 8-byte [END]. The data [off, off+len) goes from the mapped
+// areas straight into pwritev(fd, pos); trapped pieces are read into `scratch` (which must hold `len` bytes). The
+// body CRC32C and then the header CRC are computed here and stored at rec[12..16). Returns bytes written.
+uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int fd, uint64_t pos, uint8_t* rec, bool trailer);
+
 // Handle registry (ids from 1). get() throws vm::NativeError(EBADF) for an unknown handle.
 int add(std::shared_ptr<Region> r);
 void remove(int h);

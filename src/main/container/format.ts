@@ -91,14 +91,20 @@ export function decodeFileHeader(b: Uint8Array): { version: number; createdMs: n
  */
 export function writeRecordHeader(dst: Uint8Array, type: number, device: number, seq: bigint, streamOffset: bigint,
   body: Uint8Array, bodyCrc?: number): void {
+  fillRecordHeader(dst, type, device, seq, streamOffset, body.length);
+  new DataView(dst.buffer, dst.byteOffset, RECORD_HEADER_SIZE)
+    .setUint32(12, headerCrc(dst.subarray(0, RECORD_HEADER_SIZE), bodyCrc ?? crc32c(body)), true);
+}
+
+/** The header fields with a zero checksum (the native zero-copy writer fills the checksum in). */
+export function fillRecordHeader(dst: Uint8Array, type: number, device: number, seq: bigint, streamOffset: bigint, bodyLen: number): void {
   const dv = new DataView(dst.buffer, dst.byteOffset, RECORD_HEADER_SIZE);
   dv.setUint32(0, type, true);
-  dv.setUint32(4, body.length, true);
+  dv.setUint32(4, bodyLen, true);
   dv.setUint32(8, device, true);
   dv.setUint32(12, 0, true);
   dv.setBigUint64(16, seq, true);
   dv.setBigUint64(24, streamOffset, true);
-  dv.setUint32(12, headerCrc(dst.subarray(0, RECORD_HEADER_SIZE), bodyCrc ?? crc32c(body)), true);
 }
 
 /** crc32c over the body, then header bytes 0..11 and 16..31 (the body first, so it can be summed while copied). */

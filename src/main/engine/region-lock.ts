@@ -7,6 +7,7 @@
 const STATE = 0;   // lock word
 const OWNER = 1;   // who holds it (debugging, forced release after a worker death)
 const DISABLED = 2; // test-only switch: 1 turns the lock into a no-op
+const PRIORITY = 3; // main-thread waiters: workers step aside so a query waits at most one chunk (the lock is unfair otherwise)
 export const LOCK_INTS = 4;
 export const OWNER_MAIN = 1;
 export const OWNER_WORKER = 2;
@@ -35,6 +36,11 @@ export class RegionLock {
   /** Blocking acquire (worker threads only: Atomics.wait is not allowed on the main thread). */
   lockSync(owner = OWNER_WORKER): void {
     if (this.disabled) return;
+    // A worker that just unlocked would win the race against the main thread, whose wake-up goes through its event
+    // loop; while the main thread waits, workers wait for it (bounded: 20 ms, in case its event loop is stalled).
+    for (let v = Atomics.load(this.i32, this.base + PRIORITY), n = 0; v > 0 && n < 20; v = Atomics.load(this.i32, this.base + PRIORITY), n++) {
+      Atomics.wait(this.i32, this.base + PRIORITY, v, 1);
+    }
     const s = this.base + STATE;
     let c = Atomics.compareExchange(this.i32, s, 0, 1);
     if (c !== 0) {
@@ -53,11 +59,17 @@ export class RegionLock {
     const s = this.base + STATE;
     let c = Atomics.compareExchange(this.i32, s, 0, 1);
     if (c !== 0) {
-      if (c !== 2) c = Atomics.exchange(this.i32, s, 2);
-      while (c !== 0) {
-        const w = Atomics.waitAsync(this.i32, s, 2);
-        if (w.async) await w.value;
-        c = Atomics.exchange(this.i32, s, 2);
+      Atomics.add(this.i32, this.base + PRIORITY, 1);
+      try {
+        if (c !== 2) c = Atomics.exchange(this.i32, s, 2);
+        while (c !== 0) {
+          const w = Atomics.waitAsync(this.i32, s, 2);
+          if (w.async) await w.value;
+          c = Atomics.exchange(this.i32, s, 2);
+        }
+      } finally {
+        Atomics.sub(this.i32, this.base + PRIORITY, 1);
+        Atomics.notify(this.i32, this.base + PRIORITY);
       }
     }
     Atomics.store(this.i32, this.base + OWNER, owner);

@@ -161,7 +161,7 @@ export class SourceDevice {
   private slotSize(): number {
     // A vendor chunk can be as large as the data area after the header; a slot holds one whole QEMU packet.
     const maxData = this.region.size - this.region.profile.headerSize;
-    return Math.ceil((RECORD_HEADER_SIZE + DATA_PREFIX + maxData + 8) / 4096) * 4096;
+    return Math.ceil((64 + maxData + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
   }
 
   private async runPhase(phase: 'iterate' | 'complete', budget: number): Promise<SaveResult> {

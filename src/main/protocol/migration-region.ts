@@ -148,13 +148,30 @@ export class MigrationRegion {
    * data_offset (the vendor stages), data_size, and the copy into dst[dstOff..]. Caller holds the region lock.
    */
   saveChunk(dst: Uint8Array, dstOff: number, capacity: number): ChunkInfo {
+    const c = this.nextChunk(capacity);
+    if (c.size > 0) this.copyOut(c.dataOffset, c.size, dst, dstOff);
+    return c;
+  }
+
+  /** saveChunk without the copy: the staged chunk's validated place, for a caller that moves the bytes itself. */
+  nextChunk(capacity: number): ChunkInfo {
     const pending = this.read('pending_bytes');
     if (pending === 0n) return { pending, dataOffset: 0, size: 0 };
     const dataOffset = this.read('data_offset');
     const dataSize = this.read('data_size');
     const { off, size } = this.checkData(dataOffset, dataSize, capacity);
-    if (size > 0) this.copyOut(off, size, dst, dstOff);
     return { pending, dataOffset: off, size };
+  }
+
+  /** Zero-copy record write (native sendRecord); -1 if unavailable (nothing written). */
+  sendRecord(off: number, len: number, buf: Uint8Array, fd: number, pos: number, trailer: boolean): number {
+    try {
+      return native().regionSendRecord(this.handle, off, len, buf, fd, pos, trailer);
+    } catch (e) {
+      const ne = e as { errno?: number; message?: string };
+      throw new MigError(ne?.errno === 5 || (ne?.message ?? '').includes('pwritev') ? ErrorCode.IO : ErrorCode.NATIVE,
+        `sending ${len} bytes of data: ${ne?.message ?? String(e)}`, { device: this.device, offset: off, errno: ne?.errno, cause: e });
+    }
   }
 
   /**
