@@ -11,6 +11,7 @@ import { ErrorCode, type MigError } from '../src/main/errors.js';
 import { FLAG_DEV_DATA_STATE, getBe64, putBe64 } from '../src/main/protocol/qemu-stream.js';
 import type { Loader } from '../src/main/engine/load.js';
 import { readRecords, renumber, writeRecords, type Rec } from './craft.js';
+import { fillHole } from '../src/main/container/sink.js';
 import { rejectsCode, rm, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
@@ -200,6 +201,21 @@ test('vendor I/O error and the ERROR state (reset) roll back cleanly', async () 
   assert.match(e.message, /error state/);
   e = await saveFails('fail-transition', 3, ErrorCode.TRANSITION_FAILED); // refuses PRE_COPY at setup
   assert.is(e.device, 'f1');
+});
+
+test('a record place reserved by a worker that then failed reads as ABORT, not garbage', async () => {
+  const { header, recs } = readRecords(good);
+  const f = tmpFile('hole');
+  // Keep the table and a few chunks, then a hole of the size of one chunk record filled the way a failing worker does.
+  writeRecords(f, header, recs.slice(0, 3));
+  const size = fs.statSync(f).size;
+  const fd = fs.openSync(f, 'r+');
+  try {
+    fillHole({ fd, counters: new SharedArrayBuffer(16) }, size, 32 + 4000, ErrorCode.IO);
+  } finally { fs.closeSync(fd); }
+  const e = await loadFails(f, ErrorCode.STREAM_ABORTED);
+  assert.match(e.message, /VFM_IO/);
+  rm(f);
 });
 
 test.run();

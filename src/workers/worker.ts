@@ -13,7 +13,7 @@ import {
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
-import { reservePosition, writeAt } from '../main/container/sink.js';
+import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
 import fs from 'node:fs';
 import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
@@ -79,6 +79,7 @@ function save(t: SaveTask): SaveResult {
         }
       } catch (e) {
         shared.setDone(); // stop the other lanes too
+        if (pos >= 0 && t.direct) fillHole(t.direct, pos, RECORD_HEADER_SIZE + bodyLen, (e as MigError).code ?? ErrorCode.IO);
         throw e;
       } finally {
         if (t.testExitAfterChunks !== undefined && r.chunks >= t.testExitAfterChunks) process.exit(86); // dies holding the lock
@@ -114,7 +115,12 @@ function save(t: SaveTask): SaveResult {
         if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
         const body = view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen);
         writeRecordHeader(view, REC_CHUNK, t.deviceIndex, rec.seq, rec.offset, body, crc32c(body));
-        if (t.direct) writeAt(t.direct, view, RECORD_HEADER_SIZE + bodyLen, pos);
+        if (t.direct) {
+          try { writeAt(t.direct, view, RECORD_HEADER_SIZE + bodyLen, pos); } catch (e) {
+            fillHole(t.direct, pos, RECORD_HEADER_SIZE + bodyLen, ErrorCode.IO);
+            throw e;
+          }
+        }
         else ring.publish(RECORD_HEADER_SIZE + bodyLen);
       }
       if (info.size > 0) { r.chunks++; r.bytes += info.size; }

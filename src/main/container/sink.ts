@@ -3,6 +3,7 @@
 // writes one after another. Future transports (TCP/UNIX/TLS) implement the same two methods.
 import fs from 'node:fs';
 import { ErrorCode, MigError } from '../errors.js';
+import { NO_DEVICE, RECORD_HEADER_SIZE, REC_ABORT, writeRecordHeader } from './format.js';
 
 export interface Sink {
   write(b: Uint8Array): Promise<void>;
@@ -21,6 +22,21 @@ export interface DirectTarget { fd: number; counters: SharedArrayBuffer }
 /** Reserve `len` bytes of the file (worker side of DirectTarget); call in the device's record order. */
 export function reservePosition(d: DirectTarget, len: number): number {
   return Number(Atomics.add(new BigInt64Array(d.counters), 0, BigInt(len)));
+}
+
+/**
+ * A worker failed after reserving [pos, pos+len): fill the hole with an ABORT record (JSON padded with spaces), so a
+ * reader meets the abort there instead of garbage.
+ */
+export function fillHole(d: DirectTarget, pos: number, len: number, code: string): void {
+  const bodyLen = len - RECORD_HEADER_SIZE;
+  let json = JSON.stringify({ code, message: 'a worker failed while writing this record' });
+  if (json.length > bodyLen) json = JSON.stringify({ code }).length <= bodyLen ? JSON.stringify({ code }) : '{}';
+  const rec = new Uint8Array(len);
+  rec.fill(0x20, RECORD_HEADER_SIZE);
+  rec.set(Buffer.from(json), RECORD_HEADER_SIZE);
+  writeRecordHeader(rec, REC_ABORT, NO_DEVICE, 0n, 0n, rec.subarray(RECORD_HEADER_SIZE));
+  try { writeAt(d, rec, len, pos); } catch { /* the sink itself failed: nothing more to do */ }
 }
 
 /** Write `len` bytes of `buf` at a reserved position. */
