@@ -374,6 +374,19 @@ BIND(regionSendRecord, "h", "off", "len", "buf", "fd", "pos", "trailer") {
   return Napi::Number::New(info.Env(), static_cast<double>(region::sendRecord(*r, off, len, b.p + 64, fd, pos, b.p, info[6].As<Napi::Boolean>().Value())));
 } END_BIND
 
+// Zero-copy load of one data packet: see region::recvData. scratch[0..len) receives the trapped pieces.
+// -1 when the CPU lacks SSE4.2 (the caller then reads the record into memory itself).
+BIND(regionRecvData, "h", "off", "len", "fd", "pos", "scratch", "crc") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), pos = u64(info[4], "pos");
+  int fd = static_cast<int>(integer(info[3], "fd", 0, 1 << 30));
+  Bytes b = bytes(info[5], "scratch");
+  uint32_t crc = u32(info[6], "crc");
+  checkRange(*r, off, len, b, 0);
+  if (!crc32c::available()) return Napi::Number::New(info.Env(), -1);
+  return Napi::Number::New(info.Env(), region::recvData(*r, off, len, fd, pos, b.p, crc));
+} END_BIND
+
 // CRC32C of buf[0..len) continued from `crc` (tests compare it with the library); -1 without SSE4.2.
 BIND(crc32cNative, "buf", "crc") {
   Bytes b = bytes(info[0], "buf");
@@ -456,7 +469,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
-  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(regionSendRecord); EXPORT(regionCopyIn);
+  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT

@@ -96,6 +96,12 @@ export interface NativeAddon {
    * pwritev(fd, pos), trapped pieces through buf[64..]. Returns bytes written, -1 without SSE4.2.
    */
   regionSendRecord(h: number, off: number, len: number, buf: Uint8Array, fd: number, pos: number, trailer: boolean): number;
+  /**
+   * Zero-copy load of one data packet: preadv(fd, pos) `len` bytes into region [off, off+len) (mapped pieces
+   * directly, trapped pieces into scratch[0..len) for a later regionCopyIn). Returns CRC32C continued from `crc`
+   * over the bytes, -1 without SSE4.2 (nothing read).
+   */
+  regionRecvData(h: number, off: number, len: number, fd: number, pos: number, scratch: Uint8Array, crc: number): number;
   /** CRC32C of buf continued from `crc`, for cross-checks against the library; -1 without SSE4.2. */
   crc32cNative(buf: Uint8Array, crc: number): number;
   /** Copy src[srcOff..srcOff+len) into region [off, off+len); `which` selects mmap and/or trapped pieces. */

@@ -53,6 +53,25 @@ export interface LoadTask {
   config: { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
 }
 
+/** Zero-copy load of a record that is exactly one data packet: the worker reads its data from the file itself. */
+export interface LoadDataTask {
+  op: 'load-data';
+  region: RegionDesc;
+  shared: SharedArrayBuffer;
+  fd: number;
+  /** File offset of the record header. */
+  recordAt: number;
+  /** The 32-byte record header followed by the body's first 16 bytes ([DATA][size]). */
+  head: Uint8Array;
+  size: number;
+  /** The body ends with an 8-byte tag after the data (an iterate packet's END). */
+  trailer: boolean;
+  parse: QemuParseState;
+  limits: QemuLimits;
+  /** Receives trapped pieces. */
+  scratch: SharedArrayBuffer;
+}
+
 export interface LoadResult {
   parse: QemuParseState;
   dataPackets: number;
@@ -66,7 +85,7 @@ export interface DigestTask { op: 'digest'; id: number; stateSize: number }
 export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }
 export interface BaselineResult { bytes: number; ns: number }
 
-export type Task = SaveTask | LoadTask | DigestTask | BaselineTask;
+export type Task = SaveTask | LoadTask | LoadDataTask | DigestTask | BaselineTask;
 
 /** Errors cross the thread boundary as plain objects carrying the MigError fields. */
 export interface TaskError { __migError: true; code: string; message: string; device?: string; offset?: number; register?: string; errno?: number }

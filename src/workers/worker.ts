@@ -8,15 +8,15 @@ import { OWNER_WORKER } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
 import { MigrationRegion } from '../main/protocol/migration-region.js';
 import {
-  DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_END_OF_STATE, parsePackets, putBe64,
+  DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_END_OF_STATE, acceptData, parsePackets, putBe64,
 } from '../main/protocol/qemu-stream.js';
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
-import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
+import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc, verifyRecord, writeRecordHeader } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
 import fs from 'node:fs';
-import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
+import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
 
 function now(): bigint { return process.hrtime.bigint(); }
@@ -156,7 +156,7 @@ function load(t: LoadTask): LoadResult {
       try {
         region.loadChunk(slot, e.dataAt, e.size, t.limits.maxData);
       } catch (err) {
-        throw rejected(err, region.device, e.at, t);
+        throw rejected(err, region.device, e.at);
       } finally {
         lock.unlock();
       }
@@ -173,14 +173,45 @@ function load(t: LoadTask): LoadResult {
   return res;
 }
 
-/** A vendor refusal while loading: name the stream byte offset and the vendor's own reason. */
-function rejected(err: unknown, device: string, offset: number, t: LoadTask): MigError {
-  let reason = '';
-  if (t.config.kind === 'emulated') {
-    try { reason = native().emuInfo(t.config.id).lastError; } catch { /* device gone */ }
+function loadData(t: LoadDataTask): LoadResult | null {
+  const header = t.head.subarray(0, RECORD_HEADER_SIZE);
+  const prefix = t.head.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + DATA_PREFIX);
+  const h = decodeRecordHeader(header, t.recordAt);
+  const region = new MigrationRegion(t.region);
+  const st = t.parse;
+  const bodyAt = t.recordAt + RECORD_HEADER_SIZE;
+  // Validate everything that is not the data before the device is touched: the packet head, then the trailer.
+  acceptData(st, BigInt(t.size), bodyAt, bodyAt + 8, t.limits, region.device);
+  let tail: Uint8Array | undefined;
+  if (t.trailer) {
+    tail = new Uint8Array(8);
+    const n = fs.readSync(t.fd, tail, 0, 8, bodyAt + DATA_PREFIX + t.size);
+    if (n !== 8) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends inside a record', { device: region.device, offset: bodyAt + DATA_PREFIX + t.size + n });
+    parsePackets(st, tail, 0, 8, bodyAt + DATA_PREFIX + t.size, t.limits, region.device);
   }
-  const m = (err as Error).message;
-  return new MigError(ErrorCode.LOAD_REJECTED, `destination rejected the data packet at stream offset ${offset}: ${m}${reason && !m.includes(reason) ? ` (${reason})` : ''}`,
+  const lock = new DeviceShared(t.shared).lock;
+  lock.lockSync(OWNER_WORKER);
+  try {
+    const done = region.loadFromFile(t.fd, bodyAt + DATA_PREFIX, t.size, new Uint8Array(t.scratch), crc32c(prefix), t.limits.maxData, (crc) => {
+      const body = tail ? crc32c(tail, crc) : crc;
+      if (headerCrc(header, body) !== h.crc) {
+        throw new MigError(ErrorCode.STREAM_CHECKSUM, 'CHUNK record checksum mismatch', { offset: t.recordAt, device: region.device });
+      }
+    });
+    if (!done) return null;
+  } catch (err) {
+    if ((err as MigError).code === ErrorCode.STREAM_CHECKSUM || (err as MigError).code === ErrorCode.STREAM_TRUNCATED) throw err;
+    throw rejected(err, region.device, bodyAt);
+  } finally {
+    lock.unlock();
+  }
+  return { parse: st, dataPackets: 1, dataBytes: t.size, configLoaded: false };
+}
+
+/** A vendor refusal while loading: name the stream byte offset and the vendor's own reason. */
+function rejected(err: unknown, device: string, offset: number): MigError {
+  // The addon's message already carries the emulated vendor's own reason (its lastError).
+  return new MigError(ErrorCode.LOAD_REJECTED, `destination rejected the data packet at stream offset ${offset}: ${(err as Error).message}`,
     { device, offset, errno: (err as MigError).errno, cause: err });
 }
 
@@ -220,6 +251,7 @@ export default function run(task: Task): unknown {
     switch (task.op) {
       case 'save': return save(task);
       case 'load': return load(task);
+      case 'load-data': return loadData(task);
       case 'digest': return digest(task);
       case 'baseline': return baseline(task);
       default: throw new Error(`unknown task ${(task as { op: string }).op}`);

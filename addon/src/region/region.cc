@@ -164,6 +164,33 @@ uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int
   return done;
 }
 
+uint32_t recvData(Region& r, uint64_t off, uint64_t len, int fd, uint64_t pos, uint8_t* scratch, uint32_t crc) {
+  std::vector<iovec> iov;
+  uint64_t start = off;
+  sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) { iov.push_back({map ? map : scratch + (o - start), n}); });
+  std::vector<iovec> all = iov;  // preadv trims `iov`; the checksum walks the untouched list afterwards
+  size_t first = 0;
+  uint64_t done = 0;
+  while (first < iov.size()) {
+    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = preadv(fd, &iov[first], cnt, static_cast<off_t>(pos + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw vm::NativeError(errno, vm::fmt("preadv(fd=%d, pos=%llu)", fd, static_cast<unsigned long long>(pos + done)));
+    }
+    if (n == 0) throw vm::NativeError(EIO, vm::fmt("stream ends at %llu inside a data packet", static_cast<unsigned long long>(pos + done)));
+    done += static_cast<uint64_t>(n);
+    size_t left = static_cast<size_t>(n);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left) {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  for (auto& v : all) crc = crc32c::copyUpdate(crc, static_cast<uint8_t*>(v.iov_base), nullptr, v.iov_len);
+  return crc;
+}
+
 uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int which) {
   uint64_t trapped = 0, start = off;
   sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) {

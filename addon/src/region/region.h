@@ -68,6 +68,11 @@ uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int w
 // body CRC32C and then the header CRC are computed here and stored at rec[12..16). Returns bytes written.
 uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int fd, uint64_t pos, uint8_t* rec, bool trailer);
 
+// Zero-copy load of one data packet: preadv(fd, pos) `len` bytes into region [off, off+len) — mapped pieces directly,
+// trapped pieces into `scratch` (the caller writes those with copyIn, in its profile's order). Returns the CRC32C
+// continued from `crc` over the bytes read; a short read is an error.
+uint32_t recvData(Region& r, uint64_t off, uint64_t len, int fd, uint64_t pos, uint8_t* scratch, uint32_t crc);
+
 // Handle registry (ids from 1). get() throws vm::NativeError(EBADF) for an unknown handle.
 int add(std::shared_ptr<Region> r);
 void remove(int h);

@@ -112,7 +112,7 @@ export function recordCrc(header: Uint8Array, body: Uint8Array): number {
   return headerCrc(header, crc32c(body));
 }
 
-function headerCrc(header: Uint8Array, bodyCrc: number): number {
+export function headerCrc(header: Uint8Array, bodyCrc: number): number {
   return crc32c(header.subarray(16, 32), crc32c(header.subarray(0, 12), bodyCrc));
 }
 

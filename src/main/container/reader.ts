@@ -88,6 +88,16 @@ export class ContainerReader {
     return decodeJson<T>(await this.body(r, buf, 0), RECORD_NAMES[r.h.type], r.at + RECORD_HEADER_SIZE);
   }
 
+  /** The open file descriptor (workers read data packets from it directly). */
+  get descriptor(): number { return this.fd; }
+
+  /** Read up to dst.length bytes at `pos` without moving the cursor; returns how many were read. */
+  peek(pos: number, dst: Uint8Array): Promise<number> {
+    return new Promise((resolve, reject) => {
+      fs.read(this.fd, dst, 0, dst.length, pos, (err, n) => (err ? reject(new MigError(ErrorCode.IO, `reading: ${err.message}`, { offset: pos })) : resolve(n)));
+    });
+  }
+
   /** Skip a body without reading it (inspect of huge files). */
   skip(r: RecordRef): void {
     if (this.offset + r.h.length > this.size) {

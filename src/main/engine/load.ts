@@ -4,14 +4,15 @@
 // own geometry before memory is touched, and a destination never runs unless every device loaded completely.
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
-import { ContainerReader } from '../container/reader.js';
+import { ContainerReader, type RecordRef } from '../container/reader.js';
+import { native } from '../../addon/native.js';
 import {
   RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
   type DeviceTableEntry, type EndRecord,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
 import type { MigrationRegion } from '../protocol/migration-region.js';
-import { DATA_PREFIX, checkStreamEnd, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
+import { DATA_PREFIX, FLAG_DEV_DATA_STATE, checkStreamEnd, getBe64, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import type { DeviceTransport } from '../transport/transport.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
@@ -184,6 +185,25 @@ export class Loader {
       d.nextSeq++;
       d.nextOffset += BigInt(r.h.length);
       const sab = await slots.get();
+      // A record that is exactly one data packet ([DATA][size][data], optionally [END]) is loaded zero-copy: the
+      // worker reads the data from the file straight into the device's data area; the slot only takes trapped pieces.
+      const head = await this.dataPacketHead(reader, r, d).catch((e) => { slots.put(sab); throw e; });
+      if (head) {
+        try { reader.skip(r); } catch (e) { slots.put(sab); throw e; }
+        const at = r.at;
+        d.chain = d.chain.then(async () => {
+          const res = await this.pool.loadData({
+            op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd: reader.descriptor, recordAt: at, head: head.bytes,
+            size: head.size, trailer: head.trailer, parse: d.parse, limits: d.limits, scratch: sab,
+          });
+          if (!res) throw new MigError(ErrorCode.NATIVE, 'zero-copy load unavailable on this CPU', { device: d.entry.name });
+          d.parse = res.parse;
+          d.stats.dataPackets += res.dataPackets;
+          d.stats.dataBytes += res.dataBytes;
+        }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
+        d.chain.catch(() => undefined);
+        continue;
+      }
       const slot = new Uint8Array(sab);
       slot.set(r.header, 0);
       try {
@@ -205,6 +225,23 @@ export class Loader {
       }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
       d.chain.catch(() => undefined);
     }
+  }
+
+  private zeroCopy: boolean | undefined;
+
+  /** The record's header + [DATA][size] if it is exactly one data packet the zero-copy path can take. */
+  private async dataPacketHead(reader: ContainerReader, r: RecordRef, d: Dest) {
+    if (this.zeroCopy === undefined) this.zeroCopy = native().crc32cNative(new Uint8Array(1), 0) >= 0;
+    if (!this.zeroCopy || r.h.length < DATA_PREFIX + 1) return null;
+    const bytes = new Uint8Array(RECORD_HEADER_SIZE + DATA_PREFIX);
+    bytes.set(r.header, 0);
+    if (await reader.peek(r.at + RECORD_HEADER_SIZE, bytes.subarray(RECORD_HEADER_SIZE)) !== DATA_PREFIX) return null;
+    if (getBe64(bytes, RECORD_HEADER_SIZE) !== FLAG_DEV_DATA_STATE) return null;
+    const size = getBe64(bytes, RECORD_HEADER_SIZE + 8);
+    if (size === 0n || size > BigInt(d.limits.maxData)) return null; // the parser path reports oversize packets
+    const rest = r.h.length - DATA_PREFIX - Number(size);
+    if (rest !== 0 && rest !== 8) return null;
+    return { bytes, size: Number(size), trailer: rest === 8 };
   }
 
   /** Every stream complete: RESUMING -> RUNNING (the vendor validates), then verify digests. */

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { ErrorCode, MigError } from '../errors.js';
 import { RingPool } from './staging.js';
-import type { BaselineResult, BaselineTask, DigestTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
+import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
 
 export interface EnginePoolOptions {
   threads?: number;
@@ -72,6 +72,7 @@ export class EnginePool {
 
   save(t: SaveTask): Promise<SaveResult> { return this.run<SaveResult>(t); }
   load(t: LoadTask): Promise<LoadResult> { return this.run<LoadResult>(t); }
+  loadData(t: LoadDataTask): Promise<LoadResult | null> { return this.run<LoadResult | null>(t); }
   digest(t: DigestTask): Promise<string> { return this.run<string>(t); }
   baseline(t: BaselineTask): Promise<BaselineResult> { return this.run<BaselineResult>(t); }
 

@@ -192,6 +192,35 @@ export class MigrationRegion {
     return off;
   }
 
+  /**
+   * Zero-copy resume step: the packet's `size` data bytes at file position `pos` go straight into the data area
+   * (trapped pieces through `scratch`), `verify` checks the record checksum before the vendor is told, then the
+   * profile's order as in loadChunk. Returns false (nothing done) if the addon cannot (no SSE4.2).
+   */
+  loadFromFile(fd: number, pos: number, size: number, scratch: Uint8Array, crcInit: number, capacity: number,
+    verify: (crc: number) => void): boolean {
+    const dataOffset = this.read('data_offset');
+    const { off } = this.checkData(dataOffset, BigInt(size), Math.min(capacity, scratch.length));
+    let crc: number;
+    try {
+      crc = native().regionRecvData(this.handle, off, size, fd, pos, scratch, crcInit);
+    } catch (e) {
+      const ne = e as { errno?: number; message?: string };
+      throw new MigError(ErrorCode.STREAM_TRUNCATED, `reading a ${size}-byte data packet: ${ne?.message ?? String(e)}`,
+        { device: this.device, offset: pos, errno: ne?.errno, cause: e });
+    }
+    if (crc < 0) return false;
+    verify(crc);
+    if (this.profile.resumeOrder === 'data-then-size') {
+      this.copyIn(off, size, scratch, 0, COPY_TRAPPED);
+      this.write('data_size', BigInt(size));
+    } else {
+      this.write('data_size', BigInt(size));
+      this.copyIn(off, size, scratch, 0, COPY_TRAPPED);
+    }
+    return true;
+  }
+
   copyOut(off: number, len: number, dst: Uint8Array, dstOff: number): number {
     try {
       return native().regionCopyOut(this.handle, off, len, dst, dstOff);

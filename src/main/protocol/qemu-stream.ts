@@ -151,19 +151,12 @@ export function parsePackets(st: QemuParseState, buf: Uint8Array, start: number,
         break;
       }
       case FLAG_DEV_DATA_STATE: {
-        if (!st.sawSetup) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE before DEV_SETUP_STATE', { device, offset: at });
-        if (st.sawConfig) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE after the config state', { device, offset: at });
         need(8, 'data size');
         const size = getBe64(buf, p);
-        if (size > BigInt(limits.maxData)) {
-          throw new MigError(ErrorCode.STREAM_TOO_LARGE,
-            `data packet of ${size} bytes exceeds the destination's data area (${limits.maxData})`,
-            { device, offset: base + (p - start), value: size });
-        }
+        acceptData(st, size, at, base + (p - start), limits, device);
         p += 8;
         const n = Number(size);
         need(n, 'data packet');
-        st.inSection = true; st.dataPackets++; st.dataBytes += n;
         ev.push({ kind: 'data', at, size: n, dataAt: p });
         p += n;
         break;
@@ -173,6 +166,24 @@ export function parsePackets(st: QemuParseState, buf: Uint8Array, start: number,
     }
   }
   return ev;
+}
+
+/**
+ * The checks and state change of one [DATA][size] packet at file offset `at` (size field at `sizeAt`), shared by the
+ * parser and the zero-copy load path, which reads only the packet's 16-byte head before the data goes to the device.
+ */
+export function acceptData(st: QemuParseState, size: bigint, at: number, sizeAt: number, limits: QemuLimits, device: string): void {
+  if (st.expectEnd) {
+    throw new MigError(ErrorCode.STREAM_BAD_END,
+      `end flag incorrect after ${st.expectEnd === 'setup' ? 'DEV_SETUP_STATE' : 'DEV_CONFIG_STATE'}: got DEV_DATA_STATE`, { device, offset: at });
+  }
+  if (!st.sawSetup) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE before DEV_SETUP_STATE', { device, offset: at });
+  if (st.sawConfig) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE after the config state', { device, offset: at });
+  if (size > BigInt(limits.maxData)) {
+    throw new MigError(ErrorCode.STREAM_TOO_LARGE, `data packet of ${size} bytes exceeds the destination's data area (${limits.maxData})`,
+      { device, offset: sizeAt, value: size });
+  }
+  st.inSection = true; st.dataPackets++; st.dataBytes += Number(size);
 }
 
 export function tagName(tag: bigint): string {
