@@ -196,7 +196,7 @@ async function main() {
         try {
           const r = await loadStream(file, p, { verify: false });
           loader = r.loader;
-          return r.report.devices.reduce((a, d) => a + d.dataBytes, 0) / 1e9 / (r.report.totalMs / 1000);
+          return r.report.devices.reduce((a, d) => a + d.dataBytes, 0) / 1e9 / (r.report.dataMs / 1000);
         } finally { for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy(); }
       };
       const l2 = await measure(() => loadOnce(pool));

@@ -53,12 +53,8 @@ export interface LoadTask {
   config: { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
 }
 
-/** Zero-copy load of a record that is exactly one data packet: the worker reads its data from the file itself. */
-export interface LoadDataTask {
-  op: 'load-data';
-  region: RegionDesc;
-  shared: SharedArrayBuffer;
-  fd: number;
+/** One record that is exactly one data packet, loaded zero-copy: the worker reads its data from the file itself. */
+export interface DataItem {
   /** File offset of the record header. */
   recordAt: number;
   /** The 32-byte record header followed by the body's first 16 bytes ([DATA][size]). */
@@ -66,6 +62,15 @@ export interface LoadDataTask {
   size: number;
   /** The body ends with an 8-byte tag after the data (an iterate packet's END). */
   trailer: boolean;
+}
+
+/** A batch of consecutive data records of one device (batching hides the per-task round trip). */
+export interface LoadDataTask {
+  op: 'load-data';
+  region: RegionDesc;
+  shared: SharedArrayBuffer;
+  fd: number;
+  items: DataItem[];
   parse: QemuParseState;
   limits: QemuLimits;
   /** Receives trapped pieces. */

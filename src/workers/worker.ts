@@ -4,7 +4,7 @@
 import { native } from '../addon/native.js';
 import { MigError, ErrorCode } from '../main/errors.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
-import { OWNER_WORKER } from '../main/engine/region-lock.js';
+import { OWNER_WORKER, type RegionLock } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
 import { MigrationRegion } from '../main/protocol/migration-region.js';
 import {
@@ -16,7 +16,7 @@ import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
 import fs from 'node:fs';
-import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
+import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
 
 function now(): bigint { return process.hrtime.bigint(); }
@@ -174,38 +174,47 @@ function load(t: LoadTask): LoadResult {
 }
 
 function loadData(t: LoadDataTask): LoadResult | null {
-  const header = t.head.subarray(0, RECORD_HEADER_SIZE);
-  const prefix = t.head.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + DATA_PREFIX);
-  const h = decodeRecordHeader(header, t.recordAt);
   const region = new MigrationRegion(t.region);
-  const st = t.parse;
-  const bodyAt = t.recordAt + RECORD_HEADER_SIZE;
-  // Validate everything that is not the data before the device is touched: the packet head, then the trailer.
-  acceptData(st, BigInt(t.size), bodyAt, bodyAt + 8, t.limits, region.device);
-  let tail: Uint8Array | undefined;
-  if (t.trailer) {
-    tail = new Uint8Array(8);
-    const n = fs.readSync(t.fd, tail, 0, 8, bodyAt + DATA_PREFIX + t.size);
-    if (n !== 8) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends inside a record', { device: region.device, offset: bodyAt + DATA_PREFIX + t.size + n });
-    parsePackets(st, tail, 0, 8, bodyAt + DATA_PREFIX + t.size, t.limits, region.device);
-  }
   const lock = new DeviceShared(t.shared).lock;
+  const scratch = new Uint8Array(t.scratch);
+  const res: LoadResult = { parse: t.parse, dataPackets: 0, dataBytes: 0, configLoaded: false };
+  for (const it of t.items) {
+    if (!loadDataItem(t, it, region, lock, scratch)) return null;
+    res.dataPackets++;
+    res.dataBytes += it.size;
+  }
+  return res;
+}
+
+function loadDataItem(t: LoadDataTask, it: DataItem, region: MigrationRegion, lock: RegionLock, scratch: Uint8Array): boolean {
+  const header = it.head.subarray(0, RECORD_HEADER_SIZE);
+  const prefix = it.head.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + DATA_PREFIX);
+  const h = decodeRecordHeader(header, it.recordAt);
+  const st = t.parse;
+  const bodyAt = it.recordAt + RECORD_HEADER_SIZE;
+  // Validate everything that is not the data before the device is touched: the packet head, then the trailer.
+  acceptData(st, BigInt(it.size), bodyAt, bodyAt + 8, t.limits, region.device);
+  let tail: Uint8Array | undefined;
+  if (it.trailer) {
+    tail = new Uint8Array(8);
+    const n = fs.readSync(t.fd, tail, 0, 8, bodyAt + DATA_PREFIX + it.size);
+    if (n !== 8) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends inside a record', { device: region.device, offset: bodyAt + DATA_PREFIX + it.size + n });
+    parsePackets(st, tail, 0, 8, bodyAt + DATA_PREFIX + it.size, t.limits, region.device);
+  }
   lock.lockSync(OWNER_WORKER);
   try {
-    const done = region.loadFromFile(t.fd, bodyAt + DATA_PREFIX, t.size, new Uint8Array(t.scratch), crc32c(prefix), t.limits.maxData, (crc) => {
+    return region.loadFromFile(t.fd, bodyAt + DATA_PREFIX, it.size, scratch, crc32c(prefix), t.limits.maxData, (crc) => {
       const body = tail ? crc32c(tail, crc) : crc;
       if (headerCrc(header, body) !== h.crc) {
-        throw new MigError(ErrorCode.STREAM_CHECKSUM, 'CHUNK record checksum mismatch', { offset: t.recordAt, device: region.device });
+        throw new MigError(ErrorCode.STREAM_CHECKSUM, 'CHUNK record checksum mismatch', { offset: it.recordAt, device: region.device });
       }
     });
-    if (!done) return null;
   } catch (err) {
     if ((err as MigError).code === ErrorCode.STREAM_CHECKSUM || (err as MigError).code === ErrorCode.STREAM_TRUNCATED) throw err;
     throw rejected(err, region.device, bodyAt);
   } finally {
     lock.unlock();
   }
-  return { parse: st, dataPackets: 1, dataBytes: t.size, configLoaded: false };
 }
 
 /** A vendor refusal while loading: name the stream byte offset and the vendor's own reason. */

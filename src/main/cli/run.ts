@@ -53,7 +53,7 @@ export function loadText(r: LoadReport): string {
   return [
     table(['device', 'packets', 'data', 'state', 'verified'],
       r.devices.map((d) => [d.name, d.dataPackets, fmtBytes(d.dataBytes), d.state, String(d.verified)])),
-    `load: ${fmtBytes(r.bytesRead)} read in ${r.totalMs.toFixed(0)} ms, ${r.throughputMBps.toFixed(0)} MB/s of device data`,
+    `load: ${fmtBytes(r.bytesRead)} read in ${r.totalMs.toFixed(0)} ms (data phase ${r.dataMs.toFixed(0)} ms, ${r.throughputMBps.toFixed(0)} MB/s of device data)`,
   ].join('\n');
 }
 

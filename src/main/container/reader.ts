@@ -12,12 +12,14 @@ export interface RecordRef {
   header: Uint8Array;
   /** File offset of the record header. */
   at: number;
+  /** Up to the first 16 bytes of the body, read with the header (a data packet's [DATA][size]). */
+  peek: Uint8Array;
 }
 
 export class ContainerReader {
   offset = 0;
   readonly size: number;
-  private hdrBuf = new Uint8Array(RECORD_HEADER_SIZE);
+  private hdrBuf = new Uint8Array(RECORD_HEADER_SIZE + 16);
   private constructor(private fd: number, readonly path: string) {
     this.size = fs.fstatSync(fd).size;
   }
@@ -60,13 +62,29 @@ export class ContainerReader {
     decodeFileHeader(b);
   }
 
-  /** Next record header, or null at a clean end of file. */
+  /**
+   * Next record header, or null at a clean end of file. Headers are read synchronously: 48 bytes from the page
+   * cache cost microseconds, while a libuv round trip per record cost ~0.3 ms here when the workers kept both cores
+   * busy (it was the load path's bottleneck).
+   */
   async next(): Promise<RecordRef | null> {
     if (this.offset === this.size) return null;
     const at = this.offset;
-    await this.readExact(this.hdrBuf, RECORD_HEADER_SIZE, 'record header');
+    const want = Math.min(this.hdrBuf.length, this.size - at);
+    let n: number;
+    try {
+      n = fs.readSync(this.fd, this.hdrBuf, 0, want, at);
+    } catch (e) {
+      throw new MigError(ErrorCode.IO, `reading record header: ${(e as Error).message}`, { offset: at, cause: e });
+    }
+    if (n < RECORD_HEADER_SIZE) {
+      throw new MigError(ErrorCode.STREAM_TRUNCATED, `stream truncated in record header: needed ${RECORD_HEADER_SIZE} bytes, file ends after ${n}`,
+        { offset: at + n });
+    }
+    this.offset = at + RECORD_HEADER_SIZE;
     const h = decodeRecordHeader(this.hdrBuf, at);
-    return { h, header: this.hdrBuf.slice(), at };
+    const peek = this.hdrBuf.slice(RECORD_HEADER_SIZE, Math.min(n, RECORD_HEADER_SIZE + Math.min(h.length, 16)));
+    return { h, header: this.hdrBuf.slice(0, RECORD_HEADER_SIZE), at, peek };
   }
 
   /** Read the body of `r` into dst[dstOff..] (caller bounded dst from trusted geometry) and verify its checksum. */
@@ -90,13 +108,6 @@ export class ContainerReader {
 
   /** The open file descriptor (workers read data packets from it directly). */
   get descriptor(): number { return this.fd; }
-
-  /** Read up to dst.length bytes at `pos` without moving the cursor; returns how many were read. */
-  peek(pos: number, dst: Uint8Array): Promise<number> {
-    return new Promise((resolve, reject) => {
-      fs.read(this.fd, dst, 0, dst.length, pos, (err, n) => (err ? reject(new MigError(ErrorCode.IO, `reading: ${err.message}`, { offset: pos })) : resolve(n)));
-    });
-  }
 
   /** Skip a body without reading it (inspect of huge files). */
   skip(r: RecordRef): void {
