@@ -11,8 +11,15 @@ const uvu = path.join(root, 'node_modules/uvu/bin.js');
 const pattern = process.argv[2] ?? '\\.test\\.js$';
 const child = spawn(process.execPath, [uvu, 'dist/test', pattern, '--no-color'], { stdio: ['ignore', 'pipe', 'inherit'] });
 let out = '';
+// uvu has no timeouts: a hung test (say, a deadlock) must fail the run rather than stall CI.
+const LIMIT_MIN = Number(process.env.VFIO_MIG_TEST_TIMEOUT_MIN ?? 20);
+const watchdog = setTimeout(() => {
+  console.log(`\ntest runner: no result after ${LIMIT_MIN} minutes, killing uvu`);
+  child.kill('SIGKILL');
+}, LIMIT_MIN * 60_000);
 child.stdout.on('data', (d) => { out += d; process.stdout.write(d); });
 child.on('close', (code) => {
+  clearTimeout(watchdog);
   const num = (re) => Number((re.exec(out) ?? [])[1] ?? NaN);
   const total = num(/Total:\s+(\d+)/);
   const passed = num(/Passed:\s+(\d+)/);

@@ -3,7 +3,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { EnginePool } from '../src/main/engine/pool.js';
-import { runEmulated, saveDevices } from '../src/main/api.js';
+import { loadStream, runEmulated, saveDevices } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { inspectContainer } from '../src/main/container/inspect.js';
 import { ErrorCode } from '../src/main/errors.js';
@@ -119,6 +119,28 @@ test('two migrations at once share one pool', async () => {
   ]);
   assert.ok(a.ok && b.ok);
   assert.ok([...a.load.devices, ...b.load.devices].every((d) => d.verified === true));
+});
+
+test('a stream saved by two workers loads with one (no deadlock between read slots and batch scratch)', async () => {
+  const f = tmpFile('one');
+  const devs = [0, 1, 2, 3].map((i) => EmulatedTransport.create({ name: `o${i}`, stateSize: 8 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0, seed: i + 3 }));
+  const one = new EnginePool({ threads: 1 });
+  let loader: { dests: { transport: unknown }[] } | undefined;
+  try {
+    await saveDevices(devs, f, pool, { maxRounds: 1 });
+    let timer: NodeJS.Timeout | undefined;
+    const res = await Promise.race([
+      loadStream(f, one, { verify: true }),
+      new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new Error('load hung for 30 s')), 30_000); }),
+    ]).finally(() => clearTimeout(timer));
+    loader = res.loader;
+    assert.ok(res.report.devices.every((d) => d.verified === true));
+  } finally {
+    for (const d of devs) d.destroy();
+    for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy();
+    await one.close();
+    rm(f);
+  }
 });
 
 test.run();

@@ -18,7 +18,7 @@ import type { DeviceTransport } from '../transport/transport.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
-import type { EnginePool } from './pool.js';
+import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
 
@@ -106,6 +106,7 @@ export class Loader {
   async run(): Promise<LoadReport> {
     const t0 = performance.now();
     const reader = ContainerReader.open(this.path);
+    const release = keepAlive();
     let failure: MigError | undefined;
     let dataMs = 0;
     try {
@@ -124,6 +125,7 @@ export class Loader {
       await this.leaveNotRunning();
     } finally {
       reader.close();
+      release();
     }
     const totalMs = performance.now() - t0;
     const rep: LoadReport = {
@@ -167,6 +169,9 @@ export class Loader {
     const slotSize = Math.ceil((RECORD_HEADER_SIZE + Math.max(
       ...this.dests.map((d) => DATA_PREFIX + d.limits.maxData + 8), 24 + MAX_CONFIG_BLOB + 8)) / 4096) * 4096;
     const slots = new SlotPool(this.pool.threads * 2 + 2, slotSize);
+    // Scratch for running batches comes from its own pool: a batch holds it only while its task runs, so it never
+    // waits behind records that hold read slots while they queue behind that very batch (a deadlock otherwise).
+    const scratch = new SlotPool(this.pool.threads, Math.max(...this.dests.map((d) => d.limits.maxData)));
     let failed: unknown;
     for (;;) {
       if (failed) throw failed;
@@ -212,7 +217,7 @@ export class Loader {
           d.openBatch = batch;
           d.chain = d.chain.then(async () => {
             if (d.openBatch === batch) d.openBatch = null;
-            const sab = await slots.get();
+            const sab = await scratch.get();
             try {
               const res = await this.pool.loadData({
                 op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd: reader.descriptor, items: batch,
@@ -223,7 +228,7 @@ export class Loader {
               d.stats.dataPackets += res.dataPackets;
               d.stats.dataBytes += res.dataBytes;
             } finally {
-              slots.put(sab);
+              scratch.put(sab);
               this.queued -= batch.length;
               for (const w of this.dequeued.splice(0)) w();
             }

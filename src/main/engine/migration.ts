@@ -10,7 +10,7 @@ import type { DeviceTable, EndRecord } from '../container/format.js';
 import type { DeviceTransport } from '../transport/transport.js';
 import { emulatedDigest } from '../emulated/device.js';
 import { DirtyTracker } from './dirty.js';
-import type { EnginePool } from './pool.js';
+import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
 import { SourceDevice, type DeviceStats } from './source-device.js';
 
@@ -134,6 +134,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const onAbort = () => { this.cancelled = true; for (const d of this.devices) d.abort(); };
     this.eld.reset();
     this.eld.enable();
+    const release = keepAlive();
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let dirtyLoop: Promise<void> | undefined;
     let stopDirty = false;
@@ -200,6 +201,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       Object.assign(err, { report: rep });
       throw err;
     } finally {
+      release();
       this.eld.disable();
       this.o.signal?.removeEventListener('abort', onAbort);
     }

@@ -85,3 +85,12 @@ export class EnginePool {
     this.rings.clear();
   }
 }
+
+/**
+ * Atomics.waitAsync, and piscina's replacement of a crashed worker, hold no reference on the event loop: while the
+ * engine waits only on those, Node would exit mid-migration. Migrations and loads hold this for their duration.
+ */
+export function keepAlive(): () => void {
+  const t = setInterval(() => undefined, 1 << 30);
+  return () => clearInterval(t);
+}
