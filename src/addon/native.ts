@@ -102,6 +102,8 @@ export interface NativeAddon {
    * over the bytes, -1 without SSE4.2 (nothing read).
    */
   regionRecvData(h: number, off: number, len: number, fd: number, pos: number, scratch: Uint8Array, crc: number): number;
+  /** nice += delta for the calling thread (workers yield the CPU to the main thread). Returns the new nice value. */
+  lowerThreadPriority(delta: number): number;
   /** CRC32C of buf continued from `crc`, for cross-checks against the library; -1 without SSE4.2. */
   crc32cNative(buf: Uint8Array, crc: number): number;
   /** Copy src[srcOff..srcOff+len) into region [off, off+len); `which` selects mmap and/or trapped pieces. */

@@ -21,6 +21,10 @@ import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, 
 
 function now(): bigint { return process.hrtime.bigint(); }
 
+// Bulk data threads run below the main thread, which answers dirty-bitmap queries and drives the state machine: on
+// a machine with as many workers as cores, the main thread then gets the CPU as soon as it wakes.
+try { native().lowerThreadPriority(Number(process.env.VFIO_MIG_WORKER_NICE ?? 5)); } catch { /* best effort */ }
+
 function save(t: SaveTask): SaveResult {
   const ring = new StagingRing(t.ring);
   const shared = new DeviceShared(t.shared);
