@@ -13,13 +13,23 @@ import { rejectsCode, rm, tmpFile } from './helpers.js';
 const pool = new EnginePool({ threads: 2 });
 test.after(async () => { await pool.close(); });
 
-test('8 devices migrate in parallel and all verify', async () => {
-  let maxActive = 0;
+test('8 devices migrate in parallel and all verify; progress events per device and phase', async () => {
+  const progress: { device: string; phase: string; bytes: number }[] = [];
+  const phases: string[] = [];
   const r = await runEmulated({
     pool, devices: 8, seed: 100, maxRounds: 3, downtimeLimitMs: 5,
     device: { stateSize: 4 << 20, maxChunk: 256 << 10, dirtyRate: 10000, profile: 'linux-5.8' },
-    onMigration: (m) => m.on('round', () => { maxActive = Math.max(maxActive, pool.stats.rings); }),
+    onMigration: (m) => {
+      m.on('progress', (p) => progress.push(p));
+      m.on('phase', (_from, to) => phases.push(to));
+    },
   });
+  assert.equal(phases, ['setup', 'precopy', 'stopcopy', 'complete', 'done']);
+  for (const d of r.save.devices) {
+    const mine = progress.filter((p) => p.device === d.name);
+    assert.ok(mine.some((p) => p.phase === 'precopy') && mine.some((p) => p.phase === 'stopcopy'), d.name);
+    assert.is(mine[mine.length - 1].bytes, d.precopyBytes + d.stopCopyBytes);
+  }
   assert.ok(r.ok);
   assert.is(r.load.devices.length, 8);
   assert.ok(r.load.devices.every((d) => d.verified === true));

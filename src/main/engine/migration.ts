@@ -71,7 +71,8 @@ export interface MigrationReport {
 export interface MigrationEvents {
   phase: [MigrationPhase, MigrationPhase];
   round: [RoundStats & { pendingAfter: number }];
-  progress: [{ device: string; bytes: number; pending: number }];
+  /** After each device's pre-copy round and its stop-and-copy: cumulative data bytes, pending, and its rate. */
+  progress: [{ device: string; phase: 'precopy' | 'stopcopy'; bytes: number; pending: number; throughputMBps: number }];
 }
 
 export class Migration extends EventEmitter<MigrationEvents> {
@@ -160,7 +161,13 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.checkCancel();
       this.to('stopcopy');
       const s0 = performance.now();
-      await Promise.all(this.devices.map((d) => d.complete()));
+      await Promise.all(this.devices.map(async (d) => {
+        await d.complete();
+        this.emit('progress', {
+          device: d.name, phase: 'stopcopy', bytes: d.stats.precopyBytes + d.stats.stopCopyBytes, pending: 0,
+          throughputMBps: d.stats.stopCopyBytes / 1e3 / Math.max(d.stats.stopCopyMs, 0.001),
+        });
+      }));
       await this.dirty.queryAll(); // final dirty set, devices stopped
       for (const d of this.devices) await d.saveState();
       const stopCopyMs = performance.now() - s0;
@@ -217,7 +224,15 @@ export class Migration extends EventEmitter<MigrationEvents> {
       if (round > this.o.maxRounds) return;
       if (bandwidth > 0 && total <= bandwidth * this.o.downtimeLimitMs) return;
       const r0 = performance.now();
-      const res = await Promise.all(this.devices.map((d, i) => d.iterate(pend[i])));
+      const res = await Promise.all(this.devices.map(async (d, i) => {
+        const t = performance.now();
+        const r = await d.iterate(pend[i]);
+        this.emit('progress', {
+          device: d.name, phase: 'precopy', bytes: d.stats.precopyBytes, pending: r.pending,
+          throughputMBps: r.bytes / 1e3 / Math.max(performance.now() - t, 0.001),
+        });
+        return r;
+      }));
       const ms = performance.now() - r0;
       const bytes = res.reduce((a, r) => a + r.bytes, 0);
       bandwidth = bytes / Math.max(ms, 0.001);
