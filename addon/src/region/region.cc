@@ -118,6 +118,34 @@ uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst) {
   return trapped;
 }
 
+// All of `iov` at file position `pos` with pwritev/preadv, resuming after short transfers and EINTR; a read that
+// meets end of file is an error (the caller checked the record lies inside the file, so it was truncated meanwhile).
+static uint64_t vectorIo(int fd, std::vector<iovec>& iov, uint64_t pos, bool write) {
+  size_t first = 0;
+  uint64_t done = 0;
+  while (first < iov.size()) {
+    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = write ? pwritev(fd, &iov[first], cnt, static_cast<off_t>(pos + done))
+                      : preadv(fd, &iov[first], cnt, static_cast<off_t>(pos + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw vm::NativeError(errno, vm::fmt("%s(fd=%d, pos=%llu)", write ? "pwritev" : "preadv", fd, static_cast<unsigned long long>(pos + done)));
+    }
+    if (n == 0)
+      throw vm::NativeError(EIO, vm::fmt(write ? "pwritev wrote nothing at %llu" : "stream ends at %llu inside a data packet",
+                                         static_cast<unsigned long long>(pos + done)));
+    done += static_cast<uint64_t>(n);
+    // Drop fully transferred vectors, trim a partly transferred one.
+    size_t left = static_cast<size_t>(n);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left) {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  return done;
+}
+
 uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int fd, uint64_t pos, uint8_t* rec, bool trailer) {
   std::vector<iovec> iov;
   iov.push_back({rec, 48});
@@ -140,53 +168,15 @@ uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int
   // Record checksum: body, then header bytes 0..11 and 16..31 (as recordCrc in format.ts).
   uint32_t h = crc32c::copyUpdate(crc32c::copyUpdate(crc, rec, nullptr, 12), rec + 16, nullptr, 16);
   for (int i = 0; i < 4; i++) rec[12 + i] = static_cast<uint8_t>(h >> (8 * i));
-  uint64_t total = 0;
-  for (auto& v : iov) total += v.iov_len;
-  size_t first = 0;
-  uint64_t done = 0;
-  while (first < iov.size()) {
-    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
-    ssize_t w = pwritev(fd, &iov[first], cnt, static_cast<off_t>(pos + done));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw vm::NativeError(errno, vm::fmt("pwritev(fd=%d, pos=%llu)", fd, static_cast<unsigned long long>(pos + done)));
-    }
-    done += static_cast<uint64_t>(w);
-    // Drop fully written vectors, trim a partly written one.
-    size_t left = static_cast<size_t>(w);
-    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-    if (left) {
-      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
-  }
-  if (done != total) throw vm::NativeError(EIO, "short pwritev");
-  return done;
+  return vectorIo(fd, iov, pos, true);
 }
 
 uint32_t recvData(Region& r, uint64_t off, uint64_t len, int fd, uint64_t pos, uint8_t* scratch, uint32_t crc) {
   std::vector<iovec> iov;
   uint64_t start = off;
   sections(r, off, len, [&](uint64_t o, uint64_t n, uint8_t* map) { iov.push_back({map ? map : scratch + (o - start), n}); });
-  std::vector<iovec> all = iov;  // preadv trims `iov`; the checksum walks the untouched list afterwards
-  size_t first = 0;
-  uint64_t done = 0;
-  while (first < iov.size()) {
-    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
-    ssize_t n = preadv(fd, &iov[first], cnt, static_cast<off_t>(pos + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw vm::NativeError(errno, vm::fmt("preadv(fd=%d, pos=%llu)", fd, static_cast<unsigned long long>(pos + done)));
-    }
-    if (n == 0) throw vm::NativeError(EIO, vm::fmt("stream ends at %llu inside a data packet", static_cast<unsigned long long>(pos + done)));
-    done += static_cast<uint64_t>(n);
-    size_t left = static_cast<size_t>(n);
-    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-    if (left) {
-      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
-  }
+  std::vector<iovec> all = iov;  // vectorIo trims `iov`; the checksum walks the untouched list afterwards
+  vectorIo(fd, iov, pos, false);
   for (auto& v : all) crc = crc32c::copyUpdate(crc, static_cast<uint8_t*>(v.iov_base), nullptr, v.iov_len);
   return crc;
 }
