@@ -63,8 +63,9 @@ async function race(lockOn: boolean, dev: EmulatedDeviceOptions, devices: number
     } catch (e) {
       loader = (e as { loader?: typeof loader }).loader;
       const err = e as MigError;
-      // Detected: the vendor refused a corrupted chunk, or the final digest differs.
-      assert.ok([ErrorCode.LOAD_REJECTED, ErrorCode.VERIFY_FAILED].includes(err.code as never), `${err.code}: ${err.message}`);
+      // Detected: a record's checksum (the bitmap landed between the checksum pass and the zero-copy write), the
+      // vendor refusing a corrupted chunk, or the final digest.
+      assert.ok([ErrorCode.STREAM_CHECKSUM, ErrorCode.LOAD_REJECTED, ErrorCode.VERIFY_FAILED].includes(err.code as never), `${err.code}: ${err.message}`);
       return { chunks, corrupted: true, error: err, queries: m.dirty.queries };
     }
   } finally {
