@@ -42,7 +42,7 @@ export function saveText(r: MigrationReport): string {
     r.devices.map((d) => [d.name, d.rounds, fmtBytes(d.precopyBytes), fmtBytes(d.stopCopyBytes), d.stopCopyMs.toFixed(1),
       fmtBytes(d.streamBytes), d.lockWaitMs.toFixed(2), d.finalState ?? ''])));
   const q = r.dirty.latencyMs;
-  lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms, ${r.throughputMBps.toFixed(0)} MB/s of device data`);
+  lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms in all (setup, rounds, stop-and-copy, digests): ${r.throughputMBps.toFixed(0)} MB/s of device data`);
   lines.push(`dirty bitmap: ${r.dirty.queries} queries, latency p50 ${q.p50.toFixed(3)} ms, p99 ${q.p99.toFixed(3)} ms, max ${q.max.toFixed(3)} ms; guest pages dirtied: ${r.dirty.pages.join(', ')}`);
   const el = r.eventLoopDelayMs;
   lines.push(`main-thread event-loop delay: p50 ${el.p50.toFixed(2)} ms, p99 ${el.p99.toFixed(2)} ms, max ${el.max.toFixed(2)} ms`);
