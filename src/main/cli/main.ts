@@ -32,7 +32,8 @@ export async function main(argv: string[]): Promise<void> {
   const program = new Command('vfio-mig')
     .description('Migrate VFIO device state (VFIO migration v1, QEMU stream format) for many devices at once')
     .exitOverride()
-    .configureOutput({ writeErr: () => undefined });
+    // Commander's own error lines are replaced by ours (one line with a code); its help text still goes out.
+    .configureOutput({ writeErr: (str) => { if (!str.startsWith('error:')) process.stderr.write(str); } });
   program.showHelpAfterError(false);
 
   deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
@@ -71,7 +72,8 @@ export async function main(argv: string[]): Promise<void> {
     await program.parseAsync(argv);
   } catch (e) {
     if (e instanceof CommanderError) {
-      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return;
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return;
+      if (e.code === 'commander.help') { process.exitCode = 2; return; } // no command given: help on stderr
       const cause = (e as { cause?: unknown }).cause;
       const err = cause instanceof MigError ? cause : new MigError(ErrorCode.BAD_ARGUMENT, e.message.replace(/^error: /, ''));
       fail(err, json, 2);
