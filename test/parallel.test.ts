@@ -122,6 +122,15 @@ test('staging memory does not grow with device state size', async () => {
   }
 });
 
+test('a bandwidth cap paces the stream (records then go through the main thread\'s ring) and the result verifies', async () => {
+  const cap = 40e6;
+  const r = await runEmulated({ pool, devices: 2, bandwidthCap: cap, maxRounds: 1, device: { stateSize: 4 << 20, maxChunk: 128 << 10, dirtyRate: 0 } });
+  assert.ok(r.ok);
+  const bytes = r.save.precopyBytes + r.save.stopCopyBytes;
+  // A lower bound only (never an upper one): at most ~50 ms of burst may go out unpaced.
+  assert.ok(r.save.totalMs >= ((bytes / cap) * 1000) - 60, `${bytes} bytes in ${r.save.totalMs.toFixed(0)} ms at a ${cap / 1e6} MB/s cap`);
+});
+
 test('two migrations at once share one pool', async () => {
   const [a, b] = await Promise.all([
     runEmulated({ pool, devices: 3, seed: 1, device: { stateSize: 4 << 20, profile: 'draft-2019', dataMode: 'mixed', dirtyRate: 5000 }, maxRounds: 3 }),

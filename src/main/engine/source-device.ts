@@ -119,7 +119,7 @@ export class SourceDevice {
     const blob = encodeConfigBlob(this.transport.readConfig());
     await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
     this.stats.streamBytes = this.shared.streamBytes;
-    this.stats.finalState = this.region.state();
+    this.stats.finalState = await this.locked(() => this.region.state());
     this.setPhase('saved');
   }
 
