@@ -152,6 +152,22 @@ test('vendor rejects a stream with a wrong device magic or wrong geometry; the d
   }, [ErrorCode.LOAD_REJECTED, ErrorCode.STREAM_BAD_RECORD]);
 });
 
+test('an END record without source digests: nothing is started, the load fails verification', async () => {
+  const e = await crafted('nodigest', (recs) => {
+    const end = recs.find((r) => r.type === 3)!;
+    end.body = new Uint8Array(Buffer.from(JSON.stringify({ devices: [] })));
+  }, ErrorCode.VERIFY_FAILED);
+  assert.match(e.message, /no source digest/);
+});
+
+test('a device table asking for more state than allowed is refused before any destination exists', async () => {
+  let created = 0;
+  const e = await rejectsCode(loadStream(good, pool, { maxStateBytes: 1 << 20, makeDestination: () => { created++; throw new Error('must not be called'); } }),
+    ErrorCode.STREAM_TOO_LARGE);
+  assert.is(created, 0);
+  assert.match(e.message, /2097152 bytes of device state/);
+});
+
 test('a device table that is not JSON or has absurd geometry is rejected before allocation', async () => {
   await crafted('json', (recs) => { recs[0].body = new Uint8Array(Buffer.from('{nope')); }, ErrorCode.STREAM_BAD_RECORD);
   await crafted('huge', (recs) => {
@@ -201,6 +217,25 @@ test('vendor I/O error and the ERROR state (reset) roll back cleanly', async () 
   assert.match(e.message, /error state/);
   e = await saveFails('fail-transition', 3, ErrorCode.TRANSITION_FAILED); // refuses PRE_COPY at setup
   assert.is(e.device, 'f1');
+});
+
+test('one device failing in stop-and-copy while the others still drain: all end RUNNING, the real error is reported', async () => {
+  for (const k of [0, 2, 5]) {
+    for (const mib of [1, 3]) {
+      const f = tmpFile('race');
+      const srcs = [EmulatedTransport.create({ name: 'ra', seed: 1, stateSize: 8 << 20, maxChunk: 1 << 20, dirtyRate: 0, dmaRate: 0 }),
+        EmulatedTransport.create({ name: 'rb', seed: 2, stateSize: mib << 20, maxChunk: 1 << 20, dirtyRate: 0, dmaRate: 0 })];
+      srcs[0].device.setFault('eio-on-chunk', k);
+      try {
+        const e = await rejectsCode(saveDevices(srcs, f, pool, { maxRounds: 0 }), ErrorCode.NATIVE);
+        assert.is(e.device, 'ra');
+        for (const d of srcs) assert.is(d.device.info().deviceState & 7, 1, `${d.name} (k ${k}, ${mib} MiB) must be RUNNING`);
+      } finally {
+        for (const d of srcs) d.destroy();
+        rm(f);
+      }
+    }
+  }
 });
 
 test('a record place reserved by a worker that then failed reads as ABORT, not garbage', async () => {

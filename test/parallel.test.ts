@@ -60,15 +60,18 @@ async function cancelDuring(phase: 'precopy' | 'stopcopy') {
   const f = tmpFile('cancel');
   const ac = new AbortController();
   const devs = [0, 1, 2].map((i) => EmulatedTransport.create({ name: `c${i}`, stateSize: 8 << 20, maxChunk: 64 << 10, dirtyRate: 50000, dmaRate: 1000 }));
-  // Slow chunks keep the phase long enough to cancel inside it.
-  for (const d of devs) d.device.setFault('slow-chunk', 300);
+  // Slow chunks keep the phase long enough (>= 100 ms of chunks per device) to cancel 30 ms into it.
+  for (const d of devs) d.device.setFault('slow-chunk', phase === 'precopy' ? 300 : 2000);
+  let stopCopyStarted = false;
   try {
-    const p = saveDevices(devs, f, pool, { maxRounds: 100, downtimeLimitMs: 0, signal: ac.signal }, (m: Migration) => {
+    const p = saveDevices(devs, f, pool, { maxRounds: phase === 'precopy' ? 100 : 2, downtimeLimitMs: 0, signal: ac.signal }, (m: Migration) => {
+      m.on('phase', (_from, to) => { if (to === 'stopcopy') stopCopyStarted = true; });
       m.on('phase', (_from, to) => { if (to === phase) setTimeout(() => ac.abort(), 30); });
     });
     const e = await rejectsCode(p, ErrorCode.CANCELLED);
     const rep = (e as unknown as { report: { phase: string; rollback: string[] } }).report;
     assert.is(rep.phase, 'cancelled');
+    assert.is(stopCopyStarted, phase === 'stopcopy', 'cancelled in the intended phase');
     for (const d of devs) assert.is(d.device.info().deviceState & 7, 1, `${d.name} RUNNING after cancel in ${phase}`);
     for (const d of devs) assert.is(d.device.info().lastError, '');
     const ins = await inspectContainer(f);

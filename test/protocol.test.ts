@@ -216,4 +216,12 @@ test('errors carry device and offset in the message', () => {
   void FLAG_DEV_DATA_STATE;
 });
 
+test('the package entry point resolves by name and exports the typed API', async () => {
+  const pkg = 'vfio-mig'; // a variable, so tsc does not need dist/ while it compiles this file on a fresh clone
+  const m = (await import(pkg)) as Record<string, unknown>;
+  for (const name of ['runEmulated', 'saveDevices', 'loadStream', 'EnginePool', 'Migration', 'MigError', 'EmulatedTransport', 'VfioKernelTransport']) {
+    assert.type(m[name], 'function', name);
+  }
+});
+
 test.run();

@@ -40,6 +40,8 @@ export interface RunOptions extends MigrationOptions {
   pool?: EnginePool;
   threads?: number;
   onMigration?: (m: Migration) => void;
+  /** Vendor faults to inject into source devices before the migration (docs/EMULATED-DEVICE.md). */
+  faults?: { device: number; kind: string; arg: number }[];
 }
 
 export interface RunReport {
@@ -59,6 +61,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
     for (let i = 0; i < o.devices; i++) {
       sources.push(EmulatedTransport.create({ ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i }));
     }
+    for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
     const save = await saveDevices(sources, stream, pool, o, o.onMigration);
     const res = await loadStream(stream, pool, { verify: true });
     loader = res.loader;

@@ -1,6 +1,11 @@
 // Vendor side of the emulated device: registers, state arcs, staging, resume parsing, dirty logs, faults.
 #include "emu/device.h"
 
+#include <sys/mman.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and the memcpy faults pages in
+#endif
+
 #include <linux/vfio.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -80,7 +85,7 @@ static uint64_t countRange(const std::vector<uint64_t>& v, uint64_t lo, uint64_t
   return c;
 }
 
-static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut, bool populate = false) {
+static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut) {
   int fd = memfd_create(name, MFD_CLOEXEC);
   if (fd < 0) throw NativeError(errno, fmt("memfd_create(%s)", name));
   if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
@@ -88,7 +93,7 @@ static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut, bool popul
     close(fd);
     throw NativeError(e, fmt("ftruncate(%s, %llu)", name, static_cast<unsigned long long>(size)));
   }
-  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE | (populate ? MAP_POPULATE : 0), fd, 0);
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
   if (p == MAP_FAILED) {
     int e = errno;
     close(fd);
@@ -111,9 +116,9 @@ Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
     for (uint64_t o = kDataStart; o < regionSize_; o += 2 * 65536) areas_.push_back({o, std::min<uint64_t>(65536, regionSize_ - o)});
   }
   try {
-    // A real device's memory is resident: a zero-filled destination is populated up front, so that first-touch page
-    // faults (~0.7 ms per MiB here) are not billed to the load path.
-    state_ = mapMemfd("vfio-mig-state", cfg.stateSize, &stateFd_, cfg.zeroFill);
+    // A zero-filled destination's memory is allocated as data arrives (populated per record, below), never up
+    // front: its size comes from a stream's device table, which is not trusted.
+    state_ = mapMemfd("vfio-mig-state", cfg.stateSize, &stateFd_);
     data_ = mapMemfd("vfio-mig-data", dataAreaSize_, &dataFd_);
     guest_ = mapMemfd("vfio-mig-guest", cfg.guestPages * kPage, &guestFd_);
     dirty_.assign((pages_ + 63) / 64, 0);
@@ -535,6 +540,8 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
       if (h.b == 0 || h.a >= pages_ || h.b > pages_ - h.a)
         return bad(fmt("PAGES %llu+%llu outside the %llu-page state", static_cast<ull>(h.a), static_cast<ull>(h.b), static_cast<ull>(pages_)));
       if (h.b > left / kPage) return bad(fmt("PAGES payload of %llu pages exceeds data_size", static_cast<ull>(h.b)));
+      // One populate call per record instead of a page fault per 4 KiB page (~2x faster here); best effort.
+      madvise(state_ + h.a * kPage, h.b * kPage, MADV_POPULATE_WRITE);
       memcpy(state_ + h.a * kPage, body, h.b * kPage);
       res_.pages += h.b;
       pagesLoaded_ += h.b;

@@ -58,7 +58,7 @@ export async function main(argv: string[]): Promise<void> {
     .requiredOption('-o, --output <file>', 'output file')
     .option('--json', 'JSON output')
     .action((file: string, o: { device: number; output: string; json?: boolean }) => cmdExtract(file, o));
-  program.command('stress').description('many concurrent migrations with random geometry, faults of timing and bitmap queries; verify all')
+  program.command('stress').description('many concurrent migrations with random geometry, slow-vendor timing faults and concurrent bitmap queries; verify all')
     .option('--seconds <s>', 'how long to run', (v) => parseNumberIn('--seconds', v, 1, 86400), 30)
     .option('--seed <n>', 'master seed (a failure prints the seed that reproduces it)', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1))
     .option('--count <n>', 'stop after this many iterations', (v) => parseIntIn('--count', v, 1, 1e9))

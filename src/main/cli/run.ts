@@ -92,9 +92,10 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
   try {
     const res = await loadStream(file, pool, { verify: true });
     loader = res.loader;
-    const ok = res.report.devices.every((d) => d.verified !== false);
+    const ok = res.report.devices.every((d) => d.verified === true);
     if (o.json) out(JSON.stringify({ ok, load: res.report }, null, 2));
-    else { out(loadText(res.report)); out(`verified: ${res.report.devices.every((d) => d.verified === true)}`); }
+    else { out(loadText(res.report)); out(`verified: ${ok}`); }
+    if (!ok) process.exitCode = 1;
   } catch (e) {
     loader = (e as { loader?: { dests: { transport: unknown }[] } }).loader;
     throw e;

@@ -158,7 +158,7 @@ export function decodeJson<T>(body: Uint8Array, what: string, fileOffset: number
 export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceTable {
   const bad = (m: string) => new MigError(ErrorCode.STREAM_BAD_RECORD, `device table: ${m}`, { offset: fileOffset });
   if (!t || t.version !== 1 || !Array.isArray(t.devices)) throw bad('missing version 1 or devices');
-  if (t.devices.length === 0 || t.devices.length > 4096) throw bad(`${t.devices.length} devices`);
+  if (t.devices.length === 0 || t.devices.length > 1024) throw bad(`${t.devices.length} devices (1..1024)`);
   const isInt = (v: unknown, lo: number, hi: number) => Number.isSafeInteger(v) && (v as number) >= lo && (v as number) <= hi;
   t.devices.forEach((d, i) => {
     if (d.index !== i) throw bad(`entry ${i} has index ${d.index}`);

@@ -2,12 +2,13 @@
 // load_state / load_cleanup per device). Each device's records are applied strictly in order by one chain of worker
 // tasks; different devices proceed concurrently. Every size read from the file is bounded by the destination's
 // own geometry before memory is touched, and a destination never runs unless every device loaded completely.
+import os from 'node:os';
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { ContainerReader, type RecordRef } from '../container/reader.js';
 import { native } from '../../addon/native.js';
 import {
-  RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
+  FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
   type DeviceTableEntry, type EndRecord,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
@@ -29,6 +30,8 @@ export interface LoadOptions {
   verify?: boolean;
   /** Leave destinations RESUMING -> RUNNING (true, default) or stop after loading (false: RESUMING -> STOP). */
   start?: boolean;
+  /** Refuse a device table whose devices' state adds up to more (default: this machine's memory). */
+  maxStateBytes?: number;
 }
 
 export interface LoadedDevice {
@@ -143,6 +146,13 @@ export class Loader {
   /** load_setup: create/open each destination and put it in RESUMING. */
   private async setup(table: DeviceTable): Promise<void> {
     const make = this.o.makeDestination ?? emulatedDestination;
+    // The table is untrusted: bound what it may make this process create before creating anything.
+    const total = table.devices.reduce((a, d) => a + d.geometry.stateSize, 0);
+    const max = this.o.maxStateBytes ?? os.totalmem();
+    if (total > max) {
+      throw new MigError(ErrorCode.STREAM_TOO_LARGE, `device table asks for ${total} bytes of device state, more than the ${max} allowed`,
+        { offset: FILE_HEADER_SIZE, value: total });
+    }
     for (const entry of table.devices) {
       const transport = make(entry);
       if (transport.profile.name !== entry.profile) {
@@ -283,6 +293,15 @@ export class Loader {
 
   /** Every stream complete: RESUMING -> RUNNING (the vendor validates), then verify digests. */
   private async finish(end: EndRecord): Promise<void> {
+    if (this.o.verify !== false) {
+      // A stream that cannot be verified is not started: every digest-capable destination needs its source digest.
+      for (const d of this.dests) {
+        const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
+        if (d.transport.digestTarget() && !(typeof exp === 'string' && exp.startsWith('sha256:'))) {
+          throw new MigError(ErrorCode.VERIFY_FAILED, 'the END record carries no source digest for this device', { device: d.entry.name });
+        }
+      }
+    }
     for (const d of this.dests) {
       await d.shared.lock.lockAsync(OWNER_MAIN);
       try {

@@ -8,7 +8,6 @@ import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
 import type { DeviceTransport } from '../transport/transport.js';
-import { emulatedDigest } from '../emulated/device.js';
 import { DirtyTracker } from './dirty.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
@@ -143,7 +142,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.checkCancel();
       this.to('setup');
       await this.writer.begin(this.deviceTable());
-      await Promise.all(this.devices.map((d) => d.setup()));
+      await this.onAll((d) => d.setup());
       this.dirty.start();
       this.to('precopy');
       if (this.o.dirtyQueryIntervalMs > 0) {
@@ -161,13 +160,13 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.checkCancel();
       this.to('stopcopy');
       const s0 = performance.now();
-      await Promise.all(this.devices.map(async (d) => {
+      await this.onAll(async (d) => {
         await d.complete();
         this.emit('progress', {
           device: d.name, phase: 'stopcopy', bytes: d.stats.precopyBytes + d.stats.stopCopyBytes, pending: 0,
           throughputMBps: d.stats.stopCopyBytes / 1e3 / Math.max(d.stats.stopCopyMs, 0.001),
         });
-      }));
+      });
       await this.dirty.queryAll(); // final dirty set, devices stopped
       for (const d of this.devices) await d.saveState();
       const stopCopyMs = performance.now() - s0;
@@ -214,25 +213,44 @@ export class Migration extends EventEmitter<MigrationEvents> {
     }
   }
 
+  /**
+   * Run a phase on every device. The first failure aborts the others' data tasks, and this returns only when every
+   * device's operation has settled: rollback must never race a device still finishing its phase (which would then
+   * stop a device that rollback had just returned to RUNNING). The first real error wins over the CANCELLED errors
+   * it caused.
+   */
+  private async onAll<T>(fn: (d: SourceDevice) => Promise<T>): Promise<T[]> {
+    let first: unknown;
+    const rs = await Promise.allSettled(this.devices.map((d) => fn(d).catch((e) => {
+      if (first === undefined) {
+        first = e;
+        for (const x of this.devices) x.abort();
+      }
+      throw e;
+    })));
+    if (first !== undefined) throw first;
+    return rs.map((r) => (r as PromiseFulfilledResult<T>).value);
+  }
+
   private async precopy(): Promise<void> {
     let bandwidth = 0; // bytes/ms measured so far
     for (let round = 1; ; round++) {
       this.checkCancel();
-      const pend = await Promise.all(this.devices.map((d) => d.pending()));
+      const pend = await this.onAll((d) => d.pending());
       const total = pend.reduce((a, b) => a + b, 0);
       if (total === 0) return;
       if (round > this.o.maxRounds) return;
       if (bandwidth > 0 && total <= bandwidth * this.o.downtimeLimitMs) return;
       const r0 = performance.now();
-      const res = await Promise.all(this.devices.map(async (d, i) => {
+      const res = await this.onAll(async (d) => {
         const t = performance.now();
-        const r = await d.iterate(pend[i]);
+        const r = await d.iterate(pend[d.index]);
         this.emit('progress', {
           device: d.name, phase: 'precopy', bytes: d.stats.precopyBytes, pending: r.pending,
           throughputMBps: r.bytes / 1e3 / Math.max(performance.now() - t, 0.001),
         });
         return r;
-      }));
+      });
       const ms = performance.now() - r0;
       const bytes = res.reduce((a, r) => a + r.bytes, 0);
       bandwidth = bytes / Math.max(ms, 0.001);
@@ -247,7 +265,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private async digest(d: SourceDevice): Promise<string> {
     const t = d.transport.digestTarget();
     if (!t) return '';
-    return this.pool.digest({ op: 'digest', id: t.id, stateSize: t.stateSize }).catch(() => emulatedDigest(t.id, t.stateSize));
+    return this.pool.digest({ op: 'digest', id: t.id, stateSize: t.stateSize });
   }
 
   private report(ok: boolean, t0: number, stopCopyMs: number): MigrationReport {

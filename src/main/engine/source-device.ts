@@ -64,7 +64,13 @@ export class SourceDevice {
     this.phase = p;
   }
 
-  private async locked<T>(fn: () => T): Promise<T> {
+  /** A register operation under the region lock; refused once the device was aborted. */
+  private async locked<T>(fn: () => T, what = 'state change'): Promise<T> {
+    this.checkAborted(what);
+    return this.withLock(fn);
+  }
+
+  private async withLock<T>(fn: () => T): Promise<T> {
     await this.shared.lock.lockAsync(OWNER_MAIN);
     try { return fn(); } finally { this.shared.lock.unlock(); }
   }
@@ -123,9 +129,16 @@ export class SourceDevice {
     this.setPhase('saved');
   }
 
-  /** Stop a running data task (cancel). */
+  private aborted = false;
+
+  /** Stop the running data task and refuse further phases (cancel, or another device failed). Sticky. */
   abort(): void {
+    this.aborted = true;
     this.ring?.abort();
+  }
+
+  private checkAborted(what: string): void {
+    if (this.aborted) throw new MigError(ErrorCode.CANCELLED, `${what} cancelled`, { device: this.name });
   }
 
   /** After a failure or cancel: back to RUNNING, resetting a device that reports ERROR. Never throws. */
@@ -135,7 +148,7 @@ export class SourceDevice {
     let outcome: string;
     try {
       if (!this.region) return 'not opened';
-      outcome = await this.locked(() => {
+      outcome = await this.withLock(() => {
         let s: string;
         try {
           s = this.region.state();
@@ -165,6 +178,7 @@ export class SourceDevice {
   }
 
   private async runPhase(phase: 'iterate' | 'complete', budget: number): Promise<SaveResult> {
+    this.checkAborted(phase);
     // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
     // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
     const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;

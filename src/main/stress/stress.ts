@@ -44,6 +44,8 @@ export function iterationPlan(seed: number, concurrent: number) {
       },
       seed: Math.floor(r() * 2 ** 31),
       dirtyQueryIntervalMs: pick(r, [1, 2, 5, 20]),
+      // Timing faults: a vendor that is slow to stage chunks on one device of some migrations.
+      faults: r() < 0.25 ? [{ device: 0, kind: 'slow-chunk', arg: pick(r, [50, 200, 1000]) }] : [],
       maxRounds: 1 + Math.floor(r() * 6),
       downtimeLimitMs: pick(r, [5, 50, 300]),
     };
