@@ -81,7 +81,14 @@ async function engineSave(pool: EnginePool, ds: EmulatedTransport[], out: string
 
 const gbps = (bytes: number, ms: number) => bytes / 1e9 / (ms / 1000);
 
+/** CPU time stolen by the hypervisor (/proc/stat): the noise indicator printed with every run. */
+function cpuTicks(): { steal: number; total: number } {
+  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  return { steal: f[7] ?? 0, total: f.reduce((a, b) => a + b, 0) };
+}
+
 async function main() {
+  const t0 = cpuTicks();
   const results: Record<string, unknown> = { machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model, node: process.version }, quick };
   const rows: string[][] = [];
   const row = (what: string, value: string, baseline: string, ratio: string, target: string) => rows.push([what, value, baseline, ratio, target]);
@@ -236,6 +243,10 @@ async function main() {
     await pool.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+  const t1 = cpuTicks();
+  const steal = (t1.steal - t0.steal) / Math.max(1, t1.total - t0.total);
+  results.stealPercent = steal * 100;
+  row('CPU stolen by the hypervisor during this run', `${(steal * 100).toFixed(1)}%`, '', '', 'noise indicator');
   const md = ['| measurement | value | baseline (same run) | ratio | target |', '|---|---|---|---|---|', ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
   results.markdown = md;
   if (jsonOnly) process.stdout.write(JSON.stringify(results, null, 2) + '\n');
