@@ -113,6 +113,7 @@ class Device {
   int readCopiedPfns(uint64_t* v);
   int noteTrappedWrite(uint64_t off, uint64_t len);
   int consume(uint64_t off, uint64_t size);
+  bool storePages(uint64_t off, const uint8_t* src, uint64_t len);
   int parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk);
   int stage();
   uint64_t fillChunk(uint8_t* out, uint64_t cap);
