@@ -216,6 +216,44 @@ test('errors carry device and offset in the message', () => {
   void FLAG_DEV_DATA_STATE;
 });
 
+test('kernel VFIO path: the type1 dirty-pages ioctl really runs (and fails) on a non-VFIO fd; bad arguments never reach it', async () => {
+  const fs = await import('node:fs');
+  const { native } = await import('../src/addon/native.js');
+  const fd = fs.openSync('/dev/null', 'r');
+  try {
+    try { native().vfioDirtyPages(fd, 4, 0, 1 << 20, 4096, new Uint8Array(4)); assert.unreachable('bitmap too small'); } catch (e) {
+      assert.is((e as { code?: string }).code, 'ERR_ARG');
+    }
+    try { native().vfioDirtyPages(fd, 3, 0, 0, 0); assert.unreachable('two flags'); } catch (e) { assert.is((e as { code?: string }).code, 'ERR_ARG'); }
+    try { native().vfioDirtyPages(fd, 1, 0, 0, 0); assert.unreachable('ioctl on /dev/null'); } catch (e) {
+      assert.ok([25, 22].includes((e as { errno?: number }).errno ?? 0), String(e)); // ENOTTY (or EINVAL)
+    }
+    try { native().vfioDirtyPages(fd, 4, 0, 1 << 20, 4096, new Uint8Array(32)); assert.unreachable('ioctl on /dev/null'); } catch (e) {
+      assert.ok([25, 22].includes((e as { errno?: number }).errno ?? 0), String(e));
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+});
+
+test('the TypeScript protocol tables agree with <linux/vfio.h> as compiled into the addon', async () => {
+  const { native } = await import('../src/addon/native.js');
+  const L = native().uapiLayout();
+  const l = PROFILE_DEFS['linux-5.8'];
+  const d = PROFILE_DEFS['draft-2019'];
+  assert.is(l.headerSize, L.migInfoSize);
+  assert.equal([l.regs.device_state!.off, l.regs.reserved!.off, l.regs.pending_bytes!.off, l.regs.data_offset!.off, l.regs.data_size!.off],
+    [L.migInfoDeviceState, L.migInfoReserved, L.migInfoPendingBytes, L.migInfoDataOffset, L.migInfoDataSize]);
+  assert.is(d.headerSize, L.draftInfoSize);
+  assert.equal([d.regs.start_pfn!.off, d.regs.page_size!.off, d.regs.total_pfns!.off, d.regs.copied_pfns!.off],
+    [L.draftStartPfn, L.draftPageSize, L.draftTotalPfns, L.draftCopiedPfns]);
+  assert.is(l.regionType, L.regionTypeMigration);
+  assert.is(d.regionType, L.regionTypeMigrationDraft);
+  assert.equal([STATE_BITS.RUNNING, STATE_BITS.STOP_COPY, STATE_BITS.RESUMING], [L.deviceStateRunning, L.deviceStateSaving, L.deviceStateResuming]);
+  assert.is(L.ioctlGetRegionInfo, 0x3b6c);
+  assert.is(L.ioctlIommuDirtyPages, 0x3b75);
+});
+
 test('the package entry point resolves by name and exports the typed API', async () => {
   const pkg = 'vfio-mig'; // a variable, so tsc does not need dist/ while it compiles this file on a fresh clone
   const m = (await import(pkg)) as Record<string, unknown>;

@@ -442,6 +442,28 @@ BIND(vfioRegionInfo, "deviceFd", "index") {
   return toBytes(info.Env(), vfio::regionInfo(fdArg(info[0], "deviceFd"), u32(info[1], "index")));
 } END_BIND
 
+// Type1 container dirty tracking for a real VFIO device (op 1 START, 2 STOP, 4 GET_BITMAP). The bitmap must hold
+// one bit per pgsize page of [iova, iova+size), rounded up to 64-bit words; the kernel only sets bits.
+BIND(vfioDirtyPages, "containerFd", "op", "iova", "size", "pgsize", "bitmap") {
+  int fd = fdArg(info[0], "containerFd");
+  uint32_t op = u32(info[1], "op");
+  if (op != 1 && op != 2 && op != 4) throw ArgError("'op' must be 1 (START), 2 (STOP) or 4 (GET_BITMAP)");
+  uint64_t iova = u64(info[2], "iova"), size = u64(info[3], "size"), pgsize = u64(info[4], "pgsize");
+  uint8_t* p = nullptr;
+  uint64_t bmBytes = 0;
+  if (op == 4) {
+    if (pgsize < 4096 || (pgsize & (pgsize - 1)) || size == 0 || iova % pgsize || size % pgsize)
+      throw ArgError("GET_BITMAP needs a power-of-two pgsize >= 4096 and a pgsize-aligned, non-empty iova range");
+    Bytes b = bytes(info[5], "bitmap");
+    uint64_t need = (size / pgsize + 63) / 64 * 8;
+    if (b.n < need) throw ArgError(fmt("bitmap of %zu bytes is smaller than the %llu the range needs", b.n, static_cast<ull>(need)));
+    p = b.p;
+    bmBytes = need;
+  }
+  vfio::dirtyPages(fd, op, iova, size, pgsize, p, bmBytes);
+  return info.Env().Undefined();
+} END_BIND
+
 BIND(vfioReset, "deviceFd") {
   vfio::reset(fdArg(info[0], "deviceFd"));
   return info.Env().Undefined();
@@ -487,7 +509,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
   EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
-  EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioClose);
+  EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT
   return exports;

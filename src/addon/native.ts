@@ -114,6 +114,8 @@ export interface NativeAddon {
   vfioDeviceInfo(deviceFd: number): VfioDeviceInfo;
   vfioRegionInfo(deviceFd: number, index: number): Uint8Array;
   vfioReset(deviceFd: number): void;
+  /** VFIO_IOMMU_DIRTY_PAGES on a type1 container fd: op 1 START, 2 STOP, 4 GET_BITMAP (kernel sets bits in bitmap). */
+  vfioDirtyPages(containerFd: number, op: number, iova: number, size: number, pgsize: number, bitmap?: Uint8Array): void;
   vfioClose(fd: number): void;
   /** Layout facts checked by static_assert against <linux/vfio.h>, exported so tests can compare with TS tables. */
   uapiLayout(): Record<string, number>;

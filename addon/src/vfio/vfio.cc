@@ -64,6 +64,12 @@ static_assert(VFIO_DEVICE_STATE_V1_RUNNING == 1 && VFIO_DEVICE_STATE_V1_SAVING =
                   VFIO_DEVICE_STATE_MASK == 7,
               "device_state bits");
 
+static_assert(sizeof(vfio_iommu_type1_dirty_bitmap) == 8 && sizeof(vfio_iommu_type1_dirty_bitmap_get) == 40 &&
+                  sizeof(vfio_bitmap) == 24 && OFF(vfio_iommu_type1_dirty_bitmap_get, bitmap) == 16 &&
+                  VFIO_IOMMU_DIRTY_PAGES_FLAG_START == 1 && VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP == 2 &&
+                  VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP == 4 && VFIO_IOMMU_DIRTY_PAGES == 0x3B75,
+              "type1 dirty-page tracking (vfio-facts 2.5)");
+
 using vm::fmt;
 using vm::NativeError;
 
@@ -143,6 +149,26 @@ std::vector<uint8_t> regionInfo(int fd, uint32_t index) {
 
 void reset(int fd) {
   if (xioctl(fd, VFIO_DEVICE_RESET, nullptr) < 0) throw NativeError(errno, "VFIO_DEVICE_RESET");
+}
+
+void dirtyPages(int containerFd, uint32_t flags, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, uint64_t bitmapBytes) {
+  // argsz covers the header and, for GET_BITMAP, the _get struct in data[] but not the bitmap itself (uAPI text).
+  alignas(8) uint8_t req[sizeof(vfio_iommu_type1_dirty_bitmap) + sizeof(vfio_iommu_type1_dirty_bitmap_get)] = {};
+  vfio_iommu_type1_dirty_bitmap hdr{};
+  hdr.flags = flags;
+  hdr.argsz = sizeof(hdr);
+  if (flags == VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) {
+    hdr.argsz = sizeof(req);
+    vfio_iommu_type1_dirty_bitmap_get get{};
+    get.iova = iova;
+    get.size = size;
+    get.bitmap.pgsize = pgsize;
+    get.bitmap.size = bitmapBytes;
+    get.bitmap.data = reinterpret_cast<__u64*>(bitmap);
+    memcpy(req + sizeof(hdr), &get, sizeof(get));
+  }
+  memcpy(req, &hdr, sizeof(hdr));
+  if (xioctl(containerFd, VFIO_IOMMU_DIRTY_PAGES, req) < 0) throw NativeError(errno, fmt("VFIO_IOMMU_DIRTY_PAGES(flags=%u)", flags));
 }
 
 void closeFd(int fd) {

@@ -15,6 +15,9 @@ Handles openDevice(const std::string& groupPath, const std::string& deviceName);
 DeviceInfo deviceInfo(int fd);
 std::vector<uint8_t> regionInfo(int fd, uint32_t index);
 void reset(int fd);
+// VFIO_IOMMU_DIRTY_PAGES on the container fd (Linux 5.8 type1): flags START, STOP or GET_BITMAP; GET_BITMAP fills
+// `bitmap` (bitmapBytes, one bit per pgsize page of [iova, iova+size)).
+void dirtyPages(int containerFd, uint32_t flags, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, uint64_t bitmapBytes);
 void closeFd(int fd);
 
 // (name, value) pairs taken from <linux/vfio.h> and sizeof/offsetof.

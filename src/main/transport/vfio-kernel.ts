@@ -12,18 +12,28 @@ import type { DeviceTransport } from './transport.js';
 const VFIO_PCI_CONFIG_REGION_INDEX = 7;
 const PCI_COMMAND = 4;
 
+export interface VfioKernelOptions {
+  /** The guest RAM range the VMM mapped for this device (IOVA), for type1 dirty-page tracking (linux-5.8 devices). */
+  guest?: { iova: number; size: number };
+}
+
 export class VfioKernelTransport implements DeviceTransport {
   readonly kind = 'vfio-v1' as const;
   readonly profile: ProfileDef;
-  readonly guestPages = 0;
+  readonly guestPages: number;
   private readonly fds: VfioDeviceHandles;
   private readonly mig: RegionInfo;
   private regionHandle = -1;
   private configHandle = -1;
 
   /** `groupPath` like /dev/vfio/42, `deviceName` the PCI address like 0000:65:00.1. */
-  constructor(groupPath: string, readonly name: string) {
+  constructor(groupPath: string, readonly name: string, private readonly opts: VfioKernelOptions = {}) {
     const n = native();
+    const g = opts.guest;
+    if (g && (!Number.isSafeInteger(g.iova) || !Number.isSafeInteger(g.size) || g.size <= 0 || g.iova % 4096 || g.size % 4096)) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, 'guest range must be 4 KiB aligned and non-empty', { device: name });
+    }
+    this.guestPages = g ? g.size / 4096 : 0;
     try {
       this.fds = n.vfioOpenDevice(groupPath, name);
     } catch (e) {
@@ -71,6 +81,17 @@ export class VfioKernelTransport implements DeviceTransport {
   }
 
   configTarget() { return { kind: 'vfio-v1' as const, handle: this.config() }; }
+
+  /** Type1 container dirty tracking (VFIO_IOMMU_DIRTY_PAGES) over the guest range given at construction. */
+  containerDirty(op: boolean | 'get', bitmap?: Uint8Array): void {
+    const g = this.opts.guest;
+    if (!g) return;
+    try {
+      native().vfioDirtyPages(this.fds.container, op === 'get' ? 4 : op ? 1 : 2, g.iova, g.size, 4096, bitmap);
+    } catch (e) {
+      throw new MigError(ErrorCode.NATIVE, `VFIO_IOMMU_DIRTY_PAGES: ${(e as Error).message}`, { device: this.name, errno: (e as { errno?: number }).errno, cause: e });
+    }
+  }
   reset(): void { native().vfioReset(this.fds.device); }
   digestTarget() { return null; }
 
