@@ -168,6 +168,17 @@ test('a device table asking for more state than allowed is refused before any de
   assert.match(e.message, /2097152 bytes of device state/);
 });
 
+test('device table transports: unknown is malformed; a kernel source needs a caller-supplied destination', async () => {
+  const retarget = (transport: string) => (recs: Rec[]) => {
+    const t = JSON.parse(Buffer.from(recs[0].body).toString());
+    t.devices[0].transport = transport;
+    recs[0].body = new Uint8Array(Buffer.from(JSON.stringify(t)));
+  };
+  await crafted('transport', retarget('carrier-pigeon'), ErrorCode.STREAM_BAD_RECORD);
+  const e = await crafted('vfio', retarget('vfio-v1'), ErrorCode.BAD_ARGUMENT);
+  assert.match(e.message, /makeDestination/);
+});
+
 test('a device table that is not JSON or has absurd geometry is rejected before allocation', async () => {
   await crafted('json', (recs) => { recs[0].body = new Uint8Array(Buffer.from('{nope')); }, ErrorCode.STREAM_BAD_RECORD);
   await crafted('huge', (recs) => {

@@ -165,7 +165,11 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (typeof d.name !== 'string' || d.name.length === 0 || d.name.length > 256) throw bad(`entry ${i}: bad name`);
     if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
-    if (!g || !isInt(g.stateSize, 8192, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);
+    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
+    if (!g || !isInt(g.regionSize, 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
+    // A kernel device's state size is the vendor's secret; only an emulated source describes itself fully.
+    if (d.transport !== 'emulated') return;
+    if (!isInt(g.stateSize, 8192, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);
     if (!isInt(g.maxChunk, 8192, 64 << 20) || g.maxChunk % 4096 !== 0) throw bad(`${d.name}: bad maxChunk`);
     if (!isInt(g.guestPages, 1, 1 << 24)) throw bad(`${d.name}: bad guestPages`);
     if (!['mmap', 'trapped', 'mixed'].includes(g.dataMode)) throw bad(`${d.name}: bad dataMode`);

@@ -57,6 +57,9 @@ export interface LoadReport {
 }
 
 export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
+  if (e.transport !== 'emulated') {
+    throw new MigError(ErrorCode.BAD_ARGUMENT, `no built-in destination for a ${e.transport} source: pass makeDestination`, { device: e.name });
+  }
   return EmulatedTransport.create({
     name: e.name, profile: e.profile as ProfileName, stateSize: e.geometry.stateSize, maxChunk: e.geometry.maxChunk,
     dataMode: e.geometry.dataMode as DataMode, offsetPolicy: e.geometry.offsetPolicy as OffsetPolicy,

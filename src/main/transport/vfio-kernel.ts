@@ -95,9 +95,11 @@ export class VfioKernelTransport implements DeviceTransport {
   reset(): void { native().vfioReset(this.fds.device); }
   digestTarget() { return null; }
 
+  /** What the device table can say of a kernel device: its migration region (the state size is the vendor's). */
   geometry() {
-    return { stateSize: 4096, maxChunk: 8192, dataMode: this.mig.sparse?.length ? 'mmap' : 'trapped', offsetPolicy: 'fixed', guestPages: 1, regionSize: this.mig.size };
+    return { stateSize: 0, maxChunk: 0, dataMode: this.mig.sparse?.length ? 'mmap' : 'trapped', offsetPolicy: 'fixed', guestPages: this.guestPages, regionSize: this.mig.size };
   }
+
 
   close(): void {
     const n = native();
