@@ -542,6 +542,15 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
       if ((h.b & 0xffffffffu) != sf::kPageSize) return bad(fmt("page size %llu, expected 4096", static_cast<ull>(h.b & 0xffffffffu)));
       if (h.a != cfg_.stateSize)
         return bad(fmt("state size %llu, this device has %llu", static_cast<ull>(h.a), static_cast<ull>(cfg_.stateSize)));
+      // The rest of the header is geometry or reserved: a driver that ignored it would accept damage silently.
+      uint32_t maxChunk, flags;
+      uint64_t reserved;
+      memcpy(&maxChunk, body + 8, 4);
+      memcpy(&flags, body + 12, 4);
+      memcpy(&reserved, body + 16, 8);
+      if (maxChunk != cfg_.maxChunk)
+        return bad(fmt("chunk size %u, this device has %llu", maxChunk, static_cast<ull>(cfg_.maxChunk)));
+      if (flags != 0 || reserved != 0) return bad(fmt("reserved header fields set (flags 0x%x, 0x%llx)", flags, static_cast<ull>(reserved)));
       res_.sawHeader = true;
       len += sf::kHeaderPayload;
     } else if (h.tag == sf::kTagPages) {
