@@ -10,6 +10,8 @@ import { ErrorCode, MigError } from '../src/main/errors.js';
 import { mulberry32 } from '../src/main/stress/stress.js';
 import type { Loader } from '../src/main/engine/load.js';
 import { readRecords, writeRecords } from './craft.js';
+import { parseRegionInfo } from '../src/main/protocol/region-info.js';
+import { newParseState, parsePackets } from '../src/main/protocol/qemu-stream.js';
 import { rm, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
@@ -96,6 +98,26 @@ test('checksum-valid damage inside device streams (framing, vendor records, page
     }
   } finally { rm(f); }
   assert.ok(seen.size >= 2, `codes seen: ${[...seen.keys()].join(', ')}`);
+});
+
+test('random region-info buffers and random QEMU packet bytes: parsed or refused with a MigError, nothing else', () => {
+  const rnd = mulberry32(5);
+  let refused = 0;
+  for (let i = 0; i < 3000; i++) {
+    const len = Math.floor(rnd() * 200);
+    const b = new Uint8Array(len).map(() => Math.floor(rnd() * 256));
+    if (len >= 16 && rnd() < 0.7) {
+      // Make the caps flag and cap_offset plausible so the chain walker is exercised, not just the length check.
+      const dv = new DataView(b.buffer);
+      dv.setUint32(0, len, true);
+      dv.setUint32(4, 8 | (rnd() < 0.5 ? 4 : 0), true);
+      dv.setUint32(12, 32 + 4 * Math.floor(rnd() * 8), true);
+    }
+    try { parseRegionInfo(b, 'fz'); } catch (e) { assert.instance(e, MigError); refused++; }
+    const st = newParseState();
+    try { parsePackets(st, b, 0, b.length, 0, { maxData: 64, maxConfig: 64 }, 'fz'); } catch (e) { assert.instance(e, MigError); }
+  }
+  assert.ok(refused > 100);
 });
 
 test.run();
