@@ -4,6 +4,7 @@ import type { RegionDesc } from '../main/protocol/migration-region.js';
 import type { QemuLimits, QemuParseState } from '../main/protocol/qemu-stream.js';
 import type { RingDesc } from '../main/engine/staging.js';
 import type { DirectTarget } from '../main/container/sink.js';
+import type { ConfigTarget } from '../main/transport/config.js';
 
 export interface SaveTask {
   op: 'save';
@@ -50,7 +51,7 @@ export interface LoadTask {
   fileOffset: number;
   parse: QemuParseState;
   limits: QemuLimits;
-  config: { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
+  config: ConfigTarget;
 }
 
 /** One record that is exactly one data packet, loaded zero-copy: the worker reads its data from the file itself. */

@@ -15,6 +15,7 @@ import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, he
 import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
+import { restoreConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
@@ -169,8 +170,7 @@ function load(t: LoadTask): LoadResult {
     } else if (e.kind === 'config') {
       const blobOff = t.fileOffset + e.blobAt;
       const space = decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), region.device, blobOff);
-      if (t.config.kind === 'emulated') native().emuConfigWrite(t.config.id, space);
-      else native().regionCopyIn(t.config.handle, 4, 2, space, 4, 3);
+      restoreConfig(t.config, space);
       res.configLoaded = true;
     }
   }
@@ -240,8 +240,11 @@ function baseline(t: BaselineTask): BaselineResult {
   }
 }
 
+let digestScratch: Uint8Array | undefined; // reused across tasks: fresh 4 MiB per device would be paged in every time
+
 function digest(t: DigestTask): string {
-  return emulatedDigest(t.id, t.stateSize);
+  digestScratch ??= new Uint8Array(4 << 20);
+  return emulatedDigest(t.id, t.stateSize, digestScratch);
 }
 
 function toTaskError(e: unknown): TaskError {

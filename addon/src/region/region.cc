@@ -1,4 +1,5 @@
 #include "region/region.h"
+#include "common/registry.h"
 
 #include <sys/uio.h>
 #include <climits>
@@ -197,40 +198,18 @@ uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int w
   return trapped;
 }
 
-// ---- handle registry (leaked on purpose: see emu/registry.cc) ---------------------------------------------------
+// ---- handle registry ---------------------------------------------------------------------------------------------
 namespace {
-struct Handles {
-  std::mutex mu;
-  std::map<int, std::shared_ptr<Region>> map;
-  int next = 1;
-};
-Handles& handles() {
-  static Handles* h = new Handles;
-  return *h;
+vm::Registry<Region>& handles() {
+  static auto* r = new vm::Registry<Region>(EBADF, "region handle");
+  return *r;
 }
 }  // namespace
 
-int add(std::shared_ptr<Region> r) {
-  std::lock_guard<std::mutex> lk(handles().mu);
-  int h = handles().next++;
-  handles().map[h] = std::move(r);
-  return h;
-}
+int add(std::shared_ptr<Region> r) { return static_cast<int>(handles().add(std::move(r))); }
 
-void remove(int h) {
-  std::shared_ptr<Region> r;  // released after the lock: unmapping may be slow
-  std::lock_guard<std::mutex> lk(handles().mu);
-  auto it = handles().map.find(h);
-  if (it == handles().map.end()) throw vm::NativeError(EBADF, vm::fmt("no region handle %d", h));
-  r = std::move(it->second);
-  handles().map.erase(it);
-}
+void remove(int h) { handles().take(static_cast<uint32_t>(h)); }  // released here, after the table lock
 
-std::shared_ptr<Region> get(int h) {
-  std::lock_guard<std::mutex> lk(handles().mu);
-  auto it = handles().map.find(h);
-  if (it == handles().map.end()) throw vm::NativeError(EBADF, vm::fmt("no region handle %d", h));
-  return it->second;
-}
+std::shared_ptr<Region> get(int h) { return handles().get(static_cast<uint32_t>(h)); }
 
 }  // namespace region

@@ -6,11 +6,16 @@ import { native } from '../../addon/native.js';
 
 let useNative: boolean | undefined;
 
-export function crc32c(buf: Uint8Array, init = 0): number {
+/** The addon's SSE4.2 paths (this checksum, and the zero-copy load that sums while it reads) are available. */
+export function nativeCrcAvailable(): boolean {
   if (useNative === undefined) {
     try { useNative = native().crc32cNative(new Uint8Array(1), 0) >= 0; } catch { useNative = false; }
   }
-  if (useNative && buf.length >= 64) return native().crc32cNative(buf, init);
+  return useNative;
+}
+
+export function crc32c(buf: Uint8Array, init = 0): number {
+  if (nativeCrcAvailable() && buf.length >= 64) return native().crc32cNative(buf, init);
   return libCrc32c(buf as Buffer, init);
 }
 

@@ -6,7 +6,7 @@ import os from 'node:os';
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { ContainerReader, type RecordRef } from '../container/reader.js';
-import { native } from '../../addon/native.js';
+import { nativeCrcAvailable } from '../container/checksum.js';
 import {
   FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
   type DeviceTableEntry, type EndRecord,
@@ -276,12 +276,9 @@ export class Loader {
     }
   }
 
-  private zeroCopy: boolean | undefined;
-
   /** The record's header + [DATA][size] if it is exactly one data packet the zero-copy path can take. */
   private dataPacketHead(r: RecordRef, d: Dest) {
-    if (this.zeroCopy === undefined) this.zeroCopy = native().crc32cNative(new Uint8Array(1), 0) >= 0;
-    if (!this.zeroCopy || r.h.length < DATA_PREFIX + 1) return null;
+    if (!nativeCrcAvailable() || r.h.length < DATA_PREFIX + 1) return null;
     if (r.peek.length < DATA_PREFIX) return null;
     const bytes = new Uint8Array(RECORD_HEADER_SIZE + DATA_PREFIX);
     bytes.set(r.header, 0);

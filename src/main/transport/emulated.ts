@@ -7,6 +7,7 @@ import { MigrationRegion } from '../protocol/migration-region.js';
 import { profileDef, type ProfileDef } from '../protocol/profiles.js';
 import { findRegionByType } from '../protocol/region-info.js';
 import type { DeviceTransport } from './transport.js';
+import { restoreConfig } from './config.js';
 
 export class EmulatedTransport implements DeviceTransport {
   readonly kind = 'emulated' as const;
@@ -46,7 +47,7 @@ export class EmulatedTransport implements DeviceTransport {
     native().emuConfigRead(this.device.id, b);
     return b;
   }
-  writeConfig(b: Uint8Array): void { native().emuConfigWrite(this.device.id, b); }
+  writeConfig(b: Uint8Array): void { restoreConfig(this.configTarget(), b); }
   configTarget() { return { kind: 'emulated' as const, id: this.device.id }; }
   reset(): void { this.device.reset(); }
 

@@ -3,6 +3,7 @@
 import type { MigrationRegion } from '../protocol/migration-region.js';
 import type { ProfileDef } from '../protocol/profiles.js';
 import type { DeviceGeometry } from '../container/format.js';
+import type { ConfigTarget } from './config.js';
 
 export interface DirtyQueryResult { pages: number; bitmap: Uint8Array }
 
@@ -14,7 +15,7 @@ export interface DeviceTransport {
   openRegion(): MigrationRegion;
   readConfig(): Uint8Array;
   /** What a worker needs to write the config blob (workers cannot share this object). */
-  configTarget(): { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number };
+  configTarget(): ConfigTarget;
   writeConfig(b: Uint8Array): void;
   /** VFIO_DEVICE_RESET: the only way out of the ERROR state. */
   reset(): void;

@@ -8,9 +8,9 @@ import { MigrationRegion } from '../protocol/migration-region.js';
 import { PROFILE_DEFS, type ProfileDef } from '../protocol/profiles.js';
 import { findRegionByType, parseRegionInfo, type RegionInfo } from '../protocol/region-info.js';
 import type { DeviceTransport } from './transport.js';
+import { restoreConfig } from './config.js';
 
 const VFIO_PCI_CONFIG_REGION_INDEX = 7;
-const PCI_COMMAND = 4;
 
 export interface VfioKernelOptions {
   /** The guest RAM range the VMM mapped for this device (IOVA), for type1 dirty-page tracking (linux-5.8 devices). */
@@ -75,9 +75,8 @@ export class VfioKernelTransport implements DeviceTransport {
     return b;
   }
 
-  /** Restores PCI_COMMAND only: BARs, MSI/MSI-X belong to the VMM's own vmstate, as in QEMU. */
   writeConfig(b: Uint8Array): void {
-    native().regionCopyIn(this.config(), PCI_COMMAND, 2, b, PCI_COMMAND, 3);
+    restoreConfig(this.configTarget(), b);
   }
 
   configTarget() { return { kind: 'vfio-v1' as const, handle: this.config() }; }
