@@ -20,8 +20,10 @@ export async function saveDevices(transports: DeviceTransport[], streamPath: str
   return m.run();
 }
 
-export async function loadStream(streamPath: string, pool: EnginePool, opts: LoadOptions = {}): Promise<{ report: LoadReport; loader: Loader }> {
+export async function loadStream(streamPath: string, pool: EnginePool, opts: LoadOptions = {},
+  onLoader?: (l: Loader) => void): Promise<{ report: LoadReport; loader: Loader }> {
   const loader = new Loader(streamPath, pool, opts);
+  onLoader?.(loader);
   try {
     return { report: await loader.run(), loader };
   } catch (e) {
@@ -40,6 +42,8 @@ export interface RunOptions extends MigrationOptions {
   pool?: EnginePool;
   threads?: number;
   onMigration?: (m: Migration) => void;
+  /** Called with the destination side before it starts (events, status()). */
+  onLoader?: (l: Loader) => void;
   /** Vendor faults to inject into source devices before the migration (docs/EMULATED-DEVICE.md). */
   faults?: { device: number; kind: string; arg: number }[];
 }
@@ -63,7 +67,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
     }
     for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
     const save = await saveDevices(sources, stream, pool, o, o.onMigration);
-    const res = await loadStream(stream, pool, { verify: true });
+    const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs }, o.onLoader);
     loader = res.loader;
     return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };
   } catch (e) {

@@ -87,6 +87,16 @@ export function nativeError(device: string, what: string, e: unknown): MigError 
   return new MigError(ErrorCode.NATIVE, `${what}: ${ne?.message ?? String(e)}`, { device, errno: ne?.errno, cause: e });
 }
 
+/**
+ * Cancellation by an AbortSignal, the Node way: `name === 'AbortError'` and `cause` = the signal's reason, while it
+ * stays a MigError with code VFM_CANCELLED (and the device, when one device's step was what got cancelled).
+ */
+export function abortError(signal: AbortSignal | undefined, message: string, details: Omit<MigErrorDetails, 'cause'> = {}): MigError {
+  const e = new MigError(ErrorCode.CANCELLED, message, { ...details, cause: signal?.reason });
+  e.name = 'AbortError';
+  return e;
+}
+
 export function isMigError(e: unknown): e is MigError {
   return e instanceof MigError;
 }

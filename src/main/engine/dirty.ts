@@ -12,7 +12,8 @@ export class DirtyTracker {
   private readonly union = new Map<number, Uint8Array>();
   private scratch = new Map<number, Uint8Array>();
 
-  constructor(private readonly devices: SourceDevice[]) {
+  constructor(private readonly devices: SourceDevice[],
+    private readonly onQuery?: (d: SourceDevice, ms: number, pages: number) => void) {
     for (const d of devices) {
       const bytes = Math.ceil(d.transport.guestPages / 64) * 8;
       this.union.set(d.index, new Uint8Array(bytes));
@@ -57,8 +58,10 @@ export class DirtyTracker {
         if (bm[i]) { out[i] |= bm[i]; found += popcount8(bm[i]); }
       }
     }
-    this.latencyMs.record(performance.now() - t0);
+    const ms = performance.now() - t0;
+    this.latencyMs.record(ms);
     this.queries++;
+    this.onQuery?.(d, ms, found);
     return found;
   }
 

@@ -2,8 +2,9 @@
 // load_state / load_cleanup per device). Each device's records are applied strictly in order by one chain of worker
 // tasks; different devices proceed concurrently. Every size read from the file is bounded by the destination's
 // own geometry before memory is touched, and a destination never runs unless every device loaded completely.
+import { EventEmitter } from 'node:events';
 import os from 'node:os';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, abortError } from '../errors.js';
 import { trace } from '../trace.js';
 import { ContainerReader, type RecordRef } from '../container/reader.js';
 import { nativeCrcAvailable } from '../container/checksum.js';
@@ -32,6 +33,31 @@ export interface LoadOptions {
   start?: boolean;
   /** Refuse a device table whose devices' state adds up to more (default: this machine's memory). */
   maxStateBytes?: number;
+  /** Cancel the load: it rejects with an AbortError (code VFM_CANCELLED) and no destination runs. */
+  signal?: AbortSignal;
+  /** Period of the sampled `progress` events (default 200 ms; 0: only at the end). */
+  progressIntervalMs?: number;
+}
+
+/** One destination's progress: device data bytes applied so far. */
+export interface LoadProgress { device: string; index: number; bytes: number; packets: number; bytesPerSecond: number; sample: boolean }
+
+export interface LoaderEvents {
+  progress: [LoadProgress];
+  /** A destination's device_state changed (RESUMING, then RUNNING or STOP). */
+  state: [{ device: string; index: number; state: string }];
+}
+
+/** query-migrate on the destination side; times in ms, sizes in bytes. */
+export interface LoadStatus {
+  status: 'none' | 'setup' | 'active' | 'completed' | 'failed' | 'cancelled';
+  totalTimeMs: number;
+  /** Stream bytes read so far, of the file's size. */
+  transferredBytes: number;
+  totalBytes: number;
+  remainingBytes: number;
+  bytesPerSecond: number;
+  devices: { name: string; state: string; transferredBytes: number; packets: number }[];
 }
 
 export interface LoadedDevice {
@@ -102,37 +128,102 @@ class SlotPool {
   }
 }
 
-export class Loader {
+export class Loader extends EventEmitter<LoaderEvents> {
   dests: Dest[] = [];
+  private phase: LoadStatus['status'] = 'none';
+  private t0 = 0;
+  private tEnd = 0;
+  private reader?: ContainerReader;
+  private lastSample: { bytes: number; at: number }[] = [];
   private queued = 0;
+  private aborted = false;
   private dequeued: (() => void)[] = [];
   table?: DeviceTable;
-  constructor(readonly path: string, private readonly pool: EnginePool, private readonly o: LoadOptions = {}) {}
+  constructor(readonly path: string, private readonly pool: EnginePool, private readonly o: LoadOptions = {}) {
+    super();
+  }
+
+  /**
+   * Release the destinations this loader created itself (the default emulated ones); destinations from a caller's
+   * makeDestination stay the caller's. Safe to call twice.
+   */
+  async close(): Promise<void> {
+    if (this.o.makeDestination) return;
+    for (const d of this.dests) (d.transport as EmulatedTransport).destroy?.();
+    this.dests = [];
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> { await this.close(); }
+
+  /** query-migrate for this load, at any time. */
+  status(): LoadStatus {
+    const end = this.tEnd || performance.now();
+    const read = this.reader?.offset ?? 0;
+    const size = this.reader?.size ?? 0;
+    const ms = this.t0 ? end - this.t0 : 0;
+    return {
+      status: this.phase, totalTimeMs: ms, transferredBytes: read, totalBytes: size, remainingBytes: Math.max(0, size - read),
+      bytesPerSecond: ms > 0 ? (read * 1000) / ms : 0,
+      devices: this.dests.map((d) => ({ name: d.entry.name, state: d.stats.state, transferredBytes: d.stats.dataBytes, packets: d.stats.dataPackets })),
+    };
+  }
+
+  private progress(d: Dest, sample: boolean): void {
+    const i = this.dests.indexOf(d);
+    const last = (this.lastSample[i] ??= { bytes: 0, at: this.t0 });
+    const at = performance.now();
+    if (sample && d.stats.dataBytes === last.bytes) return;
+    const bytesPerSecond = ((d.stats.dataBytes - last.bytes) * 1000) / Math.max(at - last.at, 0.001);
+    this.lastSample[i] = { bytes: d.stats.dataBytes, at };
+    this.emit('progress', { device: d.entry.name, index: d.entry.index, bytes: d.stats.dataBytes, packets: d.stats.dataPackets, bytesPerSecond, sample });
+  }
+
+  private setDestState(d: Dest, state: string): void {
+    d.stats.state = state;
+    this.emit('state', { device: d.entry.name, index: d.entry.index, state });
+  }
 
   async run(): Promise<LoadReport> {
     const t0 = performance.now();
+    this.t0 = t0;
+    this.phase = 'setup';
     const reader = ContainerReader.open(this.path);
+    this.reader = reader;
     const release = keepAlive();
     let failure: MigError | undefined;
     let dataMs = 0;
+    const every = this.o.progressIntervalMs ?? 200;
+    const sampler = every > 0 ? setInterval(() => { for (const d of this.dests) this.progress(d, true); }, every) : undefined;
+    sampler?.unref();
+    const signal = this.o.signal;
+    const onAbort = () => { this.aborted = true; };
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
+      if (signal?.aborted) throw abortError(signal, 'load cancelled');
       this.table = await reader.readPreamble();
       await this.setup(this.table);
+      this.phase = 'active';
       const d0 = performance.now();
       const end = await this.readRecords(reader);
       await Promise.all(this.dests.map((d) => d.chain));
       dataMs = performance.now() - d0;
       for (const d of this.dests) checkStreamEnd(d.parse, d.entry.name, reader.offset);
       await this.finish(end);
+      for (const d of this.dests) this.progress(d, false);
     } catch (e) {
       failure = e instanceof MigError ? e : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
+      if (signal?.aborted && failure.name !== 'AbortError') failure = abortError(signal, 'load cancelled');
       // Let in-flight chunks settle before touching device state.
       await Promise.allSettled(this.dests.map((d) => d.chain));
       await this.leaveNotRunning();
     } finally {
+      clearInterval(sampler);
+      signal?.removeEventListener('abort', onAbort);
       reader.close();
       release();
     }
+    this.tEnd = performance.now();
+    this.phase = !failure ? 'completed' : failure.name === 'AbortError' ? 'cancelled' : 'failed';
     const totalMs = performance.now() - t0;
     const rep: LoadReport = {
       ok: !failure, devices: this.dests.map((d) => d.stats), bytesRead: reader.offset, totalMs, dataMs,
@@ -172,7 +263,7 @@ export class Loader {
       this.dests.push(d);
       await shared.lock.lockAsync(OWNER_MAIN);
       try { region.setState('RESUMING'); } finally { shared.lock.unlock(); }
-      d.stats.state = 'RESUMING';
+      this.setDestState(d, 'RESUMING');
       trace('vfio_load_setup', { device: entry.name });
     }
   }
@@ -188,6 +279,7 @@ export class Loader {
     let failed: unknown;
     for (;;) {
       if (failed) throw failed;
+      if (this.aborted) throw abortError(this.o.signal, 'load cancelled');
       const r = await reader.next();
       if (!r) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends without an END record', { offset: reader.offset });
       if (r.h.type === REC_END) {
@@ -312,7 +404,7 @@ export class Loader {
       } finally {
         d.shared.lock.unlock();
       }
-      d.stats.state = d.region.state();
+      this.setDestState(d, d.region.state());
     }
     if (this.o.verify === false) return;
     await Promise.all(this.dests.map(async (d) => {
@@ -336,7 +428,8 @@ export class Loader {
       try {
         const s = d.region.state();
         if (s === 'RUNNING') d.region.setState('STOP');
-        d.stats.state = d.region.state();
+        const now = d.region.state();
+        if (now !== d.stats.state) this.setDestState(d, now);
       } catch (e) {
         d.stats.state = `unknown (${(e as Error).message})`;
       }

@@ -3,7 +3,7 @@
 // a trace point and an event.
 import { EventEmitter } from 'node:events';
 import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, abortError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
@@ -45,6 +45,8 @@ export interface MigrationOptions {
   lanesPerDevice?: number;
   /** Test only. */
   testExitAfterChunks?: { device: number; chunks: number };
+  /** Period of the sampled `progress` events while a round or the stop-and-copy runs (default 200 ms; 0: off). */
+  progressIntervalMs?: number;
 }
 
 export interface RoundStats { round: number; pendingBefore: number; bytes: number; ms: number; bandwidth: number }
@@ -67,11 +69,50 @@ export interface MigrationReport {
   rollback?: string[];
 }
 
+/** One device's progress: cumulative data bytes sent, the vendor's pending bytes (estimated between reads). */
+export interface MigrationProgress {
+  device: string;
+  index: number;
+  phase: 'precopy' | 'stopcopy';
+  bytes: number;
+  pending: number;
+  /** Rate since the previous event of this device (a round's rate at a round's end). */
+  bytesPerSecond: number;
+  /** true: sampled while a round or the stop-and-copy runs; false: at the end of a device's round or stop-and-copy. */
+  sample: boolean;
+}
+
+/** A device's migration state changed (the v1 device_state the engine just set, QEMU's VFIO_MIGRATION). */
+export interface DeviceStateEvent { device: string; index: number; state: string }
+
+/** One dirty-bitmap query: its latency and the pages it newly found. */
+export interface DirtyQueryEvent { device: string; index: number; ms: number; pages: number }
+
 export interface MigrationEvents {
   phase: [MigrationPhase, MigrationPhase];
   round: [RoundStats & { pendingAfter: number }];
-  /** After each device's pre-copy round and its stop-and-copy: cumulative data bytes, pending, and its rate. */
-  progress: [{ device: string; phase: 'precopy' | 'stopcopy'; bytes: number; pending: number; throughputMBps: number }];
+  progress: [MigrationProgress];
+  state: [DeviceStateEvent];
+  dirty: [DirtyQueryEvent];
+}
+
+/** Like QEMU's query-migrate, for one migration; every time in ms, every size in bytes. */
+export interface MigrationStatus {
+  /** QEMU's names: setup, active (pre-copy), device (stop-and-copy), completed, failed, cancelled; none before run(). */
+  status: 'none' | 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled';
+  totalTimeMs: number;
+  setupTimeMs: number;
+  /** Pending bytes at the measured bandwidth: what the stop-and-copy would take now. */
+  expectedDowntimeMs: number;
+  /** Source stop-and-copy time (devices stopped until all were drained); not end to end, so not called downtime. */
+  stopCopyMs: number;
+  transferredBytes: number;
+  remainingBytes: number;
+  bytesPerSecond: number;
+  /** Guest pages newly reported dirty per second (all devices, since pre-copy began). */
+  dirtyPagesRate: number;
+  rounds: number;
+  devices: { name: string; phase: string; state: string; transferredBytes: number; remainingBytes: number; rounds: number; stopCopyMs: number }[];
 }
 
 export class Migration extends EventEmitter<MigrationEvents> {
@@ -82,12 +123,18 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private eld: IntervalHistogram = monitorEventLoopDelay({ resolution: 1 });
+  private times = { start: 0, precopy: 0, stopcopy: 0, end: 0 };
+  private bandwidth = 0; // bytes/ms, last round
+  private stopMs = 0;
+  private dirtyPages = 0;
+  private readonly deviceState: string[];
+  private readonly lastSample: { bytes: number; at: number }[];
 
   constructor(transports: DeviceTransport[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
     super();
     this.o = {
-      downtimeLimitMs: 300, maxRounds: 30, dirtyQueryIntervalMs: 50, maxEmptyChunks: 64, maxNoProgress: 256, digests: true,
+      downtimeLimitMs: 300, maxRounds: 30, dirtyQueryIntervalMs: 50, maxEmptyChunks: 64, maxNoProgress: 256, digests: true, progressIntervalMs: 200,
       ...opts,
     };
     if (transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
@@ -99,8 +146,54 @@ export class Migration extends EventEmitter<MigrationEvents> {
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
       lanes, maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress,
       testExitAfterChunks: this.o.testExitAfterChunks?.device === i ? this.o.testExitAfterChunks.chunks : undefined,
+      onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },
     }, limiter));
-    this.dirty = new DirtyTracker(this.devices);
+    this.deviceState = transports.map(() => 'RUNNING');
+    this.lastSample = transports.map(() => ({ bytes: 0, at: 0 }));
+    this.dirty = new DirtyTracker(this.devices, (d, ms, pages) => {
+      this.dirtyPages += pages;
+      this.emit('dirty', { device: d.name, index: d.index, ms, pages });
+    });
+  }
+
+  /** A progress event for one device; samples never go backwards (a phase's bytes move into stats when it ends). */
+  private progress(d: SourceDevice, sample: boolean, rate?: number): void {
+    const last = this.lastSample[d.index];
+    const bytes = Math.max(d.liveBytes, sample ? last.bytes : 0);
+    const at = performance.now();
+    if (sample && bytes === last.bytes) return; // nothing moved: no event
+    const bytesPerSecond = rate ?? ((bytes - last.bytes) * 1000) / Math.max(at - (last.at || this.times.precopy), 0.001);
+    this.lastSample[d.index] = { bytes, at };
+    this.emit('progress', {
+      device: d.name, index: d.index, phase: d.phase === 'stopcopy' || d.phase === 'saved' ? 'stopcopy' : 'precopy', bytes,
+      pending: d.livePending, bytesPerSecond, sample,
+    });
+  }
+
+  /** query-migrate for this migration, at any time. */
+  status(): MigrationStatus {
+    const now = performance.now();
+    const t = this.times;
+    const map: Record<MigrationPhase, MigrationStatus['status']> = {
+      idle: 'none', setup: 'setup', precopy: 'active', stopcopy: 'device', complete: 'device', done: 'completed', failed: 'failed', cancelled: 'cancelled',
+    };
+    const remaining = this.devices.reduce((a, d) => a + d.livePending, 0);
+    const transferred = this.devices.reduce((a, d) => a + d.liveBytes, 0);
+    const end = t.end || now;
+    const since = t.precopy ? end - t.precopy : 0;
+    return {
+      status: map[this.phase], totalTimeMs: t.start ? end - t.start : 0, setupTimeMs: t.precopy ? t.precopy - t.start : t.start ? end - t.start : 0,
+      expectedDowntimeMs: this.bandwidth > 0 ? remaining / this.bandwidth : 0,
+      stopCopyMs: this.phase === 'stopcopy' ? now - t.stopcopy : this.stopMs,
+      transferredBytes: transferred, remainingBytes: remaining,
+      bytesPerSecond: t.precopy && since > 0 ? (transferred * 1000) / since : 0,
+      dirtyPagesRate: since > 0 ? (this.dirtyPages * 1000) / since : 0,
+      rounds: this.rounds.length,
+      devices: this.devices.map((d) => ({
+        name: d.name, phase: d.phase, state: this.deviceState[d.index], transferredBytes: d.liveBytes, remainingBytes: d.livePending,
+        rounds: d.stats.rounds, stopCopyMs: d.stats.stopCopyMs,
+      })),
+    };
   }
 
   private to(next: MigrationPhase): void {
@@ -110,13 +203,17 @@ export class Migration extends EventEmitter<MigrationEvents> {
     trace('migration_phase', { from: this.phase, to: next });
     const prev = this.phase;
     this.phase = next;
+    const now = performance.now();
+    if (next === 'precopy') this.times.precopy = now;
+    if (next === 'stopcopy') this.times.stopcopy = now;
+    if (next === 'done' || next === 'failed' || next === 'cancelled') this.times.end = now;
     this.emit('phase', prev, next);
   }
 
   private checkCancel(): void {
     if (this.cancelled || this.o.signal?.aborted) {
       this.cancelled = true;
-      throw new MigError(ErrorCode.CANCELLED, 'migration cancelled');
+      throw abortError(this.o.signal, 'migration cancelled');
     }
   }
 
@@ -131,6 +228,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
 
   async run(): Promise<MigrationReport> {
     const t0 = performance.now();
+    this.times.start = t0;
     const onAbort = () => { this.cancelled = true; for (const d of this.devices) d.abort(); };
     this.eld.reset();
     this.eld.enable();
@@ -138,6 +236,11 @@ export class Migration extends EventEmitter<MigrationEvents> {
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let dirtyLoop: Promise<void> | undefined;
     let stopDirty = false;
+    const every = this.o.progressIntervalMs;
+    const sampler = every > 0 ? setInterval(() => {
+      for (const d of this.devices) if (d.phase === 'precopy' || d.phase === 'stopcopy') this.progress(d, true);
+    }, every) : undefined;
+    sampler?.unref();
     try {
       this.checkCancel();
       this.to('setup');
@@ -162,14 +265,12 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const s0 = performance.now();
       await this.onAll(async (d) => {
         await d.complete();
-        this.emit('progress', {
-          device: d.name, phase: 'stopcopy', bytes: d.stats.precopyBytes + d.stats.stopCopyBytes, pending: 0,
-          throughputMBps: d.stats.stopCopyBytes / 1e3 / Math.max(d.stats.stopCopyMs, 0.001),
-        });
+        this.progress(d, false, (d.stats.stopCopyBytes * 1000) / Math.max(d.stats.stopCopyMs, 0.001));
       });
       await this.dirty.queryAll(); // final dirty set, devices stopped
       for (const d of this.devices) await d.saveState();
       const stopCopyMs = performance.now() - s0;
+      this.stopMs = stopCopyMs;
       this.to('complete');
       const end: EndRecord = { devices: [] };
       for (const d of this.devices) {
@@ -186,9 +287,13 @@ export class Migration extends EventEmitter<MigrationEvents> {
       return this.report(true, t0, stopCopyMs);
     } catch (e) {
       stopDirty = true;
-      const err = e instanceof MigError ? e
+      let err = e instanceof MigError ? e
         : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
       const cancelled = this.cancelled || err.code === ErrorCode.CANCELLED;
+      // Cancelled by the caller's signal (not by another device's failure): an AbortError carrying the reason.
+      if (this.o.signal?.aborted && err.code === ErrorCode.CANCELLED && err.name !== 'AbortError') {
+        err = abortError(this.o.signal, err.message);
+      }
       const final = cancelled ? 'cancelled' : 'failed';
       trace('migration_failed', { code: err.code, message: err.message });
       for (const d of this.devices) d.abort();
@@ -207,6 +312,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       Object.assign(err, { report: rep });
       throw err;
     } finally {
+      clearInterval(sampler);
       release();
       this.eld.disable();
       this.o.signal?.removeEventListener('abort', onAbort);
@@ -245,15 +351,13 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const res = await this.onAll(async (d) => {
         const t = performance.now();
         const r = await d.iterate(pend[d.index]);
-        this.emit('progress', {
-          device: d.name, phase: 'precopy', bytes: d.stats.precopyBytes, pending: r.pending,
-          throughputMBps: r.bytes / 1e3 / Math.max(performance.now() - t, 0.001),
-        });
+        this.progress(d, false, (r.bytes * 1000) / Math.max(performance.now() - t, 0.001));
         return r;
       });
       const ms = performance.now() - r0;
       const bytes = res.reduce((a, r) => a + r.bytes, 0);
       bandwidth = bytes / Math.max(ms, 0.001);
+      this.bandwidth = bandwidth;
       const rs: RoundStats = { round, pendingBefore: total, bytes, ms, bandwidth: bandwidth * 1000 };
       this.rounds.push(rs);
       this.emit('round', { ...rs, pendingAfter: res.reduce((a, r) => a + r.pending, 0) });

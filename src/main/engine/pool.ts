@@ -80,10 +80,14 @@ export class EnginePool {
     return { threads: this.threads, completed: this.piscina.completed, stagingBytes: this.rings.allocatedBytes, rings: this.rings.ringsCreated };
   }
 
+  /** Stop the worker threads and free staging memory. */
   async close(): Promise<void> {
     await this.piscina.destroy();
     this.rings.clear();
   }
+
+  /** `await using pool = new EnginePool()`: close() at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> { await this.close(); }
 }
 
 /**

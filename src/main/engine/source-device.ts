@@ -5,6 +5,7 @@ import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { encodeConfigBlob } from '../protocol/config-blob.js';
 import type { MigrationRegion } from '../protocol/migration-region.js';
+import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
@@ -38,6 +39,8 @@ export interface SourceDeviceOptions {
   maxEmptyChunks: number;
   maxNoProgress: number;
   testExitAfterChunks?: number;
+  /** Called after each device_state the engine sets (events, status). */
+  onState?: (state: string) => void;
 }
 
 export class SourceDevice {
@@ -57,6 +60,22 @@ export class SourceDevice {
   }
 
   get name(): string { return this.transport.name; }
+
+  /** Data bytes sent so far, including the phase now running (shared counter): for progress between rounds. */
+  get liveBytes(): number {
+    return this.stats.precopyBytes + this.stats.stopCopyBytes + (this.taskActive ? this.shared.sent : 0);
+  }
+
+  /** pending_bytes as last read, less what the running phase sent since (an estimate until the next read). */
+  get livePending(): number {
+    if (this.phase === 'saved' || this.phase === 'rolled-back') return 0;
+    return Math.max(0, this.stats.lastPending - (this.taskActive ? this.shared.sent : 0));
+  }
+
+  private setState(s: Exclude<V1State, 'ERROR'>): void {
+    this.region.setState(s);
+    this.opts.onState?.(s);
+  }
 
   private setPhase(p: DevicePhase): void {
     trace('vfio_device_phase', { device: this.name, from: this.phase, to: p });
@@ -83,7 +102,7 @@ export class SourceDevice {
       if (s !== 'RUNNING' && s !== 'STOP') {
         throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${s} (expected RUNNING or STOP)`, { device: this.name });
       }
-      this.region.setState(s === 'RUNNING' ? 'PRE_COPY' : 'STOP_COPY');
+      this.setState(s === 'RUNNING' ? 'PRE_COPY' : 'STOP_COPY');
     });
     await this.writer.deviceBytes(this.index, this.shared, setupSection());
     this.setPhase('precopy');
@@ -110,10 +129,10 @@ export class SourceDevice {
   async complete(): Promise<void> {
     const t0 = performance.now();
     this.setPhase('stopcopy');
-    await this.locked(() => this.region.setState('STOP_COPY'));
+    await this.locked(() => this.setState('STOP_COPY'));
     const r = await this.runPhase('complete', Number.MAX_SAFE_INTEGER);
     await this.writer.deviceBytes(this.index, this.shared, endTag());
-    await this.locked(() => this.region.setState('STOP'));
+    await this.locked(() => this.setState('STOP'));
     this.stats.stopCopyBytes += r.bytes;
     this.stats.stopCopyChunks += r.chunks;
     this.stats.stopCopyMs = performance.now() - t0;
@@ -157,10 +176,11 @@ export class SourceDevice {
           trace('vfio_device_reset', { device: this.name });
           s = this.region.state();
           if (s !== 'RUNNING') this.region.setState('RUNNING');
+          this.opts.onState?.('RUNNING');
           return 'reset from ERROR to RUNNING';
         }
         if (s === 'RUNNING') return 'was RUNNING';
-        this.region.setState('RUNNING');
+        this.setState('RUNNING');
         return `${s} -> RUNNING`;
       });
     } catch (e) {
@@ -185,8 +205,8 @@ export class SourceDevice {
     await this.pool.acquire(lanes);
     const ring = this.pool.rings.borrow(this.slotSize());
     this.ring = ring;
+    this.shared.resetPhase(); // before taskActive: progress must not count the previous phase's bytes twice
     this.taskActive = true;
-    this.shared.resetPhase();
     try {
       const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
         op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,

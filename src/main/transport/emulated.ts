@@ -69,4 +69,7 @@ export class EmulatedTransport implements DeviceTransport {
     this.close();
     this.device.destroy();
   }
+
+  /** `await using dev = EmulatedTransport.create(...)`: destroy() at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> { this.destroy(); }
 }
