@@ -16,7 +16,30 @@ export interface RecordRef {
   peek: Uint8Array;
 }
 
-export class ContainerReader {
+/**
+ * Where the loader's records come from: a container file (ContainerReader) or a live connection (src/main/live).
+ * Records arrive with each device's CHUNKs in sequence order; `at` is the record's offset in the stream as a file
+ * would hold it (the received stream saved to a file has the same offsets).
+ */
+export interface RecordSource {
+  readonly offset: number;
+  /** Total bytes, when known in advance (a file). */
+  readonly size?: number;
+  /** A file descriptor the workers may read bodies from directly (zero-copy load), if the source is a file. */
+  readonly descriptor?: number;
+  readPreamble(): Promise<DeviceTable>;
+  /** The next record header, or null at a clean end. */
+  next(): Promise<RecordRef | null>;
+  body(r: RecordRef, dst: Uint8Array, dstOff: number, device?: string, verify?: boolean): Promise<Uint8Array>;
+  metaBody<T>(r: RecordRef): Promise<T>;
+  /** Skip a body (only called when `descriptor` is set: a worker reads it from there). */
+  skip(r: RecordRef): void;
+  /** After END: nothing may follow it. */
+  checkEnd(): Promise<void>;
+  close(): void;
+}
+
+export class ContainerReader implements RecordSource {
   offset = 0;
   readonly size: number;
   private hdrBuf = new Uint8Array(RECORD_HEADER_SIZE + 16);
@@ -108,6 +131,12 @@ export class ContainerReader {
 
   /** The open file descriptor (workers read data packets from it directly). */
   get descriptor(): number { return this.fd; }
+
+  async checkEnd(): Promise<void> {
+    if (this.offset !== this.size) {
+      throw new MigError(ErrorCode.STREAM_BAD_RECORD, `${this.size - this.offset} bytes follow the END record`, { offset: this.offset });
+    }
+  }
 
   /** Skip a body without reading it (inspect of huge files). */
   skip(r: RecordRef): void {

@@ -6,7 +6,7 @@ import { EventEmitter } from 'node:events';
 import os from 'node:os';
 import { ErrorCode, MigError, abortError } from '../errors.js';
 import { trace } from '../trace.js';
-import { ContainerReader, type RecordRef } from '../container/reader.js';
+import { ContainerReader, type RecordRef, type RecordSource } from '../container/reader.js';
 import { nativeCrcAvailable } from '../container/checksum.js';
 import {
   FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
@@ -25,6 +25,10 @@ import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
 
 export interface LoadOptions {
+  /** Called once every destination is RESUMING, before the first CHUNK is read (a receiver accepts the source here). */
+  onSetup?: (dests: readonly Dest[]) => Promise<void> | void;
+  /** Called once per device when its whole QEMU stream (config included) has been applied, before END is read. */
+  onDeviceLoaded?: (d: Dest) => void;
   /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
   makeDestination?: (e: DeviceTableEntry) => DeviceTransport;
   /** Compare each destination's digest with the source digest in the END record. */
@@ -97,7 +101,7 @@ export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
 const MAX_QUEUED = 512;
 const MAX_BATCH = 32;
 
-interface Dest {
+export interface Dest {
   openBatch: DataItem[] | null;
   entry: DeviceTableEntry;
   transport: DeviceTransport;
@@ -109,6 +113,8 @@ interface Dest {
   nextSeq: bigint;
   nextOffset: bigint;
   stats: LoadedDevice;
+  /** Its whole stream has been applied (onDeviceLoaded was called). */
+  loaded: boolean;
 }
 
 /** A fixed set of reusable staging slots for records being loaded (bounded memory whatever the file says). */
@@ -133,13 +139,14 @@ export class Loader extends EventEmitter<LoaderEvents> {
   private phase: LoadStatus['status'] = 'none';
   private t0 = 0;
   private tEnd = 0;
-  private reader?: ContainerReader;
+  private reader?: RecordSource;
   private lastSample: { bytes: number; at: number }[] = [];
   private queued = 0;
   private aborted = false;
   private dequeued: (() => void)[] = [];
   table?: DeviceTable;
-  constructor(readonly path: string, private readonly pool: EnginePool, private readonly o: LoadOptions = {}) {
+  /** `input`: a container file, or any source of container records (a network receiver). */
+  constructor(readonly input: string | RecordSource, private readonly pool: EnginePool, private readonly o: LoadOptions = {}) {
     super();
   }
 
@@ -159,7 +166,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
   status(): LoadStatus {
     const end = this.tEnd || performance.now();
     const read = this.reader?.offset ?? 0;
-    const size = this.reader?.size ?? 0;
+    const size = this.reader?.size ?? read; // a live source's total is unknown until END
     const ms = this.t0 ? end - this.t0 : 0;
     return {
       status: this.phase, totalTimeMs: ms, transferredBytes: read, totalBytes: size, remainingBytes: Math.max(0, size - read),
@@ -187,7 +194,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
     const t0 = performance.now();
     this.t0 = t0;
     this.phase = 'setup';
-    const reader = ContainerReader.open(this.path);
+    const reader: RecordSource = typeof this.input === 'string' ? ContainerReader.open(this.input) : this.input;
     this.reader = reader;
     const release = keepAlive();
     let failure: MigError | undefined;
@@ -202,6 +209,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       if (signal?.aborted) throw abortError(signal, 'load cancelled');
       this.table = await reader.readPreamble();
       await this.setup(this.table);
+      await this.o.onSetup?.(this.dests);
       this.phase = 'active';
       const d0 = performance.now();
       const end = await this.readRecords(reader);
@@ -257,7 +265,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const maxData = region.size - region.profile.headerSize;
       const d: Dest = {
         entry, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
-        chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null,
+        chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,
         stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
       };
       this.dests.push(d);
@@ -269,7 +277,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
   }
 
   /** Demultiplex records into per-device chains. Returns the END record. */
-  private async readRecords(reader: ContainerReader): Promise<EndRecord> {
+  private async readRecords(reader: RecordSource): Promise<EndRecord> {
     const slotSize = Math.ceil((RECORD_HEADER_SIZE + Math.max(
       ...this.dests.map((d) => DATA_PREFIX + d.limits.maxData + 8), 24 + MAX_CONFIG_BLOB + 8)) / 4096) * 4096;
     const slots = new SlotPool(this.pool.threads * 2 + 2, slotSize);
@@ -284,9 +292,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       if (!r) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends without an END record', { offset: reader.offset });
       if (r.h.type === REC_END) {
         const end = await reader.metaBody<EndRecord>(r);
-        if (reader.offset !== reader.size) {
-          throw new MigError(ErrorCode.STREAM_BAD_RECORD, `${reader.size - reader.offset} bytes follow the END record`, { offset: reader.offset });
-        }
+        await reader.checkEnd();
         return end;
       }
       if (r.h.type === REC_ABORT) {
@@ -311,8 +317,9 @@ export class Loader extends EventEmitter<LoaderEvents> {
       // A record that is exactly one data packet ([DATA][size][data], optionally [END]) is loaded zero-copy: the
       // worker reads the data from the file straight into the device's data area. Consecutive ones of a device go
       // in one task (a batch stays open until its task starts), which hides the per-task round trip.
-      const head = this.dataPacketHead(r, d);
-      if (head) {
+      const fd = reader.descriptor;
+      const head = fd === undefined ? null : this.dataPacketHead(r, d);
+      if (head && fd !== undefined) {
         reader.skip(r);
         while (this.queued >= MAX_QUEUED) await new Promise<void>((res) => this.dequeued.push(res));
         this.queued++;
@@ -325,7 +332,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
             const sab = await scratch.get();
             try {
               const res = await this.pool.loadData({
-                op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd: reader.descriptor, items: batch,
+                op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd, items: batch,
                 parse: d.parse, limits: d.limits, scratch: sab,
               });
               if (!res) throw new MigError(ErrorCode.NATIVE, 'zero-copy load unavailable on this CPU', { device: d.entry.name });
@@ -363,6 +370,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
         d.parse = res.parse;
         d.stats.dataPackets += res.dataPackets;
         d.stats.dataBytes += res.dataBytes;
+        // The config section is always last: once it is closed the device has everything but END's digest.
+        if (d.parse.sawConfig && !d.parse.inSection && !d.loaded) {
+          d.loaded = true;
+          this.o.onDeviceLoaded?.(d);
+        }
       }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
       d.chain.catch(() => undefined);
     }
