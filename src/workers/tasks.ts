@@ -14,11 +14,19 @@ export interface SaveTask {
   ring: RingDesc;
   /** iterate: QEMU save_live_iterate packets ([DATA][size][bytes][END]); complete: stop-and-copy ([DATA][size][bytes]). */
   phase: 'iterate' | 'complete';
-  /** iterate: stop once this many data bytes were sent (the pending seen at round start). */
+  /** iterate: stop once this many data bytes were sent (the pending seen at round start, capped by the round's byte bound). */
   budget: number;
-  /** Bound on consecutive empty chunks while pending_bytes > 0 before the vendor is declared stuck. */
+  /** iterate: stop after the chunk that passes this time (Date.now() ms; comparable across threads). */
+  deadline?: number;
+  /**
+   * How a chunk with data_size 0 while pending_bytes > 0 is treated. compatible (QEMU): iterate writes [DATA][0][END]
+   * and ends the round, complete writes [DATA][0] and ends the drain. strict: retried, and too many in a row is
+   * VFM_VENDOR_STUCK.
+   */
+  vendorMode: VendorMode;
+  /** strict, iterate: bound on consecutive empty chunks while pending_bytes > 0. */
   maxEmptyChunks: number;
-  /** complete: bound on consecutive chunks without pending_bytes reaching a new low. */
+  /** strict, complete: bound on consecutive stop-and-copy chunks that move no data while pending_bytes > 0. */
   maxNoProgress: number;
   /** This task's lane (0..lanes-1): several lanes may work one device's chunks, one chunk each under the lock. */
   lane: number;
@@ -29,9 +37,19 @@ export interface SaveTask {
   testExitAfterChunks?: number;
 }
 
+export type VendorMode = 'compatible' | 'strict';
+
 export interface SaveResult {
   chunks: number;
   bytes: number;
+  /** Chunks that came back with data_size 0 while pending_bytes > 0. */
+  emptyChunks: number;
+  /** compatible: the phase ended on such a chunk. */
+  endedEmpty: boolean;
+  /** pending_bytes read with the last such chunk. */
+  emptyPending: number;
+  /** iterate: the round stopped at its byte budget or time bound with data still flowing. */
+  bounded?: 'bytes' | 'time';
   /** pending_bytes read after the last chunk (0 in complete). */
   pending: number;
   aborted: boolean;

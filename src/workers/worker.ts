@@ -34,14 +34,19 @@ function save(t: SaveTask): SaveResult {
   const iterate = t.phase === 'iterate';
   const trailer = iterate ? 8 : 0;
   const payloadAt = RECORD_HEADER_SIZE + DATA_PREFIX;
-  const r: SaveResult = { chunks: 0, bytes: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
+  const r: SaveResult = { chunks: 0, bytes: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
+  const compatible = t.vendorMode === 'compatible';
+  const maxEmpty = iterate ? t.maxEmptyChunks : t.maxNoProgress;
   let empty = 0;
-  let noProgress = 0;
-  let low = -1n;
   try {
     for (;;) {
       if (shared.done) break;
-      if (iterate && shared.sent >= t.budget && shared.sent > 0) break;
+      // A round is bounded by bytes and time, whatever pending_bytes promised (an over-estimating vendor with a busy
+      // workload would otherwise never end it). Each round moves at least one chunk.
+      if (iterate && shared.sent > 0) {
+        if (shared.sent >= t.budget) { r.bounded = 'bytes'; break; }
+        if (t.deadline !== undefined && Date.now() >= t.deadline) { r.bounded = 'time'; break; }
+      }
       // Direct mode: each lane owns one slot (records go straight to the file); ring mode: wait for a free slot.
       const s = t.direct ? t.lane : ring.acquireSync();
       if (s < 0 || ring.aborted) { r.aborted = true; break; }
@@ -67,6 +72,10 @@ function save(t: SaveTask): SaveResult {
         } else if (info.size > 0) {
           bodyLen = DATA_PREFIX + info.size + trailer;
           shared.addSent(info.size);
+        } else if (compatible) {
+          // QEMU: data_size 0 ends the drain (complete writes [DATA][0]) or the iterate call ([DATA][0][END]).
+          shared.setDone();
+          if (shared.claimEmpty()) bodyLen = DATA_PREFIX + trailer;
         }
         if (bodyLen) {
           rec = shared.reserve(bodyLen);
@@ -93,26 +102,19 @@ function save(t: SaveTask): SaveResult {
       r.lockWaitNs += Number(t1 - t0);
       r.lockHoldNs += Number(now() - t1);
       r.pending = Number(info.pending);
+      // Only a chunk that moves no data is a lack of progress: pending_bytes is a hint, and a vendor that reports an
+      // upper bound (constant while data flows) is draining fine.
       if (info.pending > 0n && info.size === 0) {
-        if (++empty > t.maxEmptyChunks) {
+        r.emptyChunks++;
+        r.emptyPending = r.pending;
+        if (compatible) r.endedEmpty = true;
+        else if (++empty > maxEmpty) {
           shared.setDone();
           throw new MigError(ErrorCode.VENDOR_STUCK,
-            `vendor staged ${empty} empty chunks in a row while pending_bytes is ${info.pending}: it never drains`,
+            `${iterate ? 'pre-copy' : 'stop-and-copy'}: vendor staged ${empty} chunks in a row with data_size 0 while pending_bytes is ${info.pending}: it never drains (strict vendor mode; compatible mode ends the ${iterate ? 'round' : 'drain'} there as QEMU does)`,
             { device: region.device, register: 'data_size', value: 0 });
-        }
-        continue;
-      }
-      empty = 0;
-      if (!iterate && info.pending > 0n) {
-        // Stopped device: pending_bytes must keep reaching new lows, or the vendor never drains.
-        if (low < 0n || info.pending < low) { low = info.pending; noProgress = 0; }
-        else if (++noProgress > t.maxNoProgress) {
-          shared.setDone();
-          throw new MigError(ErrorCode.VENDOR_STUCK,
-            `pending_bytes has not decreased below ${low} for ${noProgress} chunks in stop-and-copy`,
-            { device: region.device, register: 'pending_bytes', value: info.pending });
-        }
-      }
+        } else continue;
+      } else empty = 0;
       if (bodyLen && !written) {
         // Outside the lock: frame, checksum, write or hand to the main thread.
         putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
@@ -129,7 +131,7 @@ function save(t: SaveTask): SaveResult {
         else ring.publish(RECORD_HEADER_SIZE + bodyLen);
       }
       if (info.size > 0) { r.chunks++; r.bytes += info.size; }
-      if (info.pending === 0n) break;
+      if (info.pending === 0n || r.endedEmpty) break;
     }
     if (!r.aborted && r.pending !== 0 && t.lane === 0) {
       // Re-reading pending_bytes marks the last chunk consumed and tells the main thread what is left.

@@ -37,7 +37,8 @@ bool parseFault(const std::string& s, Fault* out) {
       {"error-on-transition", Fault::kErrorOnTransition}, {"bad-data-offset", Fault::kBadDataOffset},
       {"huge-data-offset", Fault::kHugeDataOffset}, {"bad-data-size", Fault::kBadDataSize}, {"stuck", Fault::kStuck},
       {"eio-on-chunk", Fault::kEioOnChunk}, {"bad-copied-pfns", Fault::kBadCopiedPfns},
-      {"slow-chunk", Fault::kSlowChunk}};
+      {"slow-chunk", Fault::kSlowChunk}, {"over-estimate", Fault::kOverEstimate},
+      {"upper-bound-pending", Fault::kUpperBoundPending}};
   for (const auto& n : kNames)
     if (s == n.first) return *out = n.second, true;
   return false;
@@ -323,7 +324,14 @@ uint64_t Device::readPending() {
     if (!save_.frozen) save_.frozen = true, save_.frozenPending = std::max<uint64_t>(estimate(), 1);
     return save_.frozenPending;
   }
-  return estimate();
+  uint64_t e = estimate();
+  // A hint, not a promise (vfio-facts §2.3): pending_bytes never reaches 0, or stays at its first value until done.
+  if (fault_ == Fault::kOverEstimate) return e + std::max<uint64_t>(faultArg_, 1);
+  if (fault_ == Fault::kUpperBoundPending && e > 0) {
+    if (!save_.frozen) save_.frozen = true, save_.frozenPending = e;
+    return save_.frozenPending = std::max(save_.frozenPending, e);
+  }
+  return e;
 }
 
 uint64_t Device::slotOffset(uint64_t k) const {

@@ -16,7 +16,7 @@ enum DataMode : uint32_t { kModeMmap = 0, kModeTrapped = 1, kModeMixed = 2 };
 enum OffsetPolicy : uint32_t { kFixed = 0, kMoving = 1 };
 enum class Fault {
   kNone, kFailTransition, kErrorOnTransition, kBadDataOffset, kHugeDataOffset, kBadDataSize, kStuck, kEioOnChunk,
-  kBadCopiedPfns, kSlowChunk
+  kBadCopiedPfns, kSlowChunk, kOverEstimate, kUpperBoundPending
 };
 bool parseFault(const std::string& s, Fault* out);
 

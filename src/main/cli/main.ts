@@ -8,6 +8,10 @@ import { cmdExtract, cmdInspect } from './inspect.js';
 import { cmdLoad, cmdRun, cmdSave, type DeviceFlags } from './run.js';
 import { cmdStress } from './stress.js';
 
+const VENDOR_MODES = ['compatible', 'strict'] as const;
+const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
+  + 'strict: such chunks are retried and a vendor that never drains fails with VFM_VENDOR_STUCK';
+
 function deviceOptions(c: Command): Command {
   return c
     .option('--devices <n>', 'emulated devices to migrate', (v) => parseIntIn('--devices', v, 1, 1024), 4)
@@ -23,6 +27,9 @@ function deviceOptions(c: Command): Command {
     .option('--downtime <ms>', 'stop pre-copy when pending fits this downtime', (v) => parseNumberIn('--downtime', v, 0, 1e7), 300)
     .option('--max-rounds <n>', 'pre-copy rounds at most', (v) => parseIntIn('--max-rounds', v, 0, 100000), 30)
     .option('--bandwidth <bytes/s>', 'cap stream bandwidth', (v) => parseSize('--bandwidth', v))
+    .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default: compatible)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'compatible')
+    .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
+    .option('--round-bytes <bytes>', 'data bound of one pre-copy round per device', (v) => parseSize('--round-bytes', v), 2 ** 31)
     .option('--json', 'print the report as JSON');
 }
 
@@ -64,6 +71,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--count <n>', 'stop after this many iterations', (v) => parseIntIn('--count', v, 1, 1e9))
     .option('--replay <seed>', 'run exactly the one iteration a failure reported', (v) => parseIntIn('--replay', v, 0, 2 ** 32 - 1))
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'strict')
     .option('--json', 'JSON output')
     .action((o) => cmdStress(o));
 

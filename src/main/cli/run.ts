@@ -3,6 +3,7 @@ import { EnginePool } from '../engine/pool.js';
 import { runEmulated, saveDevices, loadStream } from '../api.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import type { MigrationReport } from '../engine/migration.js';
+import type { VendorMode } from '../../workers/tasks.js';
 import type { LoadReport } from '../engine/load.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
@@ -12,7 +13,7 @@ import { ErrorCode, MigError } from '../errors.js';
 export interface DeviceFlags {
   devices: number; size: number; profile: ProfileName; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
-  bandwidth?: number; json?: boolean;
+  bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number;
 }
 
 function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
@@ -25,7 +26,10 @@ function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
 }
 
 function migOpts(o: DeviceFlags) {
-  return { downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth };
+  return {
+    downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
+    roundTimeMs: o.roundTime, roundBytes: o.roundBytes,
+  };
 }
 
 function out(s: string): void { process.stdout.write(s + '\n'); }
@@ -44,6 +48,7 @@ export function saveText(r: MigrationReport): string {
   const q = r.dirty.latencyMs;
   lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms in all (setup, rounds, stop-and-copy, digests): ${r.throughputMBps.toFixed(0)} MB/s of device data`);
   lines.push(`dirty bitmap: ${r.dirty.queries} queries, latency p50 ${q.p50.toFixed(3)} ms, p99 ${q.p99.toFixed(3)} ms, max ${q.max.toFixed(3)} ms; guest pages dirtied: ${r.dirty.pages.join(', ')}`);
+  for (const a of r.anomalies) lines.push(`vendor anomaly: ${a.device}: ${a.message}${a.chunks > 1 ? ` (${a.chunks} empty chunks in all)` : ''}`);
   const el = r.eventLoopDelayMs;
   lines.push(`main-thread event-loop delay: p50 ${el.p50.toFixed(2)} ms, p99 ${el.p99.toFixed(2)} ms, max ${el.max.toFixed(2)} ms`);
   return lines.join('\n');

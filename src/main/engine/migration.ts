@@ -11,7 +11,8 @@ import type { DeviceTransport } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
-import { SourceDevice, type DeviceStats } from './source-device.js';
+import { SourceDevice, type DeviceStats, type VendorAnomaly } from './source-device.js';
+import type { VendorMode } from '../../workers/tasks.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
 
@@ -36,7 +37,17 @@ export interface MigrationOptions {
   /** Dirty-bitmap query period during pre-copy (0: only at round boundaries). */
   dirtyQueryIntervalMs?: number;
   signal?: AbortSignal;
-  /** Bounds for a vendor that never drains. */
+  /**
+   * How vendor hints that turn out wrong are treated (docs/VENDOR-MODES.md). `compatible` (default; QEMU's
+   * behaviour): a chunk with data_size 0 while pending_bytes > 0 ends the pre-copy round ([DATA][0][END]) or the
+   * stop-and-copy drain, and becomes a `vendor` event and a report line. `strict` (driver testing): such chunks are
+   * retried and too many in a row fail with VFM_VENDOR_STUCK.
+   */
+  vendorMode?: VendorMode;
+  /** Bounds of one pre-copy round per device, whatever pending_bytes says (default 2 GiB, 2000 ms). */
+  roundBytes?: number;
+  roundTimeMs?: number;
+  /** strict mode: empty chunks in a row tolerated in a pre-copy round (default 64) and in stop-and-copy (default 256). */
   maxEmptyChunks?: number;
   maxNoProgress?: number;
   /** Compute each source device's final digest into the END record (emulated devices). */
@@ -65,6 +76,8 @@ export interface MigrationReport {
   dirty: { queries: number; latencyMs: ReturnType<DirtyTracker['latencyMs']['summary']>; lockWaitMs: ReturnType<DirtyTracker['latencyMs']['summary']>; pages: number[] };
   /** Main-thread responsiveness during the migration (perf_hooks.monitorEventLoopDelay). */
   eventLoopDelayMs: { p50: number; p99: number; max: number };
+  /** Vendor behaviour tolerated in compatible mode (or retried in strict mode), one entry per device and kind. */
+  anomalies: VendorAnomaly[];
   error?: Record<string, unknown>;
   rollback?: string[];
 }
@@ -94,6 +107,8 @@ export interface MigrationEvents {
   progress: [MigrationProgress];
   state: [DeviceStateEvent];
   dirty: [DirtyQueryEvent];
+  /** A vendor anomaly (see MigrationOptions.vendorMode). */
+  vendor: [VendorAnomaly];
 }
 
 /** Like QEMU's query-migrate, for one migration; every time in ms, every size in bytes. */
@@ -122,6 +137,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'testExitAfterChunks' | 'lanesPerDevice'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
+  private anomalies: VendorAnomaly[] = [];
   private eld: IntervalHistogram = monitorEventLoopDelay({ resolution: 1 });
   private times = { start: 0, precopy: 0, stopcopy: 0, end: 0 };
   private bandwidth = 0; // bytes/ms, last round
@@ -135,18 +151,28 @@ export class Migration extends EventEmitter<MigrationEvents> {
     super();
     this.o = {
       downtimeLimitMs: 300, maxRounds: 30, dirtyQueryIntervalMs: 50, maxEmptyChunks: 64, maxNoProgress: 256, digests: true, progressIntervalMs: 200,
+      vendorMode: 'compatible', roundBytes: 2 ** 31, roundTimeMs: 2000,
       ...opts,
     };
     if (transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
     if (!(this.o.downtimeLimitMs >= 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `downtime limit ${this.o.downtimeLimitMs} ms is invalid`);
     if (!Number.isInteger(this.o.maxRounds) || this.o.maxRounds < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `max rounds ${this.o.maxRounds} is invalid`);
+    if (this.o.vendorMode !== 'compatible' && this.o.vendorMode !== 'strict') {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `vendor mode '${String(this.o.vendorMode)}' is not compatible or strict`);
+    }
+    for (const k of ['roundBytes', 'roundTimeMs', 'maxEmptyChunks', 'maxNoProgress'] as const) {
+      if (!Number.isSafeInteger(this.o[k]) || this.o[k] < 1) throw new MigError(ErrorCode.BAD_ARGUMENT, `${k} ${this.o[k]} must be a positive integer`);
+    }
     const limiter = this.o.bandwidthCap ? new RateLimiter(this.o.bandwidthCap) : undefined;
     // Extra lanes per device share one device's chunks between workers; measured no faster here (PERFORMANCE.md).
     const lanes = this.o.lanesPerDevice ?? 1;
+    const onAnomaly = (a: VendorAnomaly) => { this.anomalies.push(a); this.emit('vendor', a); };
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
-      lanes, maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress,
+      lanes, vendorMode: this.o.vendorMode, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
+      maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress,
       testExitAfterChunks: this.o.testExitAfterChunks?.device === i ? this.o.testExitAfterChunks.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },
+      onAnomaly,
     }, limiter));
     this.deviceState = transports.map(() => 'RUNNING');
     this.lastSample = transports.map(() => ({ bytes: 0, at: 0 }));
@@ -363,6 +389,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.emit('round', { ...rs, pendingAfter: res.reduce((a, r) => a + r.pending, 0) });
       trace('migration_round', { round, pending: total, bytes, ms: ms.toFixed(1) });
       if (this.o.dirtyQueryIntervalMs === 0) await this.dirty.queryAll();
+      // Every vendor claimed pending bytes and none staged any: more rounds will not converge, stop and copy.
+      if (bytes === 0) return;
     }
   }
 
@@ -378,7 +406,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const stopCopyBytes = this.devices.reduce((a, d) => a + d.stats.stopCopyBytes, 0);
     return {
       ok, phase: this.phase, devices: this.devices.map((d) => ({ ...d.stats })), rounds: this.rounds, precopyBytes, stopCopyBytes,
-      stopCopyMs, totalMs, streamBytes: this.writer.sink.bytes,
+      stopCopyMs, totalMs, streamBytes: this.writer.sink.bytes, anomalies: summarise(this.anomalies),
       throughputMBps: (precopyBytes + stopCopyBytes) / 1e6 / (totalMs / 1000),
       dirty: {
         queries: this.dirty.queries, latencyMs: this.dirty.latencyMs.summary(), lockWaitMs: this.dirty.lockWaitMs.summary(),
@@ -390,4 +418,15 @@ export class Migration extends EventEmitter<MigrationEvents> {
       },
     };
   }
+}
+
+/** One entry per device and kind: the last occurrence, with the empty chunks of all of them. */
+function summarise(all: VendorAnomaly[]): VendorAnomaly[] {
+  const m = new Map<string, VendorAnomaly>();
+  for (const a of all) {
+    const k = `${a.device}\0${a.kind}`;
+    const prev = m.get(k);
+    m.set(k, { ...a, chunks: a.chunks + (prev?.chunks ?? 0) });
+  }
+  return [...m.values()];
 }

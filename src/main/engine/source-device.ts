@@ -9,7 +9,7 @@ import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
-import type { SaveResult } from '../../workers/tasks.js';
+import type { SaveResult, VendorMode } from '../../workers/tasks.js';
 import { DeviceShared } from './device-shared.js';
 import type { EnginePool } from './pool.js';
 import { OWNER_MAIN, OWNER_WORKER } from './region-lock.js';
@@ -33,14 +33,37 @@ export interface DeviceStats {
   digest?: string;
 }
 
+/** A vendor behaviour that QEMU tolerates and a strict driver test would not: reported, never silent. */
+export interface VendorAnomaly {
+  device: string;
+  phase: 'precopy' | 'stopcopy';
+  /**
+   * empty-chunk: a pre-copy chunk came back with data_size 0 while pending_bytes > 0 (compatible: the round ended);
+   * drain-ended-early: the same in stop-and-copy (compatible: the drain ended there, as QEMU does);
+   * empty-retried: strict mode retried such chunks until data came.
+   */
+  kind: 'empty-chunk' | 'drain-ended-early' | 'empty-retried';
+  /** pending_bytes when it happened. */
+  pending: number;
+  /** Empty chunks seen. */
+  chunks: number;
+  message: string;
+}
+
 export interface SourceDeviceOptions {
   /** Worker lanes this device may use at once (when the sink takes positioned writes). */
   lanes?: number;
+  vendorMode: VendorMode;
+  /** Per pre-copy round: data bytes and milliseconds at most (at least one chunk moves). */
+  roundBytes: number;
+  roundTimeMs: number;
   maxEmptyChunks: number;
   maxNoProgress: number;
   testExitAfterChunks?: number;
   /** Called after each device_state the engine sets (events, status). */
   onState?: (state: string) => void;
+  /** Called for each vendor anomaly (compatible mode tolerates them, never silently). */
+  onAnomaly?: (a: VendorAnomaly) => void;
 }
 
 export class SourceDevice {
@@ -115,9 +138,12 @@ export class SourceDevice {
     return this.stats.lastPending;
   }
 
-  /** save_live_iterate for one round: chunks until `budget` bytes went out or nothing is pending. */
-  async iterate(budget: number): Promise<SaveResult> {
-    const r = await this.runPhase('iterate', budget);
+  /**
+   * save_live_iterate for one round: chunks until `pending` bytes went out, nothing is pending, or the round's byte
+   * or time bound is reached.
+   */
+  async iterate(pending: number): Promise<SaveResult> {
+    const r = await this.runPhase('iterate', Math.min(pending, this.opts.roundBytes), Date.now() + this.opts.roundTimeMs);
     this.stats.rounds++;
     this.stats.precopyBytes += r.bytes;
     this.stats.precopyChunks += r.chunks;
@@ -196,7 +222,25 @@ export class SourceDevice {
     return Math.ceil((64 + maxData + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
   }
 
-  private async runPhase(phase: 'iterate' | 'complete', budget: number): Promise<SaveResult> {
+  /** Turn what the worker saw into anomaly events (compatible mode's tolerance is never silent). */
+  private noteAnomalies(phase: 'iterate' | 'complete', r: SaveResult): void {
+    if (!r.emptyChunks) return;
+    const p = phase === 'iterate' ? 'precopy' : 'stopcopy';
+    const pending = r.emptyPending;
+    let a: Pick<VendorAnomaly, 'kind' | 'message'>;
+    if (r.endedEmpty && phase === 'iterate') {
+      a = { kind: 'empty-chunk', message: `pre-copy chunk with data_size 0 while pending_bytes is ${pending}: round ended with [DATA][0][END] (QEMU behaviour)` };
+    } else if (r.endedEmpty) {
+      a = { kind: 'drain-ended-early', message: `stop-and-copy chunk with data_size 0 while pending_bytes is ${pending}: drain ended there (QEMU behaviour); the destination decides whether the state is complete` };
+    } else {
+      a = { kind: 'empty-retried', message: `${r.emptyChunks} chunk(s) with data_size 0 while pending_bytes > 0 retried in ${p} (strict mode)` };
+    }
+    const an: VendorAnomaly = { device: this.name, phase: p, pending, chunks: r.emptyChunks, ...a };
+    trace('vfio_vendor_anomaly', { ...an });
+    this.opts.onAnomaly?.(an);
+  }
+
+  private async runPhase(phase: 'iterate' | 'complete', budget: number, deadline?: number): Promise<SaveResult> {
     this.checkAborted(phase);
     // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
     // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
@@ -210,7 +254,7 @@ export class SourceDevice {
     try {
       const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
         op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
-        budget, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
+        budget, deadline, vendorMode: this.opts.vendorMode, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
         testExitAfterChunks: lane === 0 ? this.opts.testExitAfterChunks : undefined, lane, lanes, direct,
       }));
       const task = Promise.all(tasks).finally(() => { this.taskActive = false; });
@@ -228,10 +272,13 @@ export class SourceDevice {
       const rs = t.value;
       const r: SaveResult = {
         chunks: rs.reduce((a, x) => a + x.chunks, 0), bytes: rs.reduce((a, x) => a + x.bytes, 0), pending: rs[0].pending,
+        emptyChunks: rs.reduce((a, x) => a + x.emptyChunks, 0), endedEmpty: rs.some((x) => x.endedEmpty),
+        emptyPending: Math.max(...rs.map((x) => x.emptyPending)), bounded: rs.find((x) => x.bounded)?.bounded,
         aborted: rs.some((x) => x.aborted), lockWaitNs: rs.reduce((a, x) => a + x.lockWaitNs, 0), lockHoldNs: rs.reduce((a, x) => a + x.lockHoldNs, 0),
       };
       this.stats.lockWaitMs += r.lockWaitNs / 1e6;
       if (r.aborted) throw new MigError(ErrorCode.CANCELLED, `${phase} cancelled`, { device: this.name });
+      this.noteAnomalies(phase, r);
       return r;
     } finally {
       this.ring = null;

@@ -5,6 +5,7 @@ import { runEmulated, type RunReport } from '../api.js';
 import { EnginePool } from '../engine/pool.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
+import type { VendorMode } from '../../workers/tasks.js';
 
 export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
@@ -17,7 +18,11 @@ export function mulberry32(seed: number): () => number {
   };
 }
 
-export interface StressOptions { seconds: number; seed: number; count?: number; threads?: number; concurrent?: number; onIteration?: (s: IterationSummary) => void }
+export interface StressOptions {
+  seconds: number; seed: number; count?: number; threads?: number; concurrent?: number; onIteration?: (s: IterationSummary) => void;
+  /** Default strict: stress exists to find vendor misbehaviour, so nothing is tolerated. */
+  vendorMode?: VendorMode;
+}
 export interface IterationSummary { iteration: number; seed: number; migrations: number; devices: number; bytes: number; chunks: number; ok: boolean; error?: string }
 export interface StressSummary {
   seed: number; iterations: number; migrations: number; devices: number; bytes: number; chunks: number; failures: number;
@@ -60,7 +65,7 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
   try {
     while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
       const seed = Math.floor(master() * 2 ** 32);
-      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations);
+      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode);
       sum.iterations++;
       sum.migrations += it.migrations;
       sum.devices += it.devices;
@@ -77,9 +82,10 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
 }
 
 /** One iteration: `concurrent` migrations at once on the shared pool. */
-export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0): Promise<IterationSummary> {
+export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0,
+  vendorMode: VendorMode = 'strict'): Promise<IterationSummary> {
   const plans = iterationPlan(seed, concurrent);
-  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool })));
+  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode })));
   const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
   for (const r of res) {
     if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
