@@ -103,7 +103,8 @@ export interface DirtyQueryEvent { device: string; index: number; ms: number; pa
 
 export interface MigrationEvents {
   phase: [MigrationPhase, MigrationPhase];
-  round: [RoundStats & { pendingAfter: number }];
+  /** A pre-copy round ended; devicesPending: each device's pending_bytes when the round started. */
+  round: [RoundStats & { pendingAfter: number; devicesPending: number[] }];
   progress: [MigrationProgress];
   state: [DeviceStateEvent];
   dirty: [DirtyQueryEvent];
@@ -386,7 +387,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.bandwidth = bandwidth;
       const rs: RoundStats = { round, pendingBefore: total, bytes, ms, bandwidth: bandwidth * 1000 };
       this.rounds.push(rs);
-      this.emit('round', { ...rs, pendingAfter: res.reduce((a, r) => a + r.pending, 0) });
+      this.emit('round', { ...rs, pendingAfter: res.reduce((a, r) => a + r.pending, 0), devicesPending: pend });
       trace('migration_round', { round, pending: total, bytes, ms: ms.toFixed(1) });
       if (this.o.dirtyQueryIntervalMs === 0) await this.dirty.queryAll();
       // Every vendor claimed pending bytes and none staged any: more rounds will not converge, stop and copy.

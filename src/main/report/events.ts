@@ -1,0 +1,71 @@
+// `--events FILE|-`: the recorder's timeline as NDJSON, one event per line as it happens, shaped like QEMU's QMP
+// events ({"timestamp": {"seconds", "microseconds"}, "event", "data"}): MIGRATION (status), MIGRATION_PASS (a
+// pre-copy round), VFIO_MIGRATION (a device's state), plus VFIO_MIG_PROGRESS (throttled byte counts) and a first
+// VFIO_MIG_START / last VFIO_MIG_END line that carry the schema, the tool version and the command's result.
+// docs/JSON.md lists every field.
+import fs from 'node:fs';
+import type { OperatorEvent, Recorder } from './recorder.js';
+import { EVENTS_SCHEMA, SCHEMA_VERSION, TOOL } from './json.js';
+
+/** QEMU's VFIO_MIGRATION device-state names for the v1 device_state values the engine sets. */
+const DEVICE_STATE: Record<string, string> = {
+  RUNNING: 'running', STOP: 'stop', PRE_COPY: 'pre-copy', STOP_COPY: 'stop-copy', RESUMING: 'resuming', ERROR: 'error',
+};
+
+export function qmpEvent(e: OperatorEvent): { event: string; data: Record<string, unknown> } {
+  const base = { migration: e.migration, side: e.side };
+  switch (e.type) {
+    case 'status': return { event: 'MIGRATION', data: { ...base, status: e.status } };
+    case 'pass': return {
+      event: 'MIGRATION_PASS',
+      data: { ...base, pass: e.pass, pendingBytes: e.pendingBytes, bytes: e.bytes, ms: e.ms, bytesPerSecond: e.bytesPerSecond, devices: e.devices },
+    };
+    case 'device': return {
+      event: 'VFIO_MIGRATION',
+      data: { ...base, 'device-id': e.device, 'device-state': DEVICE_STATE[e.state] ?? e.state.toLowerCase() },
+    };
+    case 'progress': return {
+      event: 'VFIO_MIG_PROGRESS',
+      data: {
+        ...base, 'device-id': e.device, phase: e.phase, bytes: e.bytes, pendingBytes: e.pendingBytes, totalBytes: e.totalBytes,
+        bytesPerSecond: e.bytesPerSecond, sample: e.sample,
+      },
+    };
+    case 'dirty': return { event: 'VFIO_MIG_DIRTY_QUERY', data: { ...base, 'device-id': e.device, ms: e.ms, pages: e.pages } };
+  }
+}
+
+function timestamp(wall: number) {
+  const us = Math.round(wall * 1000);
+  return { seconds: Math.floor(us / 1e6), microseconds: us % 1e6 };
+}
+
+export class EventLog {
+  private readonly fd: number;
+  private readonly off: () => void;
+  private closed = false;
+
+  /** `target`: a path (created or truncated), or '-' for standard output. */
+  constructor(target: string, rec: Recorder, command: string, params: Record<string, unknown>, opts: { dirty?: boolean } = {}) {
+    this.fd = target === '-' ? 1 : fs.openSync(target, 'w');
+    this.line(Date.now(), 'VFIO_MIG_START', {
+      schema: EVENTS_SCHEMA, schemaVersion: SCHEMA_VERSION, tool: TOOL, command, params, startedAt: rec.startedAt.toISOString(),
+    });
+    // Dirty-bitmap queries come every few ms: only when asked for (--verbose).
+    this.off = rec.on((e) => { if (e.type !== 'dirty' || opts.dirty) { const q = qmpEvent(e); this.line(e.wall, q.event, q.data); } });
+  }
+
+  private line(wall: number, event: string, data: Record<string, unknown>): void {
+    if (this.closed) return;
+    // Synchronous: an event is on disk (or in the pipe) when the engine moves on, and a crash loses nothing before it.
+    fs.writeSync(this.fd, JSON.stringify({ timestamp: timestamp(wall), event, data }) + '\n');
+  }
+
+  /** The last line: ok, the error if any, the end time. */
+  end(ok: boolean, error: Record<string, unknown> | null): void {
+    this.line(Date.now(), 'VFIO_MIG_END', { ok, error, endedAt: new Date().toISOString() });
+    this.off();
+    this.closed = true;
+    if (this.fd !== 1) fs.closeSync(this.fd);
+  }
+}

@@ -1,0 +1,111 @@
+// The operator's view of one command: every engine event of every migration (source) and load (destination) it
+// ran, normalised into one timeline. The progress display, the --events NDJSON and the HTML report are all built
+// from this, so any command that runs Migrations and Loaders (run, save, load, stress, send, receive) gets them by
+// attaching its engine objects here.
+import type { Migration } from '../engine/migration.js';
+import type { Loader } from '../engine/load.js';
+
+export type Side = 'source' | 'destination';
+
+interface Base { /** ms since the recorder started */ t: number; /** wall clock, ms since the epoch */ wall: number; migration: number; side: Side }
+/** The migration's status changed (QEMU MIGRATION). */
+export interface StatusEvent extends Base { type: 'status'; status: string }
+/** A pre-copy round ended (QEMU MIGRATION_PASS). */
+export interface PassEvent extends Base {
+  type: 'pass'; pass: number; pendingBytes: number; bytes: number; ms: number; bytesPerSecond: number;
+  devices: { device: string; pendingBytes: number }[];
+}
+/** A device's migration state changed (QEMU VFIO_MIGRATION). */
+export interface DeviceEvent extends Base { type: 'device'; device: string; state: string }
+export interface ProgressEvent extends Base {
+  type: 'progress'; device: string; phase: string; bytes: number; pendingBytes: number | null; totalBytes: number | null;
+  bytesPerSecond: number; sample: boolean;
+}
+export interface DirtyEvent extends Base { type: 'dirty'; device: string; ms: number; pages: number }
+export type OperatorEvent = StatusEvent | PassEvent | DeviceEvent | ProgressEvent | DirtyEvent;
+type Payload<E> = E extends OperatorEvent ? Omit<E, 't' | 'wall'> : never;
+
+/** QEMU's MigrationStatus names for the engine's phases. */
+const STATUS: Record<string, string> = {
+  setup: 'setup', precopy: 'active', stopcopy: 'device', complete: 'device', done: 'completed', failed: 'failed', cancelled: 'cancelled',
+};
+
+export class Recorder {
+  readonly t0 = performance.now();
+  readonly startedAt = new Date();
+  readonly events: OperatorEvent[] = [];
+  private readonly listeners = new Set<(e: OperatorEvent) => void>();
+  private nextId = 0;
+  /** Destination loads paired with the migration that produced their stream (end-to-end downtime). */
+  readonly pairs = new Map<number, number>();
+  /** Keep every event (the HTML report needs them); a long stress run keeps only what the report draws. */
+  constructor(private readonly keep: 'all' | 'report' | 'none' = 'all') {}
+
+  on(fn: (e: OperatorEvent) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  private push(p: Payload<OperatorEvent>): void {
+    const t = performance.now() - this.t0;
+    const e = { ...p, t, wall: this.startedAt.getTime() + t } as OperatorEvent;
+    // Samples of a long run are thinned for the report (every event still reaches the listeners).
+    if (this.keep === 'all' || (this.keep === 'report' && (e.type !== 'progress' || !e.sample || this.keepSample(e)))) this.events.push(e);
+    for (const fn of this.listeners) fn(e);
+  }
+
+  private lastKept = new Map<string, number>();
+  private keepSample(e: ProgressEvent): boolean {
+    const k = `${e.migration}/${e.side}/${e.device}`;
+    const last = this.lastKept.get(k) ?? -Infinity;
+    if (e.t - last < 250) return false;
+    this.lastKept.set(k, e.t);
+    return true;
+  }
+
+  /** Record a source-side migration; returns its id in the events. */
+  attachMigration(m: Migration): number {
+    const migration = this.nextId++;
+    const side = 'source' as const;
+    const names = m.devices.map((d) => d.name);
+    m.on('phase', (_from, to) => { if (STATUS[to]) this.push({ type: 'status', migration, side, status: STATUS[to] }); });
+    m.on('state', (e) => this.push({ type: 'device', migration, side, device: e.device, state: e.state }));
+    m.on('round', (r) => this.push({
+      type: 'pass', migration, side, pass: r.round, pendingBytes: r.pendingBefore, bytes: r.bytes, ms: r.ms, bytesPerSecond: r.bandwidth,
+      devices: names.map((device, i) => ({ device, pendingBytes: r.devicesPending?.[i] ?? 0 })),
+    }));
+    m.on('progress', (p) => this.push({
+      type: 'progress', migration, side, device: p.device, phase: p.phase, bytes: p.bytes, pendingBytes: p.pending,
+      totalBytes: p.bytes + p.pending, bytesPerSecond: p.bytesPerSecond, sample: p.sample,
+    }));
+    m.on('dirty', (d) => this.push({ type: 'dirty', migration, side, device: d.device, ms: d.ms, pages: d.pages }));
+    return migration;
+  }
+
+  /** Record a destination-side load; `source`: the migration whose stream it loads, when this process ran both. */
+  attachLoader(l: Loader, source?: number): number {
+    const migration = this.nextId++;
+    if (source !== undefined) this.pairs.set(migration, source);
+    const side = 'destination' as const;
+    let started = false;
+    const total = new Map<string, number>();
+    l.on('state', (e) => {
+      if (!started) { started = true; this.push({ type: 'status', migration, side, status: 'active' }); }
+      const entry = l.table?.devices.find((d) => d.name === e.device);
+      if (entry) total.set(e.device, entry.geometry.stateSize);
+      this.push({ type: 'device', migration, side, device: e.device, state: e.state });
+    });
+    l.on('progress', (p) => this.push({
+      type: 'progress', migration, side, device: p.device, phase: 'resuming', bytes: p.bytes, pendingBytes: null,
+      totalBytes: total.get(p.device) ?? null, bytesPerSecond: p.bytesPerSecond, sample: p.sample,
+    }));
+    return migration;
+  }
+
+  /** A destination load ended (Loader has no phase events: its promise tells). */
+  loadEnded(migration: number, status: 'completed' | 'failed' | 'cancelled'): void {
+    this.push({ type: 'status', migration, side: 'destination', status });
+  }
+
+  get elapsedMs(): number { return performance.now() - this.t0; }
+}
