@@ -87,6 +87,31 @@ function cpuTicks(): { steal: number; total: number } {
   return { steal: f[7] ?? 0, total: f.reduce((a, b) => a + b, 0) };
 }
 
+/** `vfio-mig run --devices n --size 8KiB` in a child process; peak VmRSS and thread count sampled every 20 ms. */
+async function runProcess(n: number): Promise<{ peakRss: number; threads: number; ms: number; ok: boolean }> {
+  const { spawn } = await import('node:child_process');
+  const bin = path.join(path.dirname(new URL(import.meta.url).pathname), '../../bin/vfio-mig.js');
+  const t0 = performance.now();
+  const child = spawn(process.execPath, [bin, 'run', '--devices', String(n), '--size', '8KiB', '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d) => { out += d; });
+  let peakRss = 0;
+  let threads = 0;
+  const sample = () => {
+    try {
+      const st = fs.readFileSync(`/proc/${child.pid}/status`, 'utf8');
+      peakRss = Math.max(peakRss, Number(/VmRSS:\s+(\d+)/.exec(st)?.[1] ?? 0) * 1024);
+      threads = Math.max(threads, Number(/Threads:\s+(\d+)/.exec(st)?.[1] ?? 0));
+    } catch { /* exited */ }
+  };
+  const t = setInterval(sample, 20);
+  const code = await new Promise<number>((r) => child.on('close', (c) => r(c ?? 1)));
+  clearInterval(t);
+  let ok = false;
+  try { ok = code === 0 && JSON.parse(out).ok === true; } catch { /* reported as not ok */ }
+  return { peakRss, threads, ms: performance.now() - t0, ok };
+}
+
 async function main() {
   const t0 = cpuTicks();
   const results: Record<string, unknown> = { machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model, node: process.version }, quick };
@@ -238,6 +263,20 @@ async function main() {
       row('load, 4 devices, 2 threads (data phase)', `${l2.median.toFixed(2)} GB/s`, `${lp.base.median.toFixed(2)} GB/s copy limit`,
         `${lp.ratio.median.toFixed(2)} (${lp.ratio.min.toFixed(2)}-${lp.ratio.max.toFixed(2)})`, '>= 0.8');
       row('load parallel speedup (2 threads vs 1)', `${l2.median.toFixed(2)} vs ${l1.median.toFixed(2)} GB/s`, '', `${(l2.median / l1.median).toFixed(2)}x`, '');
+    }
+
+    // ---- h. many small devices ---------------------------------------------------------------------------------
+    // `vfio-mig run --devices N --size 8KiB` (default workload: dirty 2000, DMA 1000 pages/s) in a fresh process, its
+    // peak RSS (anonymous + device memory) and thread count sampled from /proc; the cost per device is the growth
+    // over the same run with one device.
+    log('h. many small devices');
+    {
+      const one = await runProcess(1);
+      const many = await runProcess(1024);
+      const perDevice = (many.peakRss - one.peakRss) / 1023;
+      results.manyDevices = { one, many, perDeviceMiB: perDevice / MiB };
+      row('1024 devices x 8 KiB, `vfio-mig run` (peak RSS, threads)', `${(many.peakRss / MiB).toFixed(0)} MiB, ${many.threads} threads, ${(many.ms / 1000).toFixed(1)} s, ok ${many.ok}`,
+        `1 device: ${(one.peakRss / MiB).toFixed(0)} MiB, ${one.threads} threads`, `${(perDevice / MiB).toFixed(3)} MiB per device`, '< 0.5 MiB per device, < 64 threads');
     }
   } finally {
     await pool.close();

@@ -204,6 +204,14 @@ BIND(emuInfo, "id") {
   return o;
 } END_BIND
 
+// Process-wide emulation cost: threads of the shared workload pool and bytes of emulated guest RAM.
+BIND(emuStats) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("workloadThreads", Napi::Number::New(info.Env(), emu::workload::threads()));
+  o.Set("guestRamBytes", Napi::Number::New(info.Env(), static_cast<double>(emu::guest::mappedBytes())));
+  return o;
+} END_BIND
+
 BIND(emuDeviceInfo, "id") {
   device(info);
   return deviceInfoObject(info.Env(), emu::kDeviceFlags, emu::kNumRegions, emu::kNumIrqs);
@@ -504,7 +512,7 @@ BIND(baselineSequentialSave, "handles", "profile", "buf", "outFd") {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
 #define EXPORT(f) exports.Set(#f, Napi::Function::New(env, f, #f))
-  EXPORT(emuCreate); EXPORT(emuDestroy); EXPORT(emuInfo); EXPORT(emuDeviceInfo); EXPORT(emuRegionInfo);
+  EXPORT(emuCreate); EXPORT(emuDestroy); EXPORT(emuStats); EXPORT(emuInfo); EXPORT(emuDeviceInfo); EXPORT(emuRegionInfo);
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);

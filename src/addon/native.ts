@@ -59,6 +59,8 @@ export interface NativeAddon {
   emuCreate(cfg: EmuConfig): number;
   emuDestroy(id: number): void;
   emuInfo(id: number): EmuInfo;
+  /** Process-wide: threads of the shared workload pool, bytes of emulated guest RAM (0 until a DMA write). */
+  emuStats(): { workloadThreads: number; guestRamBytes: number };
   /** Kernel-identical `struct vfio_device_info` fields for the emulated device. */
   emuDeviceInfo(id: number): VfioDeviceInfo;
   /** Kernel-identical bytes of VFIO_DEVICE_GET_REGION_INFO (struct vfio_region_info + capability chain). */

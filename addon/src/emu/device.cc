@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <system_error>
+#include <thread>
 
 #include "common/error.h"
 #include "emu/stream_format.h"
@@ -115,11 +116,9 @@ Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
   try {
     // A zero-filled destination's memory is allocated as data arrives (populated per record, below), never up
     // front: its size comes from a stream's device table, which is not trusted.
+    // Guest RAM (shared by all devices), the dirty-page bitmap and the DMA log are allocated when first needed.
     state_ = mapMemfd("vfio-mig-state", cfg.stateSize, &stateFd_);
     data_ = mapMemfd("vfio-mig-data", dataAreaSize_, &dataFd_);
-    guest_ = mapMemfd("vfio-mig-guest", cfg.guestPages * kPage, &guestFd_);
-    dirty_.assign((pages_ + 63) / 64, 0);
-    guestLog_.assign((cfg.guestPages + 63) / 64, 0);
   } catch (...) {
     release();  // the destructor does not run for a half-built object
     throw;
@@ -148,8 +147,9 @@ Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
       config_[i] = static_cast<uint8_t>(splitmix64(static_cast<uint64_t>(cfg.seed) ^ (0xC0F1 + i)));
   }
   reg_ = (cfg.reservedBits & ~kStateMask) | kRunning;
+  wlRng_ = splitmix64(cfg_.seed ^ 0x5EEDull ^ (static_cast<uint64_t>(id_) << 40));
   try {
-    if (cfg.dirtyRate > 0 || cfg.dmaRate > 0) worker_ = std::thread([this] { workloadLoop(); });
+    if (cfg.dirtyRate > 0 || cfg.dmaRate > 0) workload::add(this), inPool_ = true;
   } catch (...) {
     release();
     throw;
@@ -164,17 +164,14 @@ Device::~Device() {
 void Device::release() {
   if (state_) munmap(state_, cfg_.stateSize), close(stateFd_);
   if (data_) munmap(data_, dataAreaSize_), close(dataFd_);
-  if (guest_) munmap(guest_, cfg_.guestPages * kPage), close(guestFd_);
-  state_ = data_ = guest_ = nullptr;
+  state_ = data_ = nullptr;
 }
 
 void Device::shutdown() {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    stop_ = dead_ = true;
-  }
-  cv_.notify_all();
-  if (worker_.joinable() && worker_.get_id() != std::this_thread::get_id()) worker_.join();
+  // No device lock here: destroying a device must not wait for a vendor access stuck in progress (that access
+  // finishes; the next one fails ENODEV).
+  if (inPool_) workload::remove(this), inPool_ = false;
+  dead_ = true;
 }
 
 int Device::fail(int err, std::string msg) {
@@ -267,7 +264,6 @@ int Device::writeState(uint32_t v) {
     reg_ = (reg_ & ~kStateMask) | kSaving | kResuming;
     save_ = SaveSession();
     res_ = ResumeSession();
-    cv_.notify_all();
     return fail(EIO, fmt("injected fault: transition %s -> %s put the device in ERROR", stateName(cur), stateName(nw)));
   }
   if (cur == kResuming) {  // the device never runs with partial state
@@ -284,13 +280,13 @@ int Device::writeState(uint32_t v) {
     chunksConsumed_ = pagesLoaded_ = 0;
   }
   reg_ = (reg_ & ~kStateMask) | nw;
-  if ((cur ^ nw) & kRunning) cv_.notify_all();
   return 0;
 }
 
 void Device::startSave() {
   save_ = SaveSession();
   save_.active = true;
+  if (dirty_.empty()) dirty_.assign((pages_ + 63) / 64, 0);
   std::fill(dirty_.begin(), dirty_.end(), ~0ull);
   if (pages_ % 64) dirty_.back() = (1ull << (pages_ % 64)) - 1;
   dirtyCount_ = pages_;
@@ -303,9 +299,7 @@ void Device::reset() {
   res_ = ResumeSession();
   bitmapPending_ = false;
   lastError_.clear();
-  uint32_t cur = reg_ & kStateMask;
   reg_ = (reg_ & ~kStateMask) | kRunning;
-  if (cur != kRunning) cv_.notify_all();
 }
 
 // ---- save side -----------------------------------------------------------------------------------------------------
@@ -588,13 +582,16 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
 
 // ---- dirty pages ---------------------------------------------------------------------------------------------------
 void Device::setDirty(uint64_t page) {
+  if (dirty_.empty()) return;  // no save session yet: the first one marks every page dirty anyway
   uint64_t& w = dirty_[page >> 6];
   uint64_t bit = 1ull << (page & 63);
   if (!(w & bit)) w |= bit, dirtyCount_++;
 }
 
 void Device::logDma(uint64_t page) {
-  if (cfg_.profile == kDraft2019 || logging_) guestLog_[page >> 6] |= 1ull << (page & 63);
+  if (cfg_.profile != kDraft2019 && !logging_) return;
+  if (guestLog_.empty()) guestLog_.assign((cfg_.guestPages + 63) / 64, 0);
+  guestLog_[page >> 6] |= 1ull << (page & 63);
 }
 
 int Device::readCopiedPfns(uint64_t* v) {
@@ -606,7 +603,8 @@ int Device::readCopiedPfns(uint64_t* v) {
   if (total == 0 || start >= cfg_.guestPages || total > cfg_.guestPages - start)
     return fail(EINVAL, fmt("dirty bitmap query: pfns %llu+%llu beyond the %llu guest pages", static_cast<ull>(start),
                             static_cast<ull>(total), static_cast<ull>(cfg_.guestPages)));
-  uint64_t dirty = countRange(guestLog_, start, total);
+  std::lock_guard<std::mutex> lg(logMu_);
+  uint64_t dirty = guestLog_.empty() ? 0 : countRange(guestLog_, start, total);
   if (dirty == 0) {
     *v = 0;  // VFIO_DEVICE_DIRTY_PFNS_NONE
   } else if (dirty == total) {
@@ -632,15 +630,12 @@ int Device::readCopiedPfns(uint64_t* v) {
 }
 
 void Device::dirtyPages(uint32_t op, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, size_t bitmapLen) {
-  std::lock_guard<std::mutex> lk(mu_);
+  std::lock_guard<std::mutex> lk(logMu_);  // not mu_: the container never waits for the vendor
   using ull = unsigned long long;
-  auto err = [&](const std::string& m) {
-    lastError_ = m;
-    return NativeError(EINVAL, m);
-  };
+  auto err = [&](const std::string& m) { return NativeError(EINVAL, m); };
   if (cfg_.profile != kLinux58) throw err("VFIO_IOMMU_DIRTY_PAGES: draft-2019 devices report dirty pages through the region");
   if (op == VFIO_IOMMU_DIRTY_PAGES_FLAG_START) {
-    if (!logging_) std::fill(guestLog_.begin(), guestLog_.end(), 0);
+    if (!logging_) guestLog_.clear();
     logging_ = true;
     return;
   }
@@ -656,6 +651,7 @@ void Device::dirtyPages(uint32_t op, uint64_t iova, uint64_t size, uint64_t pgsi
   uint64_t first = iova / kPage, n = size / kPage;
   if (bitmap == nullptr || bitmapLen < (n + 7) / 8)
     throw err(fmt("GET_BITMAP: bitmap of %zu bytes too small for %llu pages", bitmapLen, static_cast<ull>(n)));
+  if (guestLog_.empty()) return;  // nothing logged yet
   for (uint64_t i = 0; i < n; i += 64) {
     uint64_t word = getBits(guestLog_, first + i);
     if (n - i < 64) word &= (1ull << (n - i)) - 1;
@@ -698,8 +694,9 @@ void Device::configWrite(const uint8_t* src) {
 void Device::dmaTouch(uint64_t page) {
   std::lock_guard<std::mutex> lk(mu_);
   if (page >= cfg_.guestPages) throw NativeError(EINVAL, "page beyond guest memory");
-  uint64_t v = splitmix64(page ^ dmaWrites_);
-  memcpy(guest_ + page * kPage, &v, 8);
+  guest::Access ram(cfg_.guestPages);
+  ram.write8(page, splitmix64(page ^ dmaWrites_));
+  std::lock_guard<std::mutex> lg(logMu_);
   logDma(page);
 }
 

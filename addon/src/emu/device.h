@@ -1,12 +1,12 @@
 // The emulated VFIO migration-v1 vendor device (docs/EMULATED-DEVICE.md).
 #pragma once
-#include <condition_variable>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace emu {
@@ -64,8 +64,13 @@ class Device {
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
-  // Stops the workload thread; later accesses fail ENODEV. Memory stays mapped until the last reference goes.
+  // Leaves the shared workload pool; later accesses fail ENODEV. Never waits for a vendor access in progress.
+  // Memory stays mapped until the last reference goes.
   void shutdown();
+
+  // One workload step (called by the shared workload pool, addon/src/emu/workload.cc): skips the step when a vendor
+  // access holds the device, so one slow device never delays the others.
+  void workloadTick(std::chrono::steady_clock::time_point now);
 
   // A trapped region access (read/write on the device fd). Returns 0 or -errno (text in threadErrorText()).
   int access(bool write, uint64_t off, void* buf, size_t len);
@@ -123,25 +128,25 @@ class Device {
   uint64_t trappedBytes(uint64_t lo, uint64_t hi) const;
   template <typename F> void forEachTrapped(uint64_t lo, uint64_t hi, F fn) const;
   void setDirty(uint64_t page);
-  void logDma(uint64_t page);
+  void logDma(uint64_t page);  // caller holds logMu_
   void startSave();
-  void workloadLoop();
 
   const uint32_t id_;
   const Config cfg_;
   uint64_t pages_ = 0, dataAreaSize_ = 0, regionSize_ = 0, hdrEnd_ = 0;
   std::vector<Area> areas_;
-  int stateFd_ = -1, dataFd_ = -1, guestFd_ = -1;
+  int stateFd_ = -1, dataFd_ = -1;
   uint8_t* state_ = nullptr;  // stateSize bytes
   uint8_t* data_ = nullptr;   // the device's own mapping of the data area
-  uint8_t* guest_ = nullptr;  // guestPages * 4096 bytes
 
   std::mutex mu_;  // serialises every vendor-side access, staging, and the workload
-  std::condition_variable cv_;
   uint32_t reg_ = 0;  // raw device_state
-  std::vector<uint64_t> dirty_;  // state pages dirty since the last send
+  std::vector<uint64_t> dirty_;  // state pages dirty since the last send (allocated by the first save session)
   uint64_t dirtyCount_ = 0;
-  std::vector<uint64_t> guestLog_;  // guest pages DMA-written (draft: always logged; linux-5.8: while logging_)
+  // The DMA log belongs to the IOMMU side (type1 container), not to the vendor: its own lock, so a container query
+  // never waits for a slow vendor access holding mu_. Lock order: mu_, then logMu_.
+  std::mutex logMu_;
+  std::vector<uint64_t> guestLog_;  // guest pages DMA-written (draft: always logged; linux-5.8: while logging_); allocated by the first logged write
   bool logging_ = false;
   uint8_t config_[256] = {};
   Fault fault_ = Fault::kNone;
@@ -153,9 +158,36 @@ class Device {
   bool bitmapPending_ = false;
   uint64_t chunksStaged_ = 0, chunksConsumed_ = 0, pagesSent_ = 0, pagesLoaded_ = 0, workloadWrites_ = 0,
            dmaWrites_ = 0;
-  bool stop_ = false, dead_ = false;
-  std::thread worker_;
+  std::atomic<bool> dead_{false};
+  bool inPool_ = false;
+  // Workload state (touched only under mu_ by the pool's tick).
+  bool wlRunning_ = false;
+  std::chrono::steady_clock::time_point wlLast_{};
+  uint64_t wlRng_ = 0;
+  double owedState_ = 0, owedDma_ = 0;
 };
+
+// The shared workload pool: a few threads step every device with a workload (no thread per device).
+namespace workload {
+void add(Device* d);
+void remove(Device* d);  // returns once no pool thread is stepping d
+unsigned threads();      // pool threads started so far
+}  // namespace workload
+
+// Emulated guest RAM: one per process, like a VM's memory that all its devices DMA into. Created by the first DMA
+// write and grown to the largest guestPages that wrote; pages are allocated when first written.
+namespace guest {
+// Holds guest RAM mapped (shared lock) and at least `pages` pages long while it lives. Throws vm::NativeError.
+class Access {
+ public:
+  explicit Access(uint64_t pages);
+  ~Access();
+  Access(const Access&) = delete;
+  Access& operator=(const Access&) = delete;
+  void write8(uint64_t page, uint64_t v);  // 8 bytes at the page start; page < pages
+};
+uint64_t mappedBytes();  // current guest RAM size (0 until the first DMA write)
+}  // namespace guest
 
 // Process-global registry (ids from 1). All functions throw vm::NativeError(ENOENT) for an unknown id.
 uint32_t create(const Config& cfg);
