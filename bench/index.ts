@@ -75,7 +75,7 @@ function baselineOnce(ds: EmulatedTransport[], out: string): { bytes: number; ms
 /** Engine save, stop-and-copy only (maxRounds 0): the whole state moves with devices stopped. */
 async function engineSave(pool: EnginePool, ds: EmulatedTransport[], out: string, extra: Record<string, unknown> = {}) {
   reset(ds);
-  const r = await saveDevices(ds, out, pool, { maxRounds: 0, digests: false, dirtyQueryIntervalMs: 0, ...extra });
+  const r = await saveDevices(ds, out, pool, { maxRounds: 0, digests: false, dirtyQueryIntervalMs: 0, force: true, ...extra });
   return r;
 }
 
@@ -241,7 +241,7 @@ async function main() {
     {
       const ds = devices(4, per);
       reset(ds);
-      await saveDevices(ds, file, pool, { maxRounds: 0, digests: false });
+      await saveDevices(ds, file, pool, { maxRounds: 0, digests: false, force: true });
       destroy(ds);
       const loadOnce = async (p: EnginePool) => {
         let loader: Loader | undefined;

@@ -12,7 +12,7 @@ import { FLAG_DEV_DATA_STATE, getBe64, putBe64 } from '../src/main/protocol/qemu
 import type { Loader } from '../src/main/engine/load.js';
 import { readRecords, renumber, writeRecords, type Rec } from './craft.js';
 import { fillHole } from '../src/main/container/sink.js';
-import { rejectsCode, rm, tmpFile } from './helpers.js';
+import { rejectsCode, rm, saveInPlace, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
 const good = tmpFile('good');
@@ -194,7 +194,7 @@ async function saveFails(fault: string, arg: number, code: string, opts: Record<
   const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `f${i}`, stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0, guestPages: 64, ...opts }));
   devs[1].device.setFault(fault, arg);
   try {
-    const e = await rejectsCode(saveDevices(devs, f, pool, { maxRounds: 2, maxEmptyChunks: 8, maxNoProgress: 16, vendorMode: 'strict' }), code);
+    const e = await rejectsCode(saveInPlace(devs, f, pool, { maxRounds: 2, maxEmptyChunks: 8, maxNoProgress: 16, vendorMode: 'strict' }), code);
     for (const d of devs) assert.is(d.device.info().deviceState & 7, 1, `${d.name} must be RUNNING after rollback (${fault})`);
     const ins = await inspectContainer(f);
     assert.is(ins.abort?.code, code);

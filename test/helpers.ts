@@ -4,6 +4,11 @@ import path from 'node:path';
 import fs from 'node:fs';
 import * as assert from 'uvu/assert';
 import { MigError } from '../src/main/errors.js';
+import { Migration, type MigrationOptions, type MigrationReport } from '../src/main/engine/migration.js';
+import { ContainerWriter } from '../src/main/container/writer.js';
+import { FileSink } from '../src/main/container/sink.js';
+import type { EnginePool } from '../src/main/engine/pool.js';
+import type { DeviceTransport } from '../src/main/transport/transport.js';
 
 let n = 0;
 export function tmpFile(tag: string): string {
@@ -46,4 +51,15 @@ export function expectedState(seed: number, size: number): Uint8Array {
 
 export function expectedConfig(seed: number): Uint8Array {
   return new Uint8Array(256).map((_, i) => Number(splitmix64(BigInt(seed) ^ (0xc0f1n + BigInt(i))) & 0xffn));
+}
+
+/**
+ * Save with the engine writing the file in place (a plain FileSink): a failed save's stream, ending in its ABORT
+ * record, stays for the test to inspect (`saveDevices` removes it).
+ */
+export function saveInPlace(devs: DeviceTransport[], file: string, pool: EnginePool, opts: MigrationOptions = {},
+  onMigration?: (m: Migration) => void): Promise<MigrationReport> {
+  const m = new Migration(devs, pool, new ContainerWriter(FileSink.open(file, { force: true })), opts);
+  onMigration?.(m);
+  return m.run();
 }

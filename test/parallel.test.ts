@@ -8,7 +8,7 @@ import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { inspectContainer } from '../src/main/container/inspect.js';
 import { ErrorCode } from '../src/main/errors.js';
 import type { Migration } from '../src/main/engine/migration.js';
-import { rejectsCode, rm, tmpFile } from './helpers.js';
+import { rejectsCode, rm, saveInPlace, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
 test.after(async () => { await pool.close(); });
@@ -64,7 +64,7 @@ async function cancelDuring(phase: 'precopy' | 'stopcopy') {
   for (const d of devs) d.device.setFault('slow-chunk', phase === 'precopy' ? 300 : 2000);
   let stopCopyStarted = false;
   try {
-    const p = saveDevices(devs, f, pool, { maxRounds: phase === 'precopy' ? 100 : 2, downtimeLimitMs: 0, signal: ac.signal }, (m: Migration) => {
+    const p = saveInPlace(devs, f, pool, { maxRounds: phase === 'precopy' ? 100 : 2, downtimeLimitMs: 0, signal: ac.signal }, (m: Migration) => {
       m.on('phase', (_from, to) => { if (to === 'stopcopy') stopCopyStarted = true; });
       m.on('phase', (_from, to) => { if (to === phase) setTimeout(() => ac.abort(), 30); });
     });

@@ -3,8 +3,12 @@
 import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
+import crypto from 'node:crypto';
 import { ContainerWriter } from './container/writer.js';
 import { FileSink } from './container/sink.js';
+import { OutputFile } from './container/output.js';
+import { checkLoadOptions, checkMigrationOptions, checkPath, optBoolean, optFunction, optNumber, optionsObject } from './options.js';
+import { ErrorCode, MigError, abortError } from './errors.js';
 import { EnginePool } from './engine/pool.js';
 import { Migration, type MigrationOptions, type MigrationReport } from './engine/migration.js';
 import { Loader, type LoadOptions, type LoadReport } from './engine/load.js';
@@ -12,16 +16,42 @@ import { EmulatedTransport } from './transport/emulated.js';
 import type { EmulatedDeviceOptions } from './emulated/device.js';
 import type { DeviceTransport } from './transport/transport.js';
 
+export interface SaveOptions extends MigrationOptions {
+  /** Replace an existing file at the stream path (default: refuse with VFM_OUTPUT_EXISTS). Never an input. */
+  force?: boolean;
+}
+
+/**
+ * Save `transports` into a stream file ('-': standard output). The file is written under a temporary name in the
+ * same folder and renamed when the save succeeds: a failed or cancelled save leaves nothing at `streamPath`.
+ */
 export async function saveDevices(transports: DeviceTransport[], streamPath: string, pool: EnginePool,
-  opts: MigrationOptions = {}, onMigration?: (m: Migration) => void): Promise<MigrationReport> {
-  const writer = new ContainerWriter(FileSink.open(streamPath));
-  const m = new Migration(transports, pool, writer, opts);
-  onMigration?.(m);
-  return m.run();
+  opts: SaveOptions = {}, onMigration?: (m: Migration) => void): Promise<MigrationReport> {
+  // Every argument is checked before the output is created.
+  checkPath(streamPath, 'stream path');
+  checkMigrationOptions(opts);
+  if (!Array.isArray(transports) || transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
+  if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+  if (onMigration !== undefined && typeof onMigration !== 'function') throw new MigError(ErrorCode.BAD_ARGUMENT, 'onMigration must be a function');
+  const out = OutputFile.open(streamPath, { force: opts.force });
+  try {
+    const m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
+    onMigration?.(m);
+    const r = await m.run();
+    // A cancel that lands after the last record still leaves no file: the caller asked to stop.
+    if (opts.signal?.aborted) throw Object.assign(abortError(opts.signal, 'migration cancelled'), { report: r });
+    out.commit();
+    return r;
+  } finally {
+    out.discard(); // no-op once committed
+  }
 }
 
 export async function loadStream(streamPath: string, pool: EnginePool, opts: LoadOptions = {},
   onLoader?: (l: Loader) => void): Promise<{ report: LoadReport; loader: Loader }> {
+  checkPath(streamPath, 'stream path');
+  checkLoadOptions(opts);
+  if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
   const loader = new Loader(streamPath, pool, opts);
   onLoader?.(loader);
   try {
@@ -37,8 +67,11 @@ export interface RunOptions extends MigrationOptions {
   device: EmulatedDeviceOptions;
   /** Per-device seed = seed + index, so devices differ. */
   seed?: number;
+  /** Keep the stream in this file (default: a temporary file, removed). */
   stream?: string;
   keepStream?: boolean;
+  /** Replace an existing `stream` file. */
+  force?: boolean;
   pool?: EnginePool;
   threads?: number;
   onMigration?: (m: Migration) => void;
@@ -57,8 +90,22 @@ export interface RunReport {
 
 /** Create emulated sources, migrate them live through a stream file into fresh destinations, verify digests. */
 export async function runEmulated(o: RunOptions): Promise<RunReport> {
+  const ro = optionsObject(o, 'run options');
+  checkMigrationOptions(ro);
+  optNumber(ro, 'devices', 1, 1024, true);
+  if (o.devices === undefined) throw new MigError(ErrorCode.BAD_ARGUMENT, 'run options: devices is required');
+  optNumber(ro, 'seed', 0, 2 ** 32 - 1, true);
+  optNumber(ro, 'threads', 1, 256, true);
+  optBoolean(ro, 'keepStream');
+  optFunction(ro, 'onMigration');
+  optionsObject(o.device, 'device options');
+  if (o.stream !== undefined) {
+    checkPath(o.stream, 'stream');
+    if (o.stream === '-') throw new MigError(ErrorCode.BAD_ARGUMENT, 'run reads its stream back: it cannot go to standard output');
+  }
+  if (o.pool !== undefined && !(o.pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+  const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${crypto.randomBytes(6).toString('hex')}.vfmig`);
   const pool = o.pool ?? new EnginePool({ threads: o.threads });
-  const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${Date.now()}.vfmig`);
   const sources: EmulatedTransport[] = [];
   let loader: Loader | undefined;
   try {

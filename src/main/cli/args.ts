@@ -1,5 +1,6 @@
 // Flag value parsers: each failure is a BAD_ARGUMENT naming the flag and the value.
 import { ErrorCode, MigError } from '../errors.js';
+import { printable } from '../text.js';
 
 const UNITS: Record<string, number> = {
   '': 1, b: 1, k: 1024, kb: 1024, kib: 1024, m: 1 << 20, mb: 1 << 20, mib: 1 << 20, g: 2 ** 30, gb: 2 ** 30, gib: 2 ** 30,
@@ -44,9 +45,9 @@ export function fmtBytes(n: number): string {
   return `${n} B`;
 }
 
-/** Fixed-width text table. */
+/** Fixed-width text table; every cell is escaped (names and states may come from a stream or a vendor). */
 export function table(head: string[], rows: (string | number)[][]): string {
-  const all = [head, ...rows.map((r) => r.map(String))];
+  const all = [head, ...rows.map((r) => r.map(printable))];
   const w = head.map((_, i) => Math.max(...all.map((r) => r[i].length)));
   return all.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ')).join('\n');
 }

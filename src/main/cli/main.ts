@@ -7,6 +7,9 @@ import { parseEnum, parseIntIn, parseNumberIn, parseSize } from './args.js';
 import { cmdExtract, cmdInspect } from './inspect.js';
 import { cmdLoad, cmdRun, cmdSave, type DeviceFlags } from './run.js';
 import { cmdStress } from './stress.js';
+import { printable } from '../text.js';
+import { outJson } from './io.js';
+import { interruptedBy, withSignals } from './signals.js';
 
 const VENDOR_MODES = ['compatible', 'strict'] as const;
 const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
@@ -45,15 +48,17 @@ export async function main(argv: string[]): Promise<void> {
 
   deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
     .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
-    .action((o: DeviceFlags & { stream?: string }) => cmdRun(o));
+    .option('--force', 'replace an existing --stream file')
+    .action((o: DeviceFlags & { stream?: string; force?: boolean }) => withSignals((signal) => cmdRun({ ...o, signal })));
   deviceOptions(program.command('save').description('save emulated source devices into a stream file'))
-    .requiredOption('--stream <file>', 'stream file to write')
-    .action((o: DeviceFlags & { stream: string }) => cmdSave(o));
+    .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
+    .option('--force', 'replace an existing stream file (never an input)')
+    .action((o: DeviceFlags & { stream: string; force?: boolean }) => withSignals((signal) => cmdSave({ ...o, signal })));
   program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
     .argument('<file>', 'stream file')
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--json', 'JSON output')
-    .action((file: string, o: { threads?: number; json?: boolean }) => cmdLoad(file, o));
+    .action((file: string, o: { threads?: number; json?: boolean }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
   program.command('inspect').description('show the container and each device\'s QEMU packets')
     .argument('<file>', 'stream file')
     .option('--packets', 'list every QEMU packet')
@@ -62,9 +67,10 @@ export async function main(argv: string[]): Promise<void> {
   program.command('extract').description('write one device\'s raw QEMU byte stream')
     .argument('<file>', 'stream file')
     .requiredOption('--device <n>', 'device index', (v) => parseIntIn('--device', v, 0, 4095))
-    .requiredOption('-o, --output <file>', 'output file')
+    .requiredOption('-o, --output <file>', 'output file (\'-\': standard output, then the report goes to stderr)')
+    .option('--force', 'replace an existing output file (never the input)')
     .option('--json', 'JSON output')
-    .action((file: string, o: { device: number; output: string; json?: boolean }) => cmdExtract(file, o));
+    .action((file: string, o: { device: number; output: string; json?: boolean; force?: boolean }) => withSignals((signal) => cmdExtract(file, { ...o, signal })));
   program.command('stress').description('many concurrent migrations with random geometry, slow-vendor timing faults and concurrent bitmap queries; verify all')
     .option('--seconds <s>', 'how long to run', (v) => parseNumberIn('--seconds', v, 1, 86400), 30)
     .option('--seed <n>', 'master seed (a failure prints the seed that reproduces it)', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1))
@@ -73,12 +79,30 @@ export async function main(argv: string[]): Promise<void> {
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'strict')
     .option('--json', 'JSON output')
-    .action((o) => cmdStress(o));
+    .action((o) => withSignals((signal) => cmdStress({ ...o, signal })));
+  program.addHelpText('after', `
+Files: an output (save --stream, run --stream, extract -o) is written under a temporary name in its folder and
+renamed when complete: a failed or interrupted command leaves nothing at that name. An existing file is replaced
+only with --force, an input never; a second command writing the same path while the first runs is refused.
+Signals: SIGINT (Ctrl-C) and SIGTERM cancel the operation: every source device goes back to RUNNING, the partial
+output is removed, one line is printed. A second signal exits at once.
+Exit codes: 0 ok; 1 the operation failed (or inspect found an incomplete, interrupted or aborted stream); 2 bad
+usage (a flag, or an output that exists without --force); 130 SIGINT; 143 SIGTERM.`);
 
   const json = argv.includes('--json');
   try {
     await program.parseAsync(argv);
+    const sig = interruptedBy();
+    if (sig) fail(new MigError(ErrorCode.CANCELLED, `interrupted by ${sig.name}`), json, sig.exitCode);
   } catch (e) {
+    const sig = interruptedBy();
+    if (sig) {
+      const err = toCliError(e, ErrorCode.CANCELLED);
+      // One line: what stopped it, and what was left behind.
+      const msg = err.code === ErrorCode.CANCELLED ? `interrupted by ${sig.name}${sig.cleanup}` : `interrupted by ${sig.name}: ${err.message}`;
+      fail(Object.assign(new MigError(ErrorCode.CANCELLED, msg), { report: (err as { report?: unknown }).report }), json, sig.exitCode);
+      return;
+    }
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return;
       if (e.code === 'commander.help') { process.exitCode = 2; return; } // no command given: help on stderr
@@ -87,14 +111,18 @@ export async function main(argv: string[]): Promise<void> {
       fail(err, json, 2);
       return;
     }
-    const err = e instanceof MigError ? e : new MigError(ErrorCode.IO, (e as Error)?.message ?? String(e));
-    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT ? 2 : 1);
+    const err = toCliError(e, ErrorCode.INTERNAL);
+    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS ? 2 : 1);
   }
+}
+
+function toCliError(e: unknown, fallback: MigError['code']): MigError {
+  return e instanceof MigError ? e : new MigError(fallback, (e as Error)?.message ?? String(e), { cause: e });
 }
 
 function fail(err: MigError, json: boolean, code: number): void {
   const rep = (err as { report?: unknown }).report;
-  if (json) process.stdout.write(JSON.stringify({ ok: false, error: err.toJSON(), report: rep }, null, 2) + '\n');
-  process.stderr.write(`vfio-mig: ${err.code}: ${err.message}\n`);
+  if (json) outJson({ ok: false, error: err.toJSON(), report: rep });
+  process.stderr.write(`vfio-mig: ${printable(err.code)}: ${printable(err.message)}\n`);
   process.exitCode = code;
 }

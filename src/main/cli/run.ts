@@ -9,6 +9,9 @@ import type { ProfileName } from '../protocol/profiles.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
 import { fmtBytes, table } from './args.js';
 import { ErrorCode, MigError } from '../errors.js';
+import { printable as p } from '../text.js';
+import { claimOutput, out, outJson } from './io.js';
+import { noteCleanup } from './signals.js';
 
 export interface DeviceFlags {
   devices: number; size: number; profile: ProfileName; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
@@ -31,8 +34,6 @@ function migOpts(o: DeviceFlags) {
     roundTimeMs: o.roundTime, roundBytes: o.roundBytes,
   };
 }
-
-function out(s: string): void { process.stdout.write(s + '\n'); }
 
 export function saveText(r: MigrationReport): string {
   const lines: string[] = [];
@@ -62,50 +63,78 @@ export function loadText(r: LoadReport): string {
   ].join('\n');
 }
 
-export async function cmdRun(o: DeviceFlags & { stream?: string }): Promise<void> {
+type Cancel = { signal?: AbortSignal };
+
+export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
   const dev = deviceOpts(o);
-  const r = await runEmulated({ ...migOpts(o), devices: o.devices, device: dev, seed: o.seed, stream: o.stream, threads: o.threads });
-  if (o.json) { out(JSON.stringify(r, null, 2)); }
+  let r;
+  try {
+    r = await runEmulated({ ...migOpts(o), devices: o.devices, device: dev, seed: o.seed, stream: o.stream, threads: o.threads, force: o.force, signal: o.signal });
+  } catch (e) {
+    noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
+    throw e;
+  }
+  if (o.json) { outJson(r); }
   else {
     out(`vfio-mig run: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, data area ${o.dataMode}, data_offset ${o.offsetPolicy}, chunk ${fmtBytes(o.chunk)}, workload ${o.dirtyRate} pages/s`);
     out(saveText(r.save));
     out(loadText(r.load));
-    for (const d of r.load.devices) out(`${d.name}: verified: ${d.verified}`);
+    for (const d of r.load.devices) out(`${p(d.name)}: verified: ${d.verified}`);
     out(`verified: ${r.ok}`);
   }
   if (!r.ok) process.exitCode = 1;
 }
 
-export async function cmdSave(o: DeviceFlags & { stream: string }): Promise<void> {
+export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean } & Cancel): Promise<void> {
   const dev = deviceOpts(o);
+  claimOutput(o.stream);
+  if (o.stream === '-' && process.stdout.isTTY) {
+    throw new MigError(ErrorCode.BAD_ARGUMENT, '--stream -: standard output is a terminal; redirect it to a file or a pipe');
+  }
   const pool = new EnginePool({ threads: o.threads });
   const sources: EmulatedTransport[] = [];
   try {
     for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
-    const r = await saveDevices(sources, o.stream, pool, migOpts(o));
-    if (o.json) out(JSON.stringify({ ok: r.ok, stream: o.stream, save: r }, null, 2));
-    else { out(saveText(r)); out(`stream: ${o.stream}`); }
+    let r;
+    try {
+      r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
+    } catch (e) {
+      const running = sources.filter((s) => (s.device.info().deviceState & 7) === 1).length;
+      noteCleanup(`; ${running} of ${sources.length} source device(s) RUNNING again, ${o.stream === '-' ? 'standard output holds a stream ending in ABORT' : `nothing written to ${p(o.stream)}`}`);
+      throw e;
+    }
+    if (o.json) outJson({ ok: r.ok, stream: o.stream, save: r });
+    else { out(saveText(r)); out(`stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`); }
   } finally {
     for (const s of sources) s.destroy();
     await pool.close();
   }
 }
 
-export async function cmdLoad(file: string, o: { threads?: number; json?: boolean }): Promise<void> {
+export async function cmdLoad(file: string, o: { threads?: number; json?: boolean } & Cancel): Promise<void> {
   const pool = new EnginePool({ threads: o.threads });
   let loader;
   try {
-    const res = await loadStream(file, pool, { verify: true });
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal });
     loader = res.loader;
     const ok = res.report.devices.every((d) => d.verified === true);
-    if (o.json) out(JSON.stringify({ ok, load: res.report }, null, 2));
+    if (o.json) outJson({ ok, load: res.report });
     else { out(loadText(res.report)); out(`verified: ${ok}`); }
     if (!ok) process.exitCode = 1;
   } catch (e) {
     loader = (e as { loader?: { dests: { transport: unknown }[] } }).loader;
+    noteCleanup('; no destination started');
     throw e;
   } finally {
     for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
     await pool.close();
   }
+}
+
+/** "2 of 2 source device(s) RUNNING again, " from a failed save's rollback (empty when the save was not reached). */
+function rollbackText(e: unknown): string {
+  const rb = (e as { report?: { rollback?: string[] } }).report?.rollback;
+  if (!Array.isArray(rb)) return '';
+  const ok = rb.filter((x) => /RUNNING/.test(String(x)) && !/failed/.test(String(x))).length;
+  return `${ok} of ${rb.length} source device(s) RUNNING again, `;
 }

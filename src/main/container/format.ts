@@ -177,3 +177,29 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
   });
   return t;
 }
+
+/** Check an END record's shape (the loader compares digests from it; a null or odd body is stream damage). */
+export function validateEnd(e: EndRecord, table: DeviceTable, fileOffset: number): EndRecord {
+  const bad = (m: string) => new MigError(ErrorCode.STREAM_BAD_RECORD, `END record: ${m}`, { offset: fileOffset });
+  if (!e || typeof e !== 'object' || !Array.isArray(e.devices)) throw bad('not an object with a devices array');
+  if (e.devices.length > table.devices.length) throw bad(`${e.devices.length} entries for ${table.devices.length} devices`);
+  const isCount = (v: unknown) => v === undefined || (Number.isSafeInteger(v) && (v as number) >= 0);
+  const isText = (v: unknown, max: number) => v === undefined || (typeof v === 'string' && v.length <= max);
+  e.devices.forEach((d, i) => {
+    if (!d || typeof d !== 'object') throw bad(`entry ${i} is not an object`);
+    if (!Number.isSafeInteger(d.index) || d.index < 0 || d.index >= table.devices.length) throw bad(`entry ${i}: bad device index ${String(d.index)}`);
+    if (!isText(d.digest, 128) || !isText(d.name, 256) || !isText(d.finalState, 64)) throw bad(`entry ${i}: bad digest, name or finalState`);
+    if (!isCount(d.streamBytes) || !isCount(d.records)) throw bad(`entry ${i}: bad streamBytes or records`);
+  });
+  return e;
+}
+
+/** Check an ABORT record's shape; its text is the source's, printed escaped. */
+export function validateAbort(a: AbortRecord, fileOffset: number): AbortRecord {
+  const bad = (m: string) => new MigError(ErrorCode.STREAM_BAD_RECORD, `ABORT record: ${m}`, { offset: fileOffset });
+  if (!a || typeof a !== 'object' || Array.isArray(a)) throw bad('not an object');
+  if (typeof a.code !== 'string' || a.code.length > 64) throw bad('bad code');
+  if (a.message !== undefined && (typeof a.message !== 'string' || a.message.length > 4096)) throw bad('bad message');
+  if (a.device !== undefined && (typeof a.device !== 'string' || a.device.length > 256)) throw bad('bad device');
+  return { code: a.code, message: a.message ?? '', device: a.device };
+}

@@ -1,10 +1,15 @@
 // Walk a container like QEMU's analyze-migration: records, devices, and each device's QEMU packets. Also extracts
 // one device's exact QEMU byte stream. Every CHUNK is checksum-verified and checked for sequence continuity.
-import fs from 'node:fs';
+import { OutputFile } from './output.js';
+import { FileSink } from './sink.js';
+import { checkPath } from '../options.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { newParseState, parsePackets, tagName, getBe64, checkStreamEnd, type QemuParseState } from '../protocol/qemu-stream.js';
 import { ContainerReader, type RecordRef } from './reader.js';
-import { RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_END, REC_DEVICE_TABLE, type AbortRecord, type DeviceTable, type EndRecord } from './format.js';
+import {
+  RECORD_HEADER_SIZE, RECORD_NAMES, REC_ABORT, REC_CHUNK, REC_END, REC_DEVICE_TABLE, validateAbort, validateEnd, type AbortRecord,
+  type DeviceTable, type EndRecord,
+} from './format.js';
 
 export interface PacketInfo { offset: number; tag: string; size?: number }
 export interface DeviceInspect {
@@ -21,14 +26,29 @@ export interface DeviceInspect {
   packets?: PacketInfo[];
   complete: boolean;
 }
+/**
+ * How the file ends. complete: an END record; aborted: an ABORT record (the source failed or was cancelled);
+ * incomplete: the records stop cleanly with neither (the save never finished); interrupted: the last record is torn
+ * (cut short, or a hole of zeros a writer reserved and never filled) at `interruptedAt`.
+ */
+export type StreamStatus = 'complete' | 'aborted' | 'incomplete' | 'interrupted';
+
 export interface InspectResult {
   file: string;
+  status: StreamStatus;
+  /** interrupted: file offset of the torn record. */
+  interruptedAt?: number;
   size: number;
   table: DeviceTable;
   devices: DeviceInspect[];
   records: Record<string, number>;
   end?: EndRecord;
   abort?: AbortRecord;
+}
+
+/** A save cut short (torn record or unwritten hole at the tail): walking stops there. */
+class Torn extends Error {
+  constructor(readonly at: number, readonly why: string) { super(why); }
 }
 
 async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => void | Promise<void>) {
@@ -40,11 +60,24 @@ async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => v
     const counts: Record<string, number> = { DEVICE_TABLE: 1, CHUNK: 0, END: 0, ABORT: 0 };
     let end: EndRecord | undefined;
     let abort: AbortRecord | undefined;
+    let torn: Torn | undefined;
     let buf = new Uint8Array(0);
     for (;;) {
-      const r = await reader.next();
+      let r: RecordRef | null;
+      try {
+        r = await nextRecord(reader);
+      } catch (e) {
+        if (!(e instanceof Torn)) throw e;
+        torn = e;
+        break;
+      }
       if (!r) break;
       if (end || abort) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'records after END/ABORT', { offset: r.at });
+      // A body that runs past the end of the file: the save stopped while writing this record.
+      if (r.h.length > reader.size - reader.offset) {
+        torn = new Torn(r.at, `${RECORD_NAMES[r.h.type]} record of ${r.h.length} bytes, the file ends after ${reader.size - reader.offset}`);
+        break;
+      }
       if (r.h.type === REC_CHUNK) {
         counts.CHUNK++;
         const d = r.h.device;
@@ -53,11 +86,7 @@ async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => v
           throw new MigError(ErrorCode.STREAM_BAD_RECORD, `CHUNK seq ${r.h.seq}/offset ${r.h.streamOffset}, expected ${seq[d]}/${off[d]}`,
             { offset: r.at, device: table.devices[d].name });
         }
-        // Never allocate more than the file can still hold.
-        if (r.h.length > reader.size - reader.offset) {
-          throw new MigError(ErrorCode.STREAM_TRUNCATED, `CHUNK claims ${r.h.length} bytes, the file has ${reader.size - reader.offset} left`,
-            { offset: reader.size });
-        }
+        // Never allocate more than the file can still hold (checked above).
         if (buf.length < r.h.length) buf = new Uint8Array(r.h.length);
         const body = await reader.body(r, buf, 0, table.devices[d].name);
         seq[d]++;
@@ -65,17 +94,33 @@ async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => v
         await onChunk(r, body);
       } else if (r.h.type === REC_END) {
         counts.END++;
-        end = await reader.metaBody<EndRecord>(r);
+        end = validateEnd(await reader.metaBody<EndRecord>(r), table, r.at + RECORD_HEADER_SIZE);
       } else if (r.h.type === REC_ABORT) {
         counts.ABORT++;
-        abort = await reader.metaBody<AbortRecord>(r);
+        abort = validateAbort(await reader.metaBody<AbortRecord>(r), r.at + RECORD_HEADER_SIZE);
       } else if (r.h.type === REC_DEVICE_TABLE) {
         throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'a second DEVICE_TABLE', { offset: r.at });
       }
     }
-    return { table, counts, end, abort, size: reader.size };
+    const status: StreamStatus = torn ? 'interrupted' : end ? 'complete' : abort ? 'aborted' : 'incomplete';
+    return { table, counts, end, abort, size: reader.size, status, torn };
   } finally {
     reader.close();
+  }
+}
+
+/** The next record header; a header cut by the end of the file, or never written (all zeros), is a torn tail. */
+async function nextRecord(reader: ContainerReader): Promise<RecordRef | null> {
+  const at = reader.offset;
+  const left = reader.size - at;
+  if (left > 0 && left < RECORD_HEADER_SIZE) throw new Torn(at, `a record header cut after ${left} bytes`);
+  try {
+    return await reader.next();
+  } catch (e) {
+    if (e instanceof MigError && e.code === ErrorCode.STREAM_BAD_RECORD && reader.isZero(at, RECORD_HEADER_SIZE)) {
+      throw new Torn(at, 'a record header that was reserved but never written (zeros)');
+    }
+    throw e;
   }
 }
 
@@ -110,32 +155,56 @@ export async function inspectContainer(path: string, withPackets = false): Promi
     try { if (st) { checkStreamEnd(st, t.name, res.size); di.complete = true; } } catch { di.complete = false; }
     return di;
   });
-  return { file: path, size: res.size, table: tableRef, devices, records: res.counts, end: res.end, abort: res.abort };
+  return {
+    file: path, status: res.status, interruptedAt: res.torn?.at, size: res.size, table: tableRef, devices, records: res.counts, end: res.end,
+    abort: res.abort,
+  };
 }
 
-/** Write device `index`'s exact QEMU byte stream to `out`. Returns bytes written. */
-export async function extractDevice(path: string, index: number, out: string): Promise<number> {
-  // Check the index against the device table before creating (or truncating) the output.
+/**
+ * Write device `index`'s exact QEMU byte stream to `out` ('-': standard output). The stream must be whole: an
+ * incomplete, interrupted or aborted container, or a device stream that does not end properly, is an error and
+ * leaves nothing at `out`. Returns bytes written.
+ */
+export async function extractDevice(path: string, index: number, out: string, o: { force?: boolean; signal?: AbortSignal } = {}): Promise<number> {
+  checkPath(path, 'stream path');
+  checkPath(out, 'output');
+  if (!Number.isSafeInteger(index) || index < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `device index ${String(index)} is invalid`);
+  // Check the index against the device table before the output is created.
   const pre = ContainerReader.open(path);
+  let name: string;
   try {
     const t = await pre.readPreamble();
     if (index >= t.devices.length) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${t.devices.length} device(s)`);
+    name = t.devices[index].name;
   } finally {
     pre.close();
   }
-  const fd = fs.openSync(out, 'w');
-  let n = 0;
+  const file = OutputFile.open(out, { force: o.force, inputs: [path] });
   try {
-    const res = await walk(path, (r, body) => {
+    const sink = FileSink.onOutput(file);
+    const st = newParseState();
+    let n = 0;
+    const res = await walk(path, async (r, body) => {
+      if (o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'extract cancelled', { offset: r.at });
       if (r.h.device !== index) return;
-      fs.writeSync(fd, body);
+      // Parse as it goes: a device stream that is not well-formed QEMU is refused, not copied.
+      parsePackets(st, body, 0, body.length, r.at + RECORD_HEADER_SIZE, { maxData: body.length, maxConfig: body.length }, name);
+      await sink.write(body);
       n += body.length;
     });
-    if (index >= res.table.devices.length) {
-      throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${res.table.devices.length} device(s)`);
+    await sink.close();
+    if (res.status === 'interrupted') {
+      throw new MigError(ErrorCode.STREAM_TRUNCATED, `save interrupted at offset ${res.torn!.at}: ${res.torn!.why}`, { offset: res.torn!.at });
     }
+    if (res.status === 'aborted') {
+      throw new MigError(ErrorCode.STREAM_ABORTED, `the source aborted this stream: ${res.abort!.code}: ${res.abort!.message}`, { device: res.abort!.device });
+    }
+    if (res.status === 'incomplete') throw new MigError(ErrorCode.STREAM_TRUNCATED, 'incomplete stream: no END record', { offset: res.size });
+    checkStreamEnd(st, name, res.size);
+    file.commit();
+    return n;
   } finally {
-    fs.closeSync(fd);
+    file.discard();
   }
-  return n;
 }

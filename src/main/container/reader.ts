@@ -129,6 +129,13 @@ export class ContainerReader implements RecordSource {
     return decodeJson<T>(await this.body(r, buf, 0), RECORD_NAMES[r.h.type], r.at + RECORD_HEADER_SIZE);
   }
 
+  /** Are `len` bytes at `at` all zero (a region a writer reserved but never filled)? */
+  isZero(at: number, len: number): boolean {
+    const b = new Uint8Array(len);
+    const n = fs.readSync(this.fd, b, 0, len, at);
+    return n === len && b.every((x) => x === 0);
+  }
+
   /** The open file descriptor (workers read data packets from it directly). */
   get descriptor(): number { return this.fd; }
 

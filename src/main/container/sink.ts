@@ -3,6 +3,7 @@
 // writes one after another. Future transports (TCP/UNIX/TLS) implement the same two methods.
 import fs from 'node:fs';
 import { ErrorCode, MigError } from '../errors.js';
+import { OutputFile, STDOUT, positional, type OutputOptions } from './output.js';
 import { NO_DEVICE, RECORD_HEADER_SIZE, REC_ABORT, writeRecordHeader } from './format.js';
 
 export interface Sink {
@@ -63,31 +64,35 @@ function writeAll(fd: number, b: Uint8Array, pos: number | null): Promise<void> 
   });
 }
 
-/** Regular files and devices like /dev/null take pwrite; pipes and sockets answer ESPIPE. */
-function positional(fd: number): boolean {
-  if (fs.fstatSync(fd).isFile()) return true;
-  try {
-    fs.writeSync(fd, new Uint8Array(0), 0, 0, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 export class FileSink implements Sink {
   private readonly counters = new SharedArrayBuffer(16);
   private readonly c = new BigInt64Array(this.counters);
   private chain: Promise<void> = Promise.resolve();
-  private constructor(private fd: number, private readonly positional: boolean, readonly path: string) {}
+  private constructor(private fd: number, private readonly positional: boolean, readonly path: string, private readonly ownsFd: boolean) {}
 
-  static open(path: string): FileSink {
+  /**
+   * Open `path` for writing in place. An existing regular file is refused unless `force` (then truncated): for a
+   * save that must never leave a partial file at its final name, use `OutputFile` (what `saveDevices` does).
+   */
+  static open(path: string, o: { force?: boolean } = {}): FileSink {
     let fd: number;
     try {
-      fd = fs.openSync(path, 'w');
+      fd = fs.openSync(path, o.force ? 'w' : 'wx');
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+        // Devices (/dev/null) and FIFOs hold no data to clobber.
+        if (!fs.statSync(path).isFile()) return FileSink.open(path, { force: true });
+        throw new MigError(ErrorCode.OUTPUT_EXISTS, `${path} exists: pass force to replace it`);
+      }
       throw new MigError(ErrorCode.IO, `cannot open stream ${path}: ${(e as Error).message}`, { cause: e });
     }
-    return new FileSink(fd, positional(fd), path);
+    return new FileSink(fd, positional(fd), path, true);
+  }
+
+  /** Write into an output the caller commits or discards (the sink never closes its descriptor). */
+  static onOutput(out: OutputFile): Sink {
+    if (out.path === STDOUT) return new WritableSink(process.stdout, STDOUT);
+    return new FileSink(out.fd, out.positional, out.path, false);
   }
 
   get bytes(): number { return Number(Atomics.load(this.c, 0)); }
@@ -106,9 +111,33 @@ export class FileSink implements Sink {
 
   async close(): Promise<void> {
     await this.chain;
-    if (this.fd >= 0) {
-      fs.closeSync(this.fd);
-      this.fd = -1;
-    }
+    if (this.fd >= 0 && this.ownsFd) fs.closeSync(this.fd);
+    this.fd = -1;
   }
 }
+
+/**
+ * Standard output (a pipe, a terminal, a file the shell opened): written in order through its stream, which knows
+ * how to wait on a full non-blocking pipe. Never positional, so records go through the main thread's ring.
+ */
+export class WritableSink implements Sink {
+  private n = 0;
+  private chain: Promise<void> = Promise.resolve();
+  constructor(private readonly w: NodeJS.WritableStream, readonly path: string) {}
+  get bytes(): number { return this.n; }
+  write(b: Uint8Array): Promise<void> {
+    this.n += b.length;
+    const p = this.chain.then(() => new Promise<void>((resolve, reject) => {
+      // The stream may keep the bytes until it flushes them; callers reuse their buffers once this resolves.
+      this.w.write(Buffer.from(b), (err) => {
+        if (err) reject(new MigError(ErrorCode.IO, `write to ${this.path === STDOUT ? 'standard output' : this.path} failed: ${err.message}`, { cause: err }));
+        else resolve();
+      });
+    }));
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+  async close(): Promise<void> { await this.chain; }
+}
+
+export { OutputFile, type OutputOptions };

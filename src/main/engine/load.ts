@@ -10,7 +10,7 @@ import { ContainerReader, type RecordRef, type RecordSource } from '../container
 import { nativeCrcAvailable } from '../container/checksum.js';
 import {
   FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
-  type DeviceTableEntry, type EndRecord,
+  type DeviceTableEntry, type EndRecord, validateAbort, validateEnd,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
 import type { MigrationRegion } from '../protocol/migration-region.js';
@@ -291,12 +291,12 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const r = await reader.next();
       if (!r) throw new MigError(ErrorCode.STREAM_TRUNCATED, 'stream ends without an END record', { offset: reader.offset });
       if (r.h.type === REC_END) {
-        const end = await reader.metaBody<EndRecord>(r);
+        const end = validateEnd(await reader.metaBody<EndRecord>(r), this.table!, r.at + RECORD_HEADER_SIZE);
         await reader.checkEnd();
         return end;
       }
       if (r.h.type === REC_ABORT) {
-        const a = await reader.metaBody<AbortRecord>(r);
+        const a = validateAbort(await reader.metaBody<AbortRecord>(r), r.at + RECORD_HEADER_SIZE);
         throw new MigError(ErrorCode.STREAM_ABORTED, `the source aborted the migration: ${a.code}: ${a.message}`, { offset: r.at, device: a.device });
       }
       if (r.h.type === REC_DEVICE_TABLE) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'a second DEVICE_TABLE', { offset: r.at });
@@ -397,6 +397,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
 
   /** Every stream complete: RESUMING -> RUNNING (the vendor validates), then verify digests. */
   private async finish(end: EndRecord): Promise<void> {
+    if (this.o.signal?.aborted) throw abortError(this.o.signal, 'load cancelled before the destinations were started');
     if (this.o.verify !== false) {
       // A stream that cannot be verified is not started: every digest-capable destination needs its source digest.
       for (const d of this.dests) {

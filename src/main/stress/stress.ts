@@ -3,6 +3,7 @@
 // Deterministic per seed: a failure reports the iteration seed that reproduces it.
 import { runEmulated, type RunReport } from '../api.js';
 import { EnginePool } from '../engine/pool.js';
+import { ErrorCode, MigError } from '../errors.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { VendorMode } from '../../workers/tasks.js';
@@ -22,6 +23,8 @@ export interface StressOptions {
   seconds: number; seed: number; count?: number; threads?: number; concurrent?: number; onIteration?: (s: IterationSummary) => void;
   /** Default strict: stress exists to find vendor misbehaviour, so nothing is tolerated. */
   vendorMode?: VendorMode;
+  /** Cancel: the running iteration's migrations roll back, no further iteration starts. */
+  signal?: AbortSignal;
 }
 export interface IterationSummary { iteration: number; seed: number; migrations: number; devices: number; bytes: number; chunks: number; ok: boolean; error?: string }
 export interface StressSummary {
@@ -64,8 +67,10 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
   const sum: StressSummary = { seed: o.seed, iterations: 0, migrations: 0, devices: 0, bytes: 0, chunks: 0, failures: 0, failed: [], seconds: 0 };
   try {
     while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
+      if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       const seed = Math.floor(master() * 2 ** 32);
-      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode);
+      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal);
+      if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       sum.iterations++;
       sum.migrations += it.migrations;
       sum.devices += it.devices;
@@ -83,9 +88,9 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
 
 /** One iteration: `concurrent` migrations at once on the shared pool. */
 export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0,
-  vendorMode: VendorMode = 'strict'): Promise<IterationSummary> {
+  vendorMode: VendorMode = 'strict', signal?: AbortSignal): Promise<IterationSummary> {
   const plans = iterationPlan(seed, concurrent);
-  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode })));
+  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal })));
   const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
   for (const r of res) {
     if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
