@@ -19,6 +19,8 @@
 #include "region/region.h"
 #include "vfio/vfio.h"
 
+namespace vfu { void exportBindings(Napi::Env env, Napi::Object exports); }  // vfio-user/bindings.cc
+
 namespace {
 
 using vm::ArgError;
@@ -520,6 +522,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT
+  vfu::exportBindings(env, exports);
   return exports;
 }
 

@@ -54,6 +54,11 @@ export interface RegionAreaSpec { offset: number; size: number }
 export interface VfioDeviceHandles { container: number; group: number; device: number }
 export interface VfioDeviceInfo { flags: number; numRegions: number; numIrqs: number }
 
+export interface VfuReply { reply: Uint8Array; fds: number[] }
+export interface VfuServerStats {
+  clients: number; refused: number; requests: number; errorReplies: number; dropped: number; connected: boolean; lastError: string;
+}
+
 export interface NativeAddon {
   // ---- emulated vendor device --------------------------------------------------------------------------------
   emuCreate(cfg: EmuConfig): number;
@@ -121,6 +126,29 @@ export interface NativeAddon {
   vfioClose(fd: number): void;
   /** Layout facts checked by static_assert against <linux/vfio.h>, exported so tests can compare with TS tables. */
   uapiLayout(): Record<string, number>;
+
+  // ---- vfio-user (addon/src/vfio-user) -------------------------------------------------------------------------
+  /** Connect to a vfio-user server's UNIX socket (bounded by timeoutMs). Returns a connection id. */
+  vfuConnect(path: string, timeoutMs: number): number;
+  /** Negotiated limits: REGION_READ/WRITE bytes per request, data bytes per write-type request, per-request timeout. */
+  vfuSetLimits(conn: number, maxXfer: number, writeBound: number, timeoutMs: number): void;
+  /**
+   * One request and its validated reply payload (between minReply and maxReply bytes; up to maxFds descriptors,
+   * which the caller then owns). A server error reply throws with the server's errno.
+   */
+  vfuRequest(conn: number, cmd: number, body: Uint8Array, minReply: number, maxReply: number, maxFds: number): VfuReply;
+  /** vfuRequest on the libuv pool (the main thread does not wait on the socket). */
+  vfuRequestAsync(conn: number, cmd: number, body: Uint8Array, minReply: number, maxReply: number, maxFds: number): Promise<VfuReply>;
+  vfuClose(conn: number): void;
+  /** Requests sent on this connection so far. */
+  vfuRequests(conn: number): number;
+  /** A region of a vfio-user device: trapped access by REGION_READ/WRITE, `areas` mapped from `fd` (-1: none) at fdOffset + area.offset. */
+  regionOpenUser(conn: number, index: number, size: number, fd: number, fdOffset: number, areas: RegionAreaSpec[]): number;
+  /** Serve emulated device `id` on a UNIX socket (the path must not exist). Returns a server id. */
+  vfuServerStart(id: number, path: string, maxXfer: number, msgTimeoutMs: number): number;
+  vfuServerStop(server: number): void;
+  vfuServerStats(server: number): VfuServerStats;
+  closeFd(fd: number): void;
 
   // ---- native loops used only by `npm run bench` -------------------------------------------------------------
   /** Copy `total` bytes of the region data area [off, off+len) in `chunk`-byte pieces into dst, with `threads` threads. Returns ns. */

@@ -28,6 +28,11 @@ export const ErrorCode = {
   OUTPUT_EXISTS: 'VFM_OUTPUT_EXISTS',          // the output file exists and --force (API: force) was not given
   OUTPUT_BUSY: 'VFM_OUTPUT_BUSY',              // another save is writing the same output path
   INTERNAL: 'VFM_INTERNAL',                    // a bug: an exception that is not a MigError reached the boundary
+  PEER_GONE: 'VFM_PEER_GONE',                  // a vfio-user server closed the connection or died
+  PEER_TIMEOUT: 'VFM_PEER_TIMEOUT',            // a vfio-user server did not answer within the per-request timeout
+  PEER_PROTOCOL: 'VFM_PEER_PROTOCOL',          // a vfio-user peer broke the protocol (wrong msg_id/cmd, bad sizes, stray fds)
+  PEER_ERROR: 'VFM_PEER_ERROR',                // a vfio-user server answered a request with an error reply
+  PEER_NO_MIGRATION: 'VFM_PEER_NO_MIGRATION',  // a vfio-user server offers no migration
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -98,6 +103,19 @@ export function abortError(signal: AbortSignal | undefined, message: string, det
   const e = new MigError(ErrorCode.CANCELLED, message, { ...details, cause: signal?.reason });
   e.name = 'AbortError';
   return e;
+}
+
+/**
+ * The code for a failed device access by its errno: the errnos the vfio-user client uses for a dead, stalled or
+ * misbehaving server get their own codes; everything else stays `fallback`.
+ */
+export function accessErrorCode(errno: number | undefined, fallback: ErrorCode = ErrorCode.NATIVE): ErrorCode {
+  switch (errno) {
+    case 32: return ErrorCode.PEER_GONE;      // EPIPE
+    case 110: return ErrorCode.PEER_TIMEOUT;  // ETIMEDOUT
+    case 71: return ErrorCode.PEER_PROTOCOL;  // EPROTO
+    default: return fallback;
+  }
 }
 
 export function isMigError(e: unknown): e is MigError {

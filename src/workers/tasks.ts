@@ -103,7 +103,8 @@ export interface LoadResult {
   configLoaded: boolean;
 }
 
-export interface DigestTask { op: 'digest'; id: number; stateSize: number }
+/** Hash an emulated device's state, or read a device's own digest region (handle of a 32-byte region). */
+export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op: 'digest'; digestRegion: number };
 
 /** Bench only: the seed's sequential algorithm run natively in this worker (a second thread for the 2-thread limit). */
 export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }

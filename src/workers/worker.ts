@@ -2,7 +2,7 @@
 // packets inside, checksummed here so the main thread never touches the bytes); load: staging slot -> region in
 // the profile's write order; digest: hash an emulated device's state.
 import { native } from '../addon/native.js';
-import { MigError, ErrorCode } from '../main/errors.js';
+import { MigError, ErrorCode, accessErrorCode } from '../main/errors.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
 import { OWNER_WORKER, type RegionLock } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
@@ -225,8 +225,9 @@ function loadDataItem(t: LoadDataTask, it: DataItem, region: MigrationRegion, lo
 
 /** A vendor refusal while loading: name the stream byte offset and the vendor's own reason. */
 function rejected(err: unknown, device: string, offset: number): MigError {
-  // The addon's message already carries the emulated vendor's own reason (its lastError).
-  return new MigError(ErrorCode.LOAD_REJECTED, `destination rejected the data packet at stream offset ${offset}: ${(err as Error).message}`,
+  // The addon's message already carries the emulated vendor's own reason (its lastError). A destination server that
+  // died, stalled or broke the protocol keeps its own code: that is not the vendor judging the data.
+  return new MigError(accessErrorCode((err as MigError).errno, ErrorCode.LOAD_REJECTED), `destination rejected the data packet at stream offset ${offset}: ${(err as Error).message}`,
     { device, offset, errno: (err as MigError).errno, cause: err });
 }
 
@@ -245,6 +246,12 @@ function baseline(t: BaselineTask): BaselineResult {
 let digestScratch: Uint8Array | undefined; // reused across tasks: fresh 4 MiB per device would be paged in every time
 
 function digest(t: DigestTask): string {
+  if ('digestRegion' in t) {
+    // A device that reports its own digest (the vfio-user device server's digest region): 32 bytes, read whole.
+    const b = new Uint8Array(32);
+    native().regionCopyOut(t.digestRegion, 0, 32, b, 0);
+    return 'sha256:' + Buffer.from(b).toString('hex');
+  }
   digestScratch ??= new Uint8Array(4 << 20);
   return emulatedDigest(t.id, t.stateSize, digestScratch);
 }

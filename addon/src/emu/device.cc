@@ -83,15 +83,17 @@ static uint64_t countRange(const std::vector<uint64_t>& v, uint64_t lo, uint64_t
   return c;
 }
 
-static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut) {
+// `lead` bytes of the file come before the mapping: the data memfd is laid out like the region (data area at
+// kDataStart), so any mapper — the region code, or a vfio-user client given the fd — maps an area at its region offset.
+static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut, uint64_t lead = 0) {
   int fd = memfd_create(name, MFD_CLOEXEC);
   if (fd < 0) throw NativeError(errno, fmt("memfd_create(%s)", name));
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
+  if (ftruncate(fd, static_cast<off_t>(lead + size)) != 0) {
     int e = errno;
     close(fd);
     throw NativeError(e, fmt("ftruncate(%s, %llu)", name, static_cast<unsigned long long>(size)));
   }
-  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, static_cast<off_t>(lead));
   if (p == MAP_FAILED) {
     int e = errno;
     close(fd);
@@ -118,7 +120,7 @@ Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
     // front: its size comes from a stream's device table, which is not trusted.
     // Guest RAM (shared by all devices), the dirty-page bitmap and the DMA log are allocated when first needed.
     state_ = mapMemfd("vfio-mig-state", cfg.stateSize, &stateFd_);
-    data_ = mapMemfd("vfio-mig-data", dataAreaSize_, &dataFd_);
+    data_ = mapMemfd("vfio-mig-data", dataAreaSize_, &dataFd_, kDataStart);
   } catch (...) {
     release();  // the destructor does not run for a half-built object
     throw;

@@ -78,7 +78,7 @@ class Device {
   const Config& config() const { return cfg_; }
   uint64_t regionSize() const { return regionSize_; }
   const std::vector<Area>& areas() const { return areas_; }
-  int dataFd() const { return dataFd_; }
+  int dataFd() const { return dataFd_; }  // laid out like the region: area at fd offset == region offset
 
   Info info();
   std::vector<uint8_t> regionInfo(uint32_t index) const;  // throws EINVAL for a bad index

@@ -58,10 +58,10 @@ int FdRegion::rw(bool write, uint64_t off, void* buf, size_t len) {
 // ---- emulated device ---------------------------------------------------------------------------------------------
 EmuRegion::EmuRegion(std::shared_ptr<emu::Device> dev) : dev_(std::move(dev)) {
   size_ = dev_->regionSize();
-  // Map the data memfd the way a device fd would be mapped: a fresh mapping per open, area by area.
+  // Map the data memfd the way a device fd would be mapped: a fresh mapping per open, area by area (the memfd is laid
+  // out like the region).
   for (const emu::Area& a : dev_->areas()) {
-    void* p = mmap(nullptr, a.size, PROT_READ | PROT_WRITE, MAP_SHARED, dev_->dataFd(),
-                   static_cast<off_t>(a.offset - emu::kDataStart));
+    void* p = mmap(nullptr, a.size, PROT_READ | PROT_WRITE, MAP_SHARED, dev_->dataFd(), static_cast<off_t>(a.offset));
     if (p != MAP_FAILED) areas_.push_back({a.offset, a.size, static_cast<uint8_t*>(p)});
   }
 }

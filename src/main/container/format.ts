@@ -165,7 +165,7 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (typeof d.name !== 'string' || d.name.length === 0 || d.name.length > 256) throw bad(`entry ${i}: bad name`);
     if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
-    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
+    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1' && d.transport !== 'vfio-user') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
     if (!g || !isInt(g.regionSize, 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
     // A kernel device's state size is the vendor's secret; only an emulated source describes itself fully.
     if (d.transport !== 'emulated') return;

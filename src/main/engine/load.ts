@@ -16,7 +16,7 @@ import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
 import type { MigrationRegion } from '../protocol/migration-region.js';
 import { DATA_PREFIX, FLAG_DEV_DATA_STATE, checkStreamEnd, getBe64, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
 import { EmulatedTransport } from '../transport/emulated.js';
-import type { DeviceTransport } from '../transport/transport.js';
+import { digestTask, type DeviceTransport } from '../transport/transport.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
@@ -425,7 +425,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const t = d.transport.digestTarget();
       if (!exp || !t) return;
       d.stats.expectedDigest = exp;
-      d.stats.digest = await this.pool.digest({ op: 'digest', id: t.id, stateSize: t.stateSize });
+      d.stats.digest = await this.pool.digest(digestTask(t));
       d.stats.verified = d.stats.digest === exp;
     }));
     const bad = this.dests.filter((d) => d.stats.verified === false);

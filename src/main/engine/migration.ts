@@ -7,7 +7,7 @@ import { ErrorCode, MigError, abortError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
-import type { DeviceTransport } from '../transport/transport.js';
+import { digestTask, type DeviceTransport } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
@@ -398,7 +398,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private async digest(d: SourceDevice): Promise<string> {
     const t = d.transport.digestTarget();
     if (!t) return '';
-    return this.pool.digest({ op: 'digest', id: t.id, stateSize: t.stateSize });
+    return this.pool.digest(digestTask(t));
   }
 
   private report(ok: boolean, t0: number, stopCopyMs: number): MigrationReport {

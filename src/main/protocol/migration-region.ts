@@ -2,7 +2,7 @@
 // read-modify-write through the state table, and every vendor-reported offset/size validated before any copy.
 // Used on the main thread and in workers (it holds only a native region handle, which is process-global).
 import { native, COPY_ALL, COPY_MMAP, COPY_TRAPPED } from '../../addon/native.js';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, accessErrorCode } from '../errors.js';
 import { trace } from '../trace.js';
 import { DIRTY_PFNS_ALL, DIRTY_PFNS_NONE, type ProfileDef, type RegName } from './profiles.js';
 import {
@@ -62,7 +62,7 @@ export class MigrationRegion {
 
   private regError(op: string, name: RegName, off: number, e: unknown): MigError {
     const ne = e as { errno?: number; code?: string; message?: string };
-    return new MigError(ErrorCode.NATIVE, `${op} failed: ${ne?.message ?? String(e)}`,
+    return new MigError(accessErrorCode(ne?.errno), `${op} failed: ${ne?.message ?? String(e)}`,
       { device: this.device, register: name, offset: off, errno: ne?.errno, cause: e });
   }
 
@@ -169,7 +169,7 @@ export class MigrationRegion {
       return native().regionSendRecord(this.handle, off, len, buf, fd, pos, trailer);
     } catch (e) {
       const ne = e as { errno?: number; message?: string };
-      throw new MigError(ne?.errno === 5 || (ne?.message ?? '').includes('pwritev') ? ErrorCode.IO : ErrorCode.NATIVE,
+      throw new MigError(ne?.errno === 5 || (ne?.message ?? '').includes('pwritev') ? ErrorCode.IO : accessErrorCode(ne?.errno),
         `sending ${len} bytes of data: ${ne?.message ?? String(e)}`, { device: this.device, offset: off, errno: ne?.errno, cause: e });
     }
   }
@@ -225,7 +225,8 @@ export class MigrationRegion {
     try {
       return native().regionCopyOut(this.handle, off, len, dst, dstOff);
     } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `reading ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
+      const errno = (e as { errno?: number }).errno;
+      throw new MigError(accessErrorCode(errno), `reading ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, errno, cause: e });
     }
   }
 
@@ -233,7 +234,8 @@ export class MigrationRegion {
     try {
       return native().regionCopyIn(this.handle, off, len, src, srcOff, which);
     } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `writing ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, cause: e });
+      const errno = (e as { errno?: number }).errno;
+      throw new MigError(accessErrorCode(errno), `writing ${len} bytes of data: ${(e as Error).message}`, { device: this.device, offset: off, errno, cause: e });
     }
   }
 

@@ -4,11 +4,19 @@ import type { MigrationRegion } from '../protocol/migration-region.js';
 import type { ProfileDef } from '../protocol/profiles.js';
 import type { DeviceGeometry } from '../container/format.js';
 import type { ConfigTarget } from './config.js';
+import type { DigestTask } from '../../workers/tasks.js';
+
+/** Where a device's state digest comes from: hashed from an in-process emulated device, or read from a digest region. */
+export type DigestTarget = { kind: 'emulated'; id: number; stateSize: number } | { kind: 'region'; handle: number };
+
+export function digestTask(t: DigestTarget): DigestTask {
+  return t.kind === 'region' ? { op: 'digest', digestRegion: t.handle } : { op: 'digest', id: t.id, stateSize: t.stateSize };
+}
 
 export interface DirtyQueryResult { pages: number; bitmap: Uint8Array }
 
 export interface DeviceTransport {
-  readonly kind: 'emulated' | 'vfio-v1';
+  readonly kind: 'emulated' | 'vfio-v1' | 'vfio-user';
   readonly name: string;
   readonly profile: ProfileDef;
   /** Discover the migration region and open it (VFIO_DEVICE_GET_REGION_INFO walk + mmap of sparse areas). */
@@ -23,8 +31,8 @@ export interface DeviceTransport {
   readonly guestPages: number;
   /** Dirty-page query through the container (linux-5.8); region-based queries go through MigrationRegion. */
   containerDirty?(start: boolean | 'get', bitmap?: Uint8Array): void;
-  /** Digest of the device's state, if the transport can produce one (the emulated device can). */
-  digestTarget(): { kind: 'emulated'; id: number; stateSize: number } | null;
+  /** Digest of the device's state, if the transport can produce one (the emulated device and the device server can). */
+  digestTarget(): DigestTarget | null;
   geometry(): DeviceGeometry;
   close(): void;
 }
