@@ -57,6 +57,8 @@ export interface VfioDeviceInfo { flags: number; numRegions: number; numIrqs: nu
 export interface VfuReply { reply: Uint8Array; fds: number[] }
 export interface VfuServerStats {
   clients: number; refused: number; requests: number; errorReplies: number; dropped: number; connected: boolean; lastError: string;
+  /** Data bytes of the largest REGION_WRITE the server accepted. */
+  largestWrite: number;
 }
 
 export interface NativeAddon {

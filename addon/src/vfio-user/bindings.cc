@@ -225,6 +225,7 @@ Napi::Value vfuServerStats(const Napi::CallbackInfo& info) {
     o.Set("errorReplies", static_cast<double>(s.errorReplies));
     o.Set("dropped", static_cast<double>(s.dropped));
     o.Set("connected", s.connected);
+    o.Set("largestWrite", s.largestWrite);
     o.Set("lastError", s.lastError);
     return o;
   });

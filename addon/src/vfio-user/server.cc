@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -146,6 +147,7 @@ bool Server::serveOne() {
   }
   Reply r;
   std::vector<uint8_t> in;
+  const bool firstVersion = h.cmd == kVersion && !versioned_;
   auto send = [&](const Reply& rep) {
     Header out{};
     out.msgId = h.msgId;
@@ -198,10 +200,10 @@ bool Server::serveOne() {
     if (h.cmd == kVersion && !r.err) versioned_ = true;
   }
   closeAll(fds);  // no command this server implements keeps a descriptor
-  if (h.flags & kNoReply) return r.err == 0 || h.cmd != kVersion;
+  // A failed initial VERSION ends the connection, as on the common server library.
+  if (h.flags & kNoReply) return !(firstVersion && r.err);
   if (!send(r)) return drop(fmt("%s: reply could not be sent", cmdName(h.cmd)));
-  // A failed VERSION ends the connection, as on the common server library.
-  return !(h.cmd == kVersion && r.err);
+  return !(firstVersion && r.err);
 }
 
 Server::Reply Server::dispatch(uint16_t cmd, std::vector<uint8_t>& in, std::vector<int>& fds) {
@@ -380,6 +382,8 @@ Server::Reply Server::regionWrite(const std::vector<uint8_t>& in) {
   }
   r.body.resize(sizeof a);
   put(r.body, 0, a);
+  std::lock_guard<std::mutex> lk(mu_);
+  st_.largestWrite = std::max(st_.largestWrite, a.count);
   return r;
 }
 

@@ -23,6 +23,7 @@ struct ServerOptions {
 
 struct ServerStats {
   uint64_t clients = 0, refused = 0, requests = 0, errorReplies = 0, dropped = 0;
+  uint32_t largestWrite = 0;  // data bytes of the largest REGION_WRITE accepted
   bool connected = false;
   std::string lastError;
 };

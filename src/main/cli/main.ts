@@ -10,6 +10,8 @@ import { cmdStress } from './stress.js';
 import { printable } from '../text.js';
 import { outJson } from './io.js';
 import { interruptedBy, withSignals } from './signals.js';
+import { cmdDeviceServer, parseFault } from './device-server.js';
+import { collectDevice } from './devices.js';
 
 const VENDOR_MODES = ['compatible', 'strict'] as const;
 const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
@@ -33,7 +35,10 @@ function deviceOptions(c: Command): Command {
     .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default: compatible)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'compatible')
     .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
     .option('--round-bytes <bytes>', 'data bound of one pre-copy round per device', (v) => parseSize('--round-bytes', v), 2 ** 31)
-    .option('--json', 'print the report as JSON');
+    .option('--json', 'print the report as JSON')
+    .option('--device <spec>', 'a device served elsewhere, vfio-user:<socket path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))
+    .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
+    .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768);
 }
 
 export async function main(argv: string[]): Promise<void> {
@@ -49,6 +54,7 @@ export async function main(argv: string[]): Promise<void> {
   deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
     .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
     .option('--force', 'replace an existing --stream file')
+    .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
     .action((o: DeviceFlags & { stream?: string; force?: boolean }) => withSignals((signal) => cmdRun({ ...o, signal })));
   deviceOptions(program.command('save').description('save emulated source devices into a stream file'))
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
@@ -58,7 +64,10 @@ export async function main(argv: string[]): Promise<void> {
     .argument('<file>', 'stream file')
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--json', 'JSON output')
-    .action((file: string, o: { threads?: number; json?: boolean }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
+    .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
+    .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
+    .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768)
+    .action((file: string, o: { threads?: number; json?: boolean; device?: string[] }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
   program.command('inspect').description('show the container and each device\'s QEMU packets')
     .argument('<file>', 'stream file')
     .option('--packets', 'list every QEMU packet')
@@ -88,6 +97,23 @@ Signals: SIGINT (Ctrl-C) and SIGTERM cancel the operation: every source device g
 output is removed, one line is printed. A second signal exits at once.
 Exit codes: 0 ok; 1 the operation failed (or inspect found an incomplete, interrupted or aborted stream); 2 bad
 usage (a flag, or an output that exists without --force); 130 SIGINT; 143 SIGTERM.`);
+
+  program.command('device-server').description('serve one emulated device over vfio-user on a UNIX socket until SIGINT/SIGTERM')
+    .requiredOption('--socket <path>', 'UNIX socket to listen on (must not exist)')
+    .addOption(new Option('--profile <name>', 'migration protocol served').choices(['linux-5.8']).default('linux-5.8'))
+    .option('--size <bytes>', 'device state size', (v) => parseSize('--size', v), 64 << 20)
+    .option('--chunk <bytes>', 'vendor maximum chunk size', (v) => parseSize('--chunk', v), 1 << 20)
+    .option('--data-mode <mode>', 'data area: mmap (sparse area passed by SCM_RIGHTS), trapped or mixed', (v) => parseEnum('--data-mode', v, ['mmap', 'trapped', 'mixed'] as const), 'mmap')
+    .option('--offset-policy <p>', 'data_offset policy: fixed or moving', (v) => parseEnum('--offset-policy', v, ['fixed', 'moving'] as const), 'fixed')
+    .option('--dirty-rate <pages/s>', 'state pages the workload dirties per second while running', (v) => parseNumberIn('--dirty-rate', v, 0, 1e7), 2000)
+    .option('--dma-rate <pages/s>', 'guest pages DMA-written per second while running', (v) => parseNumberIn('--dma-rate', v, 0, 1e7), 1000)
+    .option('--guest-pages <n>', 'guest memory pages the device DMA-writes (DIRTY_PAGES range: IOVA 0 up)', (v) => parseIntIn('--guest-pages', v, 1, 1 << 24), 4096)
+    .option('--seed <n>', 'seed of the initial content', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1), 1)
+    .option('--zero', 'start zero-filled and idle (a destination)')
+    .option('--fault <kind[:arg]>', 'inject a vendor fault (repeatable; docs/EMULATED-DEVICE.md)', (v, p: string[]) => parseFault(v, p), [])
+    .option('--max-xfer <bytes>', 'max_data_xfer_size offered in VERSION', (v) => parseSize('--max-xfer', v), 1 << 20)
+    .option('--json', 'JSON lines (ready, stopped)')
+    .action((o) => cmdDeviceServer(o));
 
   const json = argv.includes('--json');
   try {

@@ -12,11 +12,16 @@ import { ErrorCode, MigError } from '../errors.js';
 import { printable as p } from '../text.js';
 import { claimOutput, out, outJson } from './io.js';
 import { noteCleanup } from './signals.js';
+import { openDevices, type ReachFlags } from './devices.js';
+import type { DeviceTransport } from '../transport/transport.js';
+import os from 'node:os';
+import path from 'node:path';
+import fs from 'node:fs';
 
-export interface DeviceFlags {
+export interface DeviceFlags extends ReachFlags {
   devices: number; size: number; profile: ProfileName; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
-  bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number;
+  bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
 }
 
 function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
@@ -65,7 +70,46 @@ export function loadText(r: LoadReport): string {
 
 type Cancel = { signal?: AbortSignal };
 
+/** run with --device: those sources, saved through a stream file into the --dest devices, verified by digest. */
+async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
+  if ((o.dest ?? []).length !== o.device!.length) {
+    throw new MigError(ErrorCode.BAD_ARGUMENT, `--dest: ${o.dest?.length ?? 0} destination(s) for ${o.device!.length} --device source(s)`);
+  }
+  const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${Date.now()}.vfmig`);
+  const pool = new EnginePool({ threads: o.threads });
+  const all: DeviceTransport[] = [];
+  try {
+    const sources = await openDevices(o.device!, o);
+    all.push(...sources);
+    const dests = await openDevices(o.dest!, o);
+    all.push(...dests);
+    let save;
+    try {
+      save = await saveDevices(sources, stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
+    } catch (e) {
+      noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
+      throw e;
+    }
+    const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index] });
+    const ok = save.ok && report.ok && report.devices.every((d) => d.verified === true);
+    if (o.json) outJson({ ok, stream, save, load: report });
+    else {
+      out(`vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`);
+      out(saveText(save));
+      out(loadText(report));
+      out(`verified: ${ok}`);
+    }
+    if (!ok) process.exitCode = 1;
+  } finally {
+    for (const t of all) t.close();
+    if (!o.stream) fs.rmSync(stream, { force: true });
+    await pool.close();
+  }
+}
+
 export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
+  if (o.device?.length) return runReached(o);
+  if (o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--dest needs --device sources');
   const dev = deviceOpts(o);
   let r;
   try {
@@ -92,30 +136,36 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     throw new MigError(ErrorCode.BAD_ARGUMENT, '--stream -: standard output is a terminal; redirect it to a file or a pipe');
   }
   const pool = new EnginePool({ threads: o.threads });
-  const sources: EmulatedTransport[] = [];
+  const sources: DeviceTransport[] = [];
   try {
-    for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
+    if (o.device?.length) sources.push(...await openDevices(o.device, o));
+    else for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
     let r;
     try {
       r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
     } catch (e) {
-      const running = sources.filter((s) => (s.device.info().deviceState & 7) === 1).length;
-      noteCleanup(`; ${running} of ${sources.length} source device(s) RUNNING again, ${o.stream === '-' ? 'standard output holds a stream ending in ABORT' : `nothing written to ${p(o.stream)}`}`);
+      noteCleanup(`; ${rollbackText(e)}${o.stream === '-' ? 'standard output holds a stream ending in ABORT' : `nothing written to ${p(o.stream)}`}`);
       throw e;
     }
     if (o.json) outJson({ ok: r.ok, stream: o.stream, save: r });
     else { out(saveText(r)); out(`stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`); }
   } finally {
-    for (const s of sources) s.destroy();
+    for (const s of sources) (s as EmulatedTransport).destroy?.() ?? s.close();
     await pool.close();
   }
 }
 
-export async function cmdLoad(file: string, o: { threads?: number; json?: boolean } & Cancel): Promise<void> {
+export async function cmdLoad(file: string, o: { threads?: number; json?: boolean; device?: string[] } & ReachFlags & Cancel): Promise<void> {
   const pool = new EnginePool({ threads: o.threads });
   let loader;
+  const reached = o.device?.length ? await openDevices(o.device, o) : [];
   try {
-    const res = await loadStream(file, pool, { verify: true, signal: o.signal });
+    const makeDestination = reached.length ? (e: { index: number; name: string }) => {
+      const t = reached[e.index];
+      if (!t) throw new MigError(ErrorCode.BAD_ARGUMENT, `the stream has more devices than the ${reached.length} --device destination(s)`, { device: e.name });
+      return t;
+    } : undefined;
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination });
     loader = res.loader;
     const ok = res.report.devices.every((d) => d.verified === true);
     if (o.json) outJson({ ok, load: res.report });
@@ -127,6 +177,7 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
     throw e;
   } finally {
     for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
+    for (const t of reached) t.close();
     await pool.close();
   }
 }

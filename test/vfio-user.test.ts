@@ -1,0 +1,355 @@
+// The vfio-user reach against real peers: vfio-mig's device server in separate processes (both data paths, a running
+// workload, digests verified end to end, 8 in parallel), a killed and a stalled server, a hostile fake server, and
+// the server against a hostile client. Devices are small so each case takes well under a second of work.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { EnginePool } from '../src/main/engine/pool.js';
+import { saveDevices, loadStream } from '../src/main/api.js';
+import { EmulatedTransport } from '../src/main/transport/emulated.js';
+import { DeviceServer, VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { ErrorCode, MigError } from '../src/main/errors.js';
+import type { MigrationReport } from '../src/main/engine/migration.js';
+import { rejectsCode, rm } from './helpers.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = path.join(ROOT, 'bin/vfio-mig.js');
+const HOSTILE = path.join(ROOT, 'dist/test/fixtures/vfu-hostile-server.js');
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-vfu-'));
+let seq = 0;
+const sockPath = (tag: string) => path.join(TMP, `${tag}-${seq++}.sock`);
+const GUEST = { iova: 0, size: 4096 * 4096 };
+
+const pool = new EnginePool({ threads: 2 });
+const children = new Set<ChildProcess>();
+
+/** A `vfio-mig device-server` process; resolves once it is listening. */
+function serverProcess(args: string[], tag = 'srv'): Promise<{ child: ChildProcess; socket: string }> {
+  const socket = sockPath(tag);
+  return childReady(spawn(process.execPath, [BIN, 'device-server', '--socket', socket, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] }), socket);
+}
+
+function hostile(mode: string): Promise<{ child: ChildProcess; socket: string }> {
+  const socket = sockPath(mode);
+  return childReady(spawn(process.execPath, [HOSTILE, socket, mode], { stdio: ['ignore', 'pipe', 'pipe'] }), socket);
+}
+
+function childReady(child: ChildProcess, socket: string): Promise<{ child: ChildProcess; socket: string }> {
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  return new Promise((resolve, reject) => {
+    let out = '';
+    let err = '';
+    const t = setTimeout(() => reject(new Error(`server did not start: ${out} ${err}`)), 20_000);
+    child.stderr!.on('data', (d) => { err += d; });
+    child.stdout!.on('data', (d) => {
+      out += d;
+      if (out.includes('ready')) { clearTimeout(t); resolve({ child, socket }); }
+    });
+    child.on('exit', (code) => { clearTimeout(t); reject(new Error(`server exited ${code}: ${err}`)); });
+  });
+}
+
+function kill(c: ChildProcess, sig: NodeJS.Signals = 'SIGKILL'): void { if (c.exitCode === null) c.kill(sig); }
+
+async function roundTrip(mode: 'mmap' | 'trapped'): Promise<{ save: MigrationReport; requests: number; mapped: number }> {
+  const src = await serverProcess(['--size', '4MiB', '--chunk', '256KiB', '--data-mode', mode, '--dirty-rate', '20000', '--dma-rate', '2000', '--seed', '5']);
+  const dst = await serverProcess(['--size', '4MiB', '--chunk', '256KiB', '--data-mode', mode, '--zero']);
+  const stream = path.join(TMP, `rt-${mode}.vfmig`);
+  const s = await VfioUserTransport.connect(src.socket, { guest: GUEST });
+  const d = await VfioUserTransport.connect(dst.socket);
+  try {
+    // Let the workload dirty pages first, so pre-copy has a second round to send.
+    await new Promise((r) => setTimeout(r, 100));
+    const save = await saveDevices([s], stream, pool, { downtimeLimitMs: 0, maxRounds: 3, dirtyQueryIntervalMs: 10 });
+    assert.ok(save.ok);
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+    assert.is(report.devices[0].verified, true, 'destination digest (from the destination server) equals the source server digest');
+    assert.ok(report.devices[0].digest?.startsWith('sha256:'));
+    return { save, requests: s.client.requests, mapped: s.mappedAreas().length };
+  } finally {
+    s.close(); d.close(); kill(src.child, 'SIGTERM'); kill(dst.child, 'SIGTERM'); rm(stream);
+  }
+}
+
+test('client vs device-server processes, mmap data path: pre-copy with a running workload, dirty pages, digests verified', async () => {
+  const r = await roundTrip('mmap');
+  assert.ok(r.mapped > 0, 'the sparse data area was mapped from the descriptor the server passed');
+  assert.ok(r.save.rounds.length >= 2, `pre-copy ran ${r.save.rounds.length} round(s) with the workload dirtying`);
+  assert.ok(r.save.devices[0].precopyBytes > 4 << 20, 'the dirtied pages were sent again');
+  assert.ok(r.save.dirty.pages[0] > 0, 'DIRTY_PAGES reported the DMA the device did');
+  assert.ok(r.requests < 2000, `${r.requests} requests: data did not go through REGION_READ`);
+});
+
+test('client vs device-server processes, trapped data path (REGION_READ/WRITE only), digests verified', async () => {
+  const r = await roundTrip('trapped');
+  assert.is(r.mapped, 0);
+  assert.ok(r.save.rounds.length >= 1);
+});
+
+test('8 devices served by 8 server processes, migrated in parallel into 8 in-process servers, verified', async () => {
+  const srcs = await Promise.all(Array.from({ length: 8 }, (_, i) => serverProcess(['--size', '1MiB', '--chunk', '64KiB', '--seed', String(i + 1), '--dirty-rate', '500', '--data-mode', i % 2 ? 'trapped' : 'mmap'])));
+  const dsts = srcs.map((_, i) => DeviceServer.start({ socket: sockPath('dst'), stateSize: 1 << 20, maxChunk: 64 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0, dataMode: i % 2 ? 'trapped' : 'mmap' }));
+  const stream = path.join(TMP, 'eight.vfmig');
+  const ts = await Promise.all(srcs.map((s) => VfioUserTransport.connect(s.socket)));
+  const ds = await Promise.all(dsts.map((s) => VfioUserTransport.connect(s.socket)));
+  try {
+    const save = await saveDevices(ts, stream, pool, {});
+    assert.ok(save.ok);
+    const digests = new Set(save.devices.map((d) => d.digest));
+    assert.is(digests.size, 8, 'eight different devices');
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: (e) => ds[e.index] });
+    assert.equal(report.devices.map((d) => d.verified), Array(8).fill(true));
+  } finally {
+    for (const t of [...ts, ...ds]) t.close();
+    for (const s of dsts) s.stop();
+    for (const s of srcs) kill(s.child, 'SIGTERM');
+    rm(stream);
+  }
+});
+
+/** A migration of a slow vfio-user device (server process) and an emulated device; `act` hits the server mid-save. */
+async function failMidSave(act: (c: ChildProcess) => void, timeoutMs: number, code: string): Promise<void> {
+  const src = await serverProcess(['--size', '4MiB', '--chunk', '64KiB', '--fault', 'slow-chunk:40000', '--dirty-rate', '0']);
+  const other = EmulatedTransport.create({ name: 'other', stateSize: 4 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+  const t = await VfioUserTransport.connect(src.socket, { timeoutMs });
+  const stream = path.join(TMP, 'fail.vfmig');
+  const t0 = performance.now();
+  try {
+    const p = saveDevices([t, other], stream, pool, {}, (m) => m.on('phase', (_from, to) => {
+      if (to === 'precopy') setTimeout(() => act(src.child), 150);
+    }));
+    const e = await rejectsCode(p, code);
+    assert.is(e.device, src.socket, 'the error names the vfio-user device');
+    const rep = (e as MigError & { report: MigrationReport & { rollback: string[] } }).report;
+    assert.ok(rep.rollback.some((r) => r.startsWith('other: ') && r.includes('RUNNING')), rep.rollback.join('; '));
+    assert.is(other.device.info().deviceState & 7, 1, 'the other device runs again');
+    assert.ok(performance.now() - t0 < 20_000, 'bounded');
+  } finally {
+    t.close(); other.destroy(); kill(src.child, 'SIGCONT'); kill(src.child); rm(stream);
+  }
+}
+
+test('a server killed mid-save: VFM_PEER_GONE naming the device, the other device rolled back', async () => {
+  await failMidSave((c) => kill(c, 'SIGKILL'), 5000, ErrorCode.PEER_GONE);
+});
+
+test('a server that stalls mid-save: VFM_PEER_TIMEOUT within the per-request timeout, the other device rolled back', async () => {
+  await failMidSave((c) => kill(c, 'SIGSTOP'), 400, ErrorCode.PEER_TIMEOUT);
+});
+
+const HOSTILE_CASES: [string, string | string[]][] = [
+  ['wrong-id', ErrorCode.PEER_PROTOCOL], ['wrong-cmd', ErrorCode.PEER_PROTOCOL], ['truncated', [ErrorCode.PEER_GONE, ErrorCode.PEER_PROTOCOL]],
+  ['huge-size', ErrorCode.PEER_PROTOCOL], ['error-flag-body', ErrorCode.PEER_PROTOCOL], ['short-count', ErrorCode.PEER_PROTOCOL],
+  ['error-reply', [ErrorCode.NATIVE, ErrorCode.PEER_ERROR]], ['stall', ErrorCode.PEER_TIMEOUT], ['close', ErrorCode.PEER_GONE],
+  ['huge-pending', ErrorCode.VENDOR_BAD_VALUE],
+];
+
+test('a hostile fake server mid-save (wrong msg_id/cmd, truncated, huge sizes, error flags, short replies, stalls): clear error, others rolled back', async () => {
+  for (const [mode, code] of HOSTILE_CASES) {
+    const h = await hostile(mode);
+    const other = EmulatedTransport.create({ name: 'other', stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+    const t = await VfioUserTransport.connect(h.socket, { timeoutMs: 300 });
+    const rss0 = process.memoryUsage().rss;
+    try {
+      const e = await rejectsCode(saveDevices([t, other], path.join(TMP, 'hostile.vfmig'), pool, {}), code);
+      assert.is(e.device, h.socket, `${mode}: error names the device`);
+      assert.is(other.device.info().deviceState & 7, 1, `${mode}: the other device was rolled back`);
+      assert.ok(process.memoryUsage().rss - rss0 < 256 << 20, `${mode}: no allocation from the hostile size`);
+    } finally {
+      t.close(); other.destroy(); kill(h.child, 'SIGTERM');
+    }
+  }
+});
+
+test('hostile server during negotiation and discovery: refused clearly', async () => {
+  for (const [mode, code] of [['no-migration', ErrorCode.PEER_NO_MIGRATION], ['version-error', ErrorCode.PEER_ERROR],
+    ['version-huge', ErrorCode.PEER_PROTOCOL], ['cap-loop', ErrorCode.BAD_REGION_INFO], ['many-regions', ErrorCode.PEER_PROTOCOL]] as const) {
+    const h = await hostile(mode);
+    try {
+      const e = await rejectsCode(VfioUserTransport.connect(h.socket, { timeoutMs: 500 }), code);
+      assert.is(e.device, h.socket, mode);
+    } finally {
+      kill(h.child, 'SIGTERM');
+    }
+  }
+  await rejectsCode(VfioUserTransport.connect(path.join(TMP, 'nobody.sock')), ErrorCode.PEER_GONE);
+});
+
+test('write-type requests carry at most the configured bound', async () => {
+  for (const bound of [4096, 16384]) {
+    const src = DeviceServer.start({ socket: sockPath('wb'), stateSize: 1 << 20, maxChunk: 256 << 10, dataMode: 'trapped', dirtyRate: 0, dmaRate: 0 });
+    const dst = DeviceServer.start({ socket: sockPath('wb'), stateSize: 1 << 20, maxChunk: 256 << 10, dataMode: 'trapped', zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+    const s = await VfioUserTransport.connect(src.socket);
+    const d = await VfioUserTransport.connect(dst.socket, { writeBound: bound });
+    const stream = path.join(TMP, 'wb.vfmig');
+    try {
+      await saveDevices([s], stream, pool, {});
+      const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+      assert.is(report.devices[0].verified, true);
+      assert.is(dst.stats().largestWrite, bound, `largest REGION_WRITE with bound ${bound}`);
+      assert.ok(dst.stats().requests > (1 << 20) / bound, 'the data was split');
+    } finally {
+      s.close(); d.close(); src.stop(); dst.stop(); rm(stream);
+    }
+  }
+});
+
+// ---- the server against a hostile client ------------------------------------------------------------------------
+function rawClient(socket: string) {
+  const c = net.connect(socket);
+  let buf = Buffer.alloc(0);
+  let closed = false;
+  const waiters: (() => void)[] = [];
+  c.on('data', (d) => { buf = Buffer.concat([buf, d]); waiters.splice(0).forEach((w) => w()); });
+  c.on('close', () => { closed = true; waiters.splice(0).forEach((w) => w()); });
+  c.on('error', () => undefined);
+  let id = 100;
+  return {
+    async send(cmd: number, body: Buffer, o: { size?: number; flags?: number } = {}) {
+      const h = Buffer.alloc(16);
+      h.writeUInt16LE(++id, 0); h.writeUInt16LE(cmd, 2); h.writeUInt32LE(o.size ?? 16 + body.length, 4); h.writeUInt32LE(o.flags ?? 0, 8);
+      c.write(Buffer.concat([h, body]));
+      const t0 = Date.now();
+      while (buf.length < 16 || buf.length < buf.readUInt32LE(4)) {
+        if (closed) return { closed: true, flags: 0, errno: 0, body: Buffer.alloc(0), id: -1 };
+        if (Date.now() - t0 > 5000) throw new Error('no reply');
+        await new Promise<void>((r) => { waiters.push(r); setTimeout(r, 50); });
+      }
+      const size = buf.readUInt32LE(4);
+      const m = { closed: false, id: buf.readUInt16LE(0), flags: buf.readUInt32LE(8), errno: buf.readUInt32LE(12), body: buf.subarray(16, size) };
+      buf = buf.subarray(size);
+      assert.is(m.id, id, 'the reply echoes msg_id');
+      return m;
+    },
+    async closedSoon() {
+      for (let i = 0; i < 100 && !closed; i++) await new Promise((r) => setTimeout(r, 20));
+      return closed;
+    },
+    end() { c.destroy(); },
+  };
+}
+const ver = () => Buffer.concat([Buffer.from([0, 0, 2, 0]), Buffer.from('{"capabilities":{"migration":{"pgsize":4096}}}\0')]);
+const access = (off: number, count: number, region = 9, data?: Buffer) => {
+  const b = Buffer.alloc(16);
+  b.writeBigUInt64LE(BigInt(off), 0); b.writeUInt32LE(region, 8); b.writeUInt32LE(count, 12);
+  return data ? Buffer.concat([b, data]) : b;
+};
+
+test('device server vs a hostile client: error replies for malformed requests, state kept, one client at a time', async () => {
+  const srv = DeviceServer.start({ socket: sockPath('hc'), stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0, maxDataXfer: 65536 });
+  try {
+    const c = rawClient(srv.socket);
+    let r = await c.send(4, Buffer.alloc(16));
+    assert.ok(r.flags & 0x20, 'a command before VERSION is refused'); assert.is(r.errno, 22);
+    r = await c.send(1, Buffer.from([1, 0, 0, 0]));
+    assert.ok(r.flags & 0x20, 'major 1 refused');
+    assert.ok(await c.closedSoon(), 'a failed VERSION ends the connection');
+
+    const c2 = rawClient(srv.socket);
+    r = await c2.send(1, ver());
+    assert.not.ok(r.flags & 0x20);
+    assert.match(r.body.subarray(4).toString(), /"max_data_xfer_size":65536/);
+    const c3 = rawClient(srv.socket);
+    assert.ok(await c3.closedSoon(), 'a second client is refused while one is served');
+    const refusals: [string, number, Buffer, number][] = [
+      ['second VERSION', 1, ver(), 22],
+      ['whole header in one read', 9, access(0, 32), 22],
+      ['write to pending_bytes', 10, access(8, 8, 9, Buffer.alloc(8)), 22],
+      ['device_state read at 8 bytes', 9, access(0, 8), 22],
+      ['read of reserved space', 9, access(32, 8), 22],
+      ['read beyond max_data_xfer_size', 9, access(4096, 65537), 22],
+      ['write count != data', 10, access(4096, 100, 9, Buffer.alloc(10)), 22],
+      ['unknown region', 9, access(0, 4, 3), 22],
+      ['digest region read in part', 9, access(0, 8, 10), 22],
+      ['invalid device_state RUNNING|RESUMING', 10, access(0, 4, 9, Buffer.from([5, 0, 0, 0])), 22],
+      ['unknown command', 99, Buffer.alloc(0), 95],
+      ['DMA_MAP', 2, Buffer.alloc(32), 95],
+      ['RESET with a body', 13, Buffer.alloc(4), 22],
+      ['DIRTY_PAGES bitmap of the wrong size', 14, Buffer.concat([Buffer.from([40, 0, 0, 0, 4, 0, 0, 0]), access(0, 0).subarray(0, 16), Buffer.from([0, 16, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])]), 22],
+    ];
+    for (const [what, cmd, body, errno] of refusals) {
+      r = await c2.send(cmd, body);
+      assert.ok(r.flags & 0x20, `${what}: error reply (${JSON.stringify(r)} ${srv.stats().lastError})`);
+      assert.is(r.errno, errno, what);
+      assert.is(r.body.length, 0, `${what}: an error reply is the header alone`);
+    }
+    r = await c2.send(4, Buffer.alloc(16), { flags: 1 });
+    assert.ok(r.flags & 0x20, 'a reply-typed message is refused');
+    r = await c2.send(9, access(0, 4));
+    assert.is(r.body.readUInt32LE(16), 1, 'device_state still RUNNING after all that');
+    // Fencing: stopped, discovery is refused; region I/O still works.
+    r = await c2.send(10, access(0, 4, 9, Buffer.from([0, 0, 0, 0])));
+    assert.not.ok(r.flags & 0x20, 'RUNNING -> STOP');
+    r = await c2.send(5, Buffer.from(access(0, 0).fill(0).map((_, i) => (i === 0 ? 32 : i === 8 ? 9 : 0))));
+    assert.is(r.errno, 16, 'DEVICE_GET_REGION_INFO while stopped: EBUSY');
+    r = await c2.send(10, access(0, 4, 9, Buffer.from([1, 0, 0, 0])));
+    assert.not.ok(r.flags & 0x20, 'STOP -> RUNNING');
+    // Broken framing: a size below the header is refused and the client dropped.
+    r = await c2.send(4, Buffer.alloc(0), { size: 8 });
+    assert.ok(r.closed || (r.flags & 0x20));
+    assert.ok(await c2.closedSoon(), 'dropped after broken framing');
+    c.end(); c3.end();
+    const st = srv.stats();
+    assert.ok(st.refused >= 1 && st.dropped >= 1 && st.errorReplies >= refusals.length, JSON.stringify(st));
+    // The server still serves, and its device migrates.
+    const t = await VfioUserTransport.connect(srv.socket);
+    try {
+      const stream = path.join(TMP, 'after-hostile.vfmig');
+      const rep = await saveDevices([t], stream, pool, {});
+      assert.ok(rep.ok);
+      rm(stream);
+    } finally {
+      t.close();
+    }
+  } finally {
+    srv.stop();
+  }
+});
+
+test('CLI: run --device vfio-user: --dest vfio-user:, then save --device and load --device', async () => {
+  const src = await serverProcess(['--size', '2MiB', '--chunk', '128KiB', '--dirty-rate', '3000']);
+  const dst = await serverProcess(['--size', '2MiB', '--chunk', '128KiB', '--zero']);
+  const stream = path.join(TMP, 'cli.vfmig');
+  const cli = (...args: string[]) => new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+    const c = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = ''; let err = '';
+    c.stdout.on('data', (d) => { out += d; }); c.stderr.on('data', (d) => { err += d; });
+    c.on('close', (code) => resolve({ code, out, err }));
+  });
+  const src2 = await serverProcess(['--size', '2MiB', '--chunk', '128KiB', '--dirty-rate', '3000', '--seed', '9']);
+  try {
+    let r = await cli('run', '--device', `vfio-user:${src.socket}`, '--dest', `vfio-user:${dst.socket}`, '--json');
+    assert.is(r.code, 0, r.err);
+    assert.is(JSON.parse(r.out).load.devices[0].verified, true);
+    // The migrated source is stopped, and a stopped server fences discovery: it cannot be saved again.
+    r = await cli('save', '--device', `vfio-user:${src.socket}`, '--stream', stream);
+    assert.is(r.code, 1);
+    assert.match(r.err, /VFM_PEER_ERROR: .*DEVICE_GET_INFO.*EBUSY/);
+    r = await cli('save', '--device', `vfio-user:${src2.socket}`, '--stream', stream, '--json');
+    assert.is(r.code, 0, r.err);
+    r = await cli('load', stream, '--device', `vfio-user:${dst.socket}`, '--json');
+    assert.is(r.code, 0, r.err);
+    assert.is(JSON.parse(r.out).load.devices[0].verified, true);
+    r = await cli('run', '--device', `vfio-user:${src.socket}`);
+    assert.is(r.code, 2, 'a --device without a --dest is bad usage');
+    assert.match(r.err, /VFM_BAD_ARGUMENT/);
+    r = await cli('device-server', '--socket', src.socket);
+    assert.is(r.code, 2, 'an existing socket path is not replaced');
+  } finally {
+    kill(src.child, 'SIGTERM'); kill(src2.child, 'SIGTERM'); kill(dst.child, 'SIGTERM'); rm(stream);
+  }
+});
+
+test.after(async () => {
+  for (const c of children) kill(c);
+  await pool.close();
+  fs.rmSync(TMP, { recursive: true, force: true });
+});
+
+test.run();
