@@ -1,10 +1,23 @@
-// The host survives many devices: emulated devices share a small workload pool and one guest RAM allocated on
-// demand (issue 7 §2.2).
+// The host survives many devices and slow vendors: emulated devices share a small workload pool and one guest RAM
+// allocated on demand (issue 7 §2.2); cancel never waits for a stalled vendor call (§2.4).
 import fs from 'node:fs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { native } from '../src/addon/native.js';
 import { EmulatedDevice } from '../src/main/emulated/device.js';
+import { EnginePool } from '../src/main/engine/pool.js';
+import { Migration, type MigrationReport } from '../src/main/engine/migration.js';
+import { ContainerWriter } from '../src/main/container/writer.js';
+import { FileSink } from '../src/main/container/sink.js';
+import { inspectContainer } from '../src/main/container/inspect.js';
+import { EmulatedTransport } from '../src/main/transport/emulated.js';
+import { OWNER_WORKER } from '../src/main/engine/region-lock.js';
+import { ErrorCode } from '../src/main/errors.js';
+import type { ProfileName } from '../src/main/protocol/profiles.js';
+import { rejectsCode, rm, tmpFile } from './helpers.js';
+
+const pool = new EnginePool({ threads: 2 });
+test.after(async () => { await pool.close(); });
 
 const status = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -53,6 +66,62 @@ test('guest RAM is one per process and allocated by DMA: 32 devices writing 1024
   } finally {
     for (const d of devs) d.destroy();
   }
+});
+
+async function cancelWhileStalled(profile: ProfileName) {
+  const STALL_US = 1_500_000;
+  const f = tmpFile('stall');
+  const ac = new AbortController();
+  // s0's vendor sleeps 1.5 s inside every chunk it stages (the device lock held, as a slow driver would); s1 is fine.
+  const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `s${i}`, profile, stateSize: 4 << 20, maxChunk: 64 << 10, dirtyRate: 1000, dmaRate: 2000, guestPages: 1024 }));
+  devs[0].device.setFault('slow-chunk', STALL_US);
+  // The main thread stays responsive throughout: a 5 ms timer never waits long.
+  let last = performance.now();
+  let maxGap = 0;
+  const beat = setInterval(() => { const t = performance.now(); maxGap = Math.max(maxGap, t - last); last = t; }, 5);
+  const m = new Migration(devs, pool, new ContainerWriter(FileSink.open(f)), { signal: ac.signal, maxRounds: 100, downtimeLimitMs: 0, dirtyQueryIntervalMs: 5 });
+  const rolled: string[] = [];
+  m.on('rollback', (r) => rolled.push(`${r.device}: ${r.outcome}`));
+  let tAbort = 0;
+  m.on('phase', (_from, to) => {
+    if (to === 'precopy') setTimeout(() => { tAbort = performance.now(); ac.abort(); }, 200); // s0 is inside its first stall
+  });
+  try {
+    const e = await rejectsCode(m.run(), ErrorCode.CANCELLED);
+    const tSettled = performance.now();
+    const rep = (e as unknown as { report: MigrationReport }).report;
+    // Settled while the vendor call is still in progress: its worker still holds s0's region lock.
+    assert.is(m.devices[0].shared.lock.owner, OWNER_WORKER, 'the stalled vendor call is still in progress');
+    assert.is(rep.phase, 'cancelled');
+    assert.equal(rep.rollbackPending, ['s0']);
+    assert.match(rep.rollback![0], /^s0: deferred: a worker is inside a vendor call/);
+    assert.match(rep.rollback![1], /^s1: (PRE_COPY -> RUNNING|was RUNNING)/);
+    assert.is(devs[1].device.info().deviceState & 7, 1, 's1 RUNNING at once');
+    assert.equal(rolled, [], 'no deferred rollback has run yet');
+    assert.ok(tSettled - tAbort < STALL_US / 1000 / 2, `settled ${(tSettled - tAbort).toFixed(0)} ms after the abort, stall is ${STALL_US / 1000} ms`);
+    // When the vendor returns, s0 goes back to RUNNING and the outcome says so.
+    const finals = await m.settled;
+    assert.match(finals[0], /^s0: PRE_COPY -> RUNNING \(after the vendor call returned\)$/);
+    assert.equal(rolled, ['s0: PRE_COPY -> RUNNING (after the vendor call returned)']);
+    assert.is(devs[0].device.info().deviceState & 7, 1, 's0 RUNNING after its vendor call returned');
+    assert.is(m.devices[0].shared.lock.held, false);
+    assert.ok(maxGap < STALL_US / 1000 / 3, `the event loop stalled ${maxGap.toFixed(0)} ms (${profile})`);
+    const ins = await inspectContainer(f);
+    assert.is(ins.abort?.code, ErrorCode.CANCELLED);
+  } finally {
+    clearInterval(beat);
+    await m.settled;
+    for (const d of devs) d.destroy();
+    rm(f);
+  }
+}
+
+test('cancel takes effect while a vendor call stalls (linux-5.8: container dirty queries keep running)', async () => {
+  await cancelWhileStalled('linux-5.8');
+});
+
+test('cancel takes effect while a vendor call stalls (draft-2019: the region-lock dirty query is abandoned)', async () => {
+  await cancelWhileStalled('draft-2019');
 });
 
 test.run();

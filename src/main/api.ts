@@ -34,14 +34,21 @@ export async function saveDevices(transports: DeviceTransport[], streamPath: str
   if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
   if (onMigration !== undefined && typeof onMigration !== 'function') throw new MigError(ErrorCode.BAD_ARGUMENT, 'onMigration must be a function');
   const out = OutputFile.open(streamPath, { force: opts.force });
+  let m: Migration | undefined;
   try {
-    const m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
+    m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
     onMigration?.(m);
     const r = await m.run();
     // A cancel that lands after the last record still leaves no file: the caller asked to stop.
     if (opts.signal?.aborted) throw Object.assign(abortError(opts.signal, 'migration cancelled'), { report: r });
     out.commit();
     return r;
+  } catch (e) {
+    // The caller may destroy or reuse its devices right after, and the output goes away below: wait until no worker
+    // is left inside a stalled vendor call (its rollback deferred). An embedder that must not wait uses Migration
+    // directly and awaits `settled` when it likes.
+    await m?.settled;
+    throw e;
   } finally {
     out.discard(); // no-op once committed
   }

@@ -65,6 +65,9 @@ function save(t: SaveTask): SaveResult {
       try {
         if (shared.done) break;
         info = region.nextChunk(capacity);
+        // Cancelled while the vendor staged (perhaps slowly): nothing more goes to the file, and the main thread,
+        // which did not wait for this call, owns the device again once the lock is free.
+        if (ring.aborted) { r.aborted = true; break; }
         if (info.pending === 0n) {
           shared.setDone();
           // QEMU: an iterate call that finds nothing pending still writes [DATA][0][END].
@@ -133,7 +136,7 @@ function save(t: SaveTask): SaveResult {
       if (info.size > 0) { r.chunks++; r.bytes += info.size; }
       if (info.pending === 0n || r.endedEmpty) break;
     }
-    if (!r.aborted && r.pending !== 0 && t.lane === 0) {
+    if (!r.aborted && !ring.aborted && r.pending !== 0 && t.lane === 0) {
       // Re-reading pending_bytes marks the last chunk consumed and tells the main thread what is left.
       lock.lockSync(OWNER_WORKER);
       try { r.pending = Number(region.read('pending_bytes')); } finally { lock.unlock(); }

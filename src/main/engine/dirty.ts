@@ -34,7 +34,7 @@ export class DirtyTracker {
   }
 
   /** One query of one device; returns pages newly reported dirty. */
-  async query(d: SourceDevice): Promise<number> {
+  async query(d: SourceDevice, signal?: AbortSignal): Promise<number> {
     const pages = d.transport.guestPages;
     if (!pages) return 0;
     const out = this.union.get(d.index)!;
@@ -42,7 +42,7 @@ export class DirtyTracker {
     let found = 0;
     if (d.transport.profile.dirtySource === 'region') {
       const lock = d.shared.lock;
-      await lock.lockAsync(OWNER_MAIN);
+      await lock.lockAsync(OWNER_MAIN, signal); // abandoned on cancel: the lock may be held by a stalled vendor call
       const t1 = performance.now();
       this.lockWaitMs.record(t1 - t0);
       try {
@@ -65,8 +65,8 @@ export class DirtyTracker {
     return found;
   }
 
-  async queryAll(): Promise<void> {
-    for (const d of this.devices) await this.query(d);
+  async queryAll(signal?: AbortSignal): Promise<void> {
+    for (const d of this.devices) await this.query(d, signal);
   }
 
   /** Union of dirty guest pages of a device (bit i = pfn i). */

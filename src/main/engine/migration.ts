@@ -79,7 +79,10 @@ export interface MigrationReport {
   /** Vendor behaviour tolerated in compatible mode (or retried in strict mode), one entry per device and kind. */
   anomalies: VendorAnomaly[];
   error?: Record<string, unknown>;
+  /** Per device after a failure or cancel: what rollback did ("deferred: ..." while a vendor call is in progress). */
   rollback?: string[];
+  /** Devices whose rollback waits for a vendor call to return; `Migration.settled` resolves when they are done. */
+  rollbackPending?: string[];
 }
 
 /** One device's progress: cumulative data bytes sent, the vendor's pending bytes (estimated between reads). */
@@ -110,6 +113,8 @@ export interface MigrationEvents {
   dirty: [DirtyQueryEvent];
   /** A vendor anomaly (see MigrationOptions.vendorMode). */
   vendor: [VendorAnomaly];
+  /** A rollback that waited for a vendor call (report.rollbackPending) is done: the device's final outcome. */
+  rollback: [{ device: string; index: number; outcome: string }];
 }
 
 /** Like QEMU's query-migrate, for one migration; every time in ms, every size in bytes. */
@@ -146,6 +151,16 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private dirtyPages = 0;
   private readonly deviceState: string[];
   private readonly lastSample: { bytes: number; at: number }[];
+  /** Aborted on cancel or failure: main-thread waits for a region lock end (a stalled vendor call may hold it). */
+  private readonly stopWaits = new AbortController();
+  private settledP: Promise<string[]> = Promise.resolve([]);
+
+  /**
+   * Resolves when nothing of this migration runs any more: after a cancel or failure, once every worker has left
+   * its vendor call, every deferred rollback is done and the stream is closed. Its value: each device's final
+   * rollback outcome (empty after a success). run() itself settles without waiting for a stalled vendor.
+   */
+  get settled(): Promise<string[]> { return this.settledP; }
 
   constructor(transports: DeviceTransport[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
@@ -256,7 +271,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   async run(): Promise<MigrationReport> {
     const t0 = performance.now();
     this.times.start = t0;
-    const onAbort = () => { this.cancelled = true; for (const d of this.devices) d.abort(); };
+    const onAbort = () => { this.cancelled = true; for (const d of this.devices) d.abort(); this.stopWaits.abort(); };
     this.eld.reset();
     this.eld.enable();
     const release = keepAlive();
@@ -279,7 +294,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
         dirtyLoop = (async () => {
           while (!stopDirty) {
             await new Promise((r) => setTimeout(r, this.o.dirtyQueryIntervalMs));
-            if (!stopDirty) await this.dirty.queryAll();
+            if (!stopDirty) await this.dirty.queryAll(this.stopWaits.signal);
           }
         })();
       }
@@ -294,7 +309,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
         await d.complete();
         this.progress(d, false, (d.stats.stopCopyBytes * 1000) / Math.max(d.stats.stopCopyMs, 0.001));
       });
-      await this.dirty.queryAll(); // final dirty set, devices stopped
+      await this.dirty.queryAll(this.stopWaits.signal); // final dirty set, devices stopped
       for (const d of this.devices) await d.saveState();
       const stopCopyMs = performance.now() - s0;
       this.stopMs = stopCopyMs;
@@ -324,18 +339,35 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const final = cancelled ? 'cancelled' : 'failed';
       trace('migration_failed', { code: err.code, message: err.message });
       for (const d of this.devices) d.abort();
+      this.stopWaits.abort();
       await dirtyLoop?.catch(() => undefined);
-      const rollback: string[] = [];
-      for (const d of this.devices) rollback.push(`${d.name}: ${await d.rollback()}`);
+      // Every device at once: one whose worker is stuck in a vendor call is deferred, not waited for.
+      const outcomes = await Promise.all(this.devices.map((d) => d.rollback()));
+      const rollback = this.devices.map((d, i) => `${d.name}: ${outcomes[i]}`);
+      const pending = this.devices.filter((d) => d.deferredRollback);
       this.dirty.stop();
       try {
         await this.writer.abort({ code: err.code, message: err.message, device: err.device });
-        await this.writer.sink.close();
       } catch { /* the sink itself may be what failed */ }
+      // The stream closes once no worker can write to it any more (a stalled one stops right after its vendor call).
+      const closed = Promise.all(this.devices.map((d) => d.stopped)).then(() => this.writer.sink.close()).catch(() => undefined);
+      if (pending.length) {
+        const keep = keepAlive();
+        this.settledP = Promise.all([closed, ...this.devices.map(async (d, i) => {
+          if (!d.deferredRollback) return rollback[i];
+          const outcome = await d.deferredRollback;
+          this.emit('rollback', { device: d.name, index: d.index, outcome });
+          return `${d.name}: ${outcome}`;
+        })]).then(([, ...lines]) => lines as string[]).finally(keep);
+      } else {
+        await closed;
+        this.settledP = Promise.resolve(rollback);
+      }
       if (PHASE_ARCS[this.phase].includes(final)) this.to(final);
       const rep = this.report(false, t0, 0);
       rep.error = err.toJSON();
       rep.rollback = rollback;
+      if (pending.length) rep.rollbackPending = pending.map((d) => d.name);
       Object.assign(err, { report: rep });
       throw err;
     } finally {

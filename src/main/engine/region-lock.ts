@@ -4,11 +4,14 @@
 // keeps running) around a dirty-bitmap query or a state change. Without it a bitmap query can land in the data area
 // between a worker's data_offset read and its copy (test/lock.test.ts shows the corruption).
 
+import { ErrorCode, MigError } from '../errors.js';
+
 const STATE = 0;   // lock word
 const OWNER = 1;   // who holds it (debugging, forced release after a worker death)
 const DISABLED = 2; // test-only switch: 1 turns the lock into a no-op
 const PRIORITY = 3; // main-thread waiters: workers step aside so a query waits at most one chunk (the lock is unfair otherwise)
-export const LOCK_INTS = 4;
+const HOLDS = 4;    // worker acquisitions so far: the main thread tells one long hold (a stalled vendor call) from many short ones
+export const LOCK_INTS = 6; // 5 used; even, so what follows a lock in shared memory stays 8-byte aligned
 export const OWNER_MAIN = 1;
 export const OWNER_WORKER = 2;
 
@@ -51,10 +54,18 @@ export class RegionLock {
       }
     }
     Atomics.store(this.i32, this.base + OWNER, owner);
+    Atomics.add(this.i32, this.base + HOLDS, 1);
   }
 
-  /** Non-blocking acquire for the main thread: waits with Atomics.waitAsync, never stalling the event loop. */
-  async lockAsync(owner = OWNER_MAIN): Promise<void> {
+  /** Worker acquisitions so far (the same value and a worker owner across a wait: one hold lasted that long). */
+  get holds(): number { return Atomics.load(this.i32, this.base + HOLDS); }
+
+  /**
+   * Non-blocking acquire for the main thread: waits with Atomics.waitAsync, never stalling the event loop. With
+   * `signal`, the wait ends (CANCELLED, lock not taken) when it aborts: a worker stuck inside a vendor call holds
+   * the lock for as long as the vendor likes, and nobody on the main thread may wait for that.
+   */
+  async lockAsync(owner = OWNER_MAIN, signal?: AbortSignal): Promise<void> {
     if (this.disabled) return;
     const s = this.base + STATE;
     let c = Atomics.compareExchange(this.i32, s, 0, 1);
@@ -63,8 +74,9 @@ export class RegionLock {
       try {
         if (c !== 2) c = Atomics.exchange(this.i32, s, 2);
         while (c !== 0) {
+          if (signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'wait for the region lock cancelled');
           const w = Atomics.waitAsync(this.i32, s, 2);
-          if (w.async) await w.value;
+          if (w.async) await (signal ? untilAborted(w.value, signal) : w.value);
           c = Atomics.exchange(this.i32, s, 2);
         }
       } finally {
@@ -105,4 +117,14 @@ export class RegionLock {
     await this.lockAsync();
     try { return await fn(); } finally { this.unlock(); }
   }
+}
+
+/** `p`, or a CANCELLED rejection as soon as `signal` aborts (the abandoned wait holds no reference). */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(new MigError(ErrorCode.CANCELLED, 'wait for the region lock cancelled'));
+    if (signal.aborted) { onAbort(); return; }
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then((v) => { signal.removeEventListener('abort', onAbort); resolve(v); });
+  });
 }

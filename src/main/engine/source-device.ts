@@ -16,6 +16,8 @@ import { OWNER_MAIN, OWNER_WORKER } from './region-lock.js';
 import type { StagingRing } from './staging.js';
 import type { RateLimiter } from './rate.js';
 
+const ABORTED = Symbol('aborted');
+
 export type DevicePhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'saved' | 'failed' | 'rolled-back';
 
 export interface DeviceStats {
@@ -73,6 +75,15 @@ export class SourceDevice {
   stats: DeviceStats;
   private ring: StagingRing | null = null;
   private taskActive = false;
+  /** Settles once every worker task of the last phase has ended (a phase cut short by abort leaves it running). */
+  private inflight: Promise<void> = Promise.resolve();
+  private inflightDone = true;
+  private readonly abortedP: Promise<typeof ABORTED>;
+  private wakeAbort!: () => void;
+  /** Resolves once no worker of this device runs (a phase cut short by abort may leave one in a vendor call). */
+  get stopped(): Promise<void> { return this.inflight; }
+  /** Set when rollback had to wait for a worker stuck inside a vendor call: its final outcome. */
+  deferredRollback?: Promise<string>;
 
   constructor(readonly index: number, readonly transport: DeviceTransport, private readonly pool: EnginePool,
     private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
@@ -80,6 +91,7 @@ export class SourceDevice {
       name: transport.name, rounds: 0, precopyBytes: 0, precopyChunks: 0, stopCopyBytes: 0, stopCopyChunks: 0,
       stopCopyMs: 0, streamBytes: 0, lastPending: 0, lockWaitMs: 0,
     };
+    this.abortedP = new Promise((r) => { this.wakeAbort = () => r(ABORTED); });
   }
 
   get name(): string { return this.transport.name; }
@@ -179,15 +191,42 @@ export class SourceDevice {
   abort(): void {
     this.aborted = true;
     this.ring?.abort();
+    this.wakeAbort();
   }
 
   private checkAborted(what: string): void {
     if (this.aborted) throw new MigError(ErrorCode.CANCELLED, `${what} cancelled`, { device: this.name });
   }
 
-  /** After a failure or cancel: back to RUNNING, resetting a device that reports ERROR. Never throws. */
-  async rollback(): Promise<string> {
+  /**
+   * After a failure or cancel: back to RUNNING, resetting a device that reports ERROR. Never throws. A worker of the
+   * cut-short phase gets `graceMs` to stop (it stops at its next chunk); one still inside a vendor call then cannot be
+   * waited for: the rollback is deferred until the call returns (`deferredRollback` holds its outcome) and this
+   * returns at once saying so.
+   */
+  async rollback(graceMs = 100): Promise<string> {
     this.abort();
+    const lock = this.shared.lock;
+    while (!this.inflightDone) {
+      // A worker between chunks stops at its next check, however long the scheduler makes that take: wait for it.
+      // One that holds the lock through the whole grace period without a new acquisition is inside one vendor call.
+      const owner = lock.owner;
+      const holds = lock.holds;
+      let timer: NodeJS.Timeout | undefined;
+      const stopped = await Promise.race([this.inflight.then(() => true),
+        new Promise<boolean>((r) => { timer = setTimeout(() => r(false), graceMs); })]);
+      clearTimeout(timer);
+      if (stopped) break;
+      if (owner === OWNER_WORKER && lock.owner === OWNER_WORKER && lock.holds === holds) {
+        trace('vfio_rollback_deferred', { device: this.name });
+        this.deferredRollback = this.inflight.then(() => this.rollbackNow()).then((o) => `${o} (after the vendor call returned)`);
+        return 'deferred: a worker is inside a vendor call; the device returns to RUNNING when the call returns';
+      }
+    }
+    return this.rollbackNow();
+  }
+
+  private async rollbackNow(): Promise<string> {
     if (this.shared.lock.owner === OWNER_WORKER && !this.taskActive) this.shared.lock.forceRelease();
     let outcome: string;
     try {
@@ -247,10 +286,15 @@ export class SourceDevice {
     const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;
     const lanes = direct ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
     await this.pool.acquire(lanes);
+    if (this.aborted) {
+      this.pool.release(lanes); // aborted while waiting for a place: give it straight back
+      this.checkAborted(phase);
+    }
     const ring = this.pool.rings.borrow(this.slotSize());
     this.ring = ring;
     this.shared.resetPhase(); // before taskActive: progress must not count the previous phase's bytes twice
     this.taskActive = true;
+    let handedOff = false; // the ring and pool places go back when the workers end, not here
     try {
       const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
         op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
@@ -262,12 +306,24 @@ export class SourceDevice {
       // Whichever side fails first stops the other: the ring abort wakes a blocked producer or consumer.
       task.catch(() => { this.shared.setDone(); ring.abort(); });
       drain.catch(() => ring.abort());
-      const [t, d] = await Promise.allSettled([task, drain]);
-      if (t.status === 'rejected') {
-        await Promise.allSettled(tasks); // every lane has stopped before the device is touched again
+      const settled = Promise.allSettled([task, drain]);
+      // Every lane has stopped (or died) before the device is touched again.
+      const stopped = settled.then(() => Promise.allSettled(tasks)).then(() => {
         if (this.shared.lock.owner === OWNER_WORKER) this.shared.lock.forceRelease(); // a worker died holding it
-        throw t.reason;
+      });
+      this.inflightDone = false;
+      this.inflight = stopped.then(() => { this.inflightDone = true; });
+      // Abort does not wait for the workers: one may be inside a vendor call for as long as the vendor likes. They
+      // stop at their next chunk; rollback() waits for them briefly and defers itself past a stuck one.
+      const first = await Promise.race([settled, this.abortedP]);
+      if (first === ABORTED) {
+        handedOff = true;
+        void this.inflight.finally(() => { this.pool.rings.giveBack(ring); this.pool.release(lanes); });
+        throw new MigError(ErrorCode.CANCELLED, `${phase} cancelled`, { device: this.name });
       }
+      await stopped;
+      const [t, d] = first;
+      if (t.status === 'rejected') throw t.reason;
       if (d.status === 'rejected') throw d.reason;
       const rs = t.value;
       const r: SaveResult = {
@@ -282,8 +338,10 @@ export class SourceDevice {
       return r;
     } finally {
       this.ring = null;
-      this.pool.rings.giveBack(ring);
-      this.pool.release(lanes);
+      if (!handedOff) {
+        this.pool.rings.giveBack(ring);
+        this.pool.release(lanes);
+      }
     }
   }
 
