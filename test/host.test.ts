@@ -14,6 +14,8 @@ import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { OWNER_WORKER } from '../src/main/engine/region-lock.js';
 import { ErrorCode } from '../src/main/errors.js';
 import type { ProfileName } from '../src/main/protocol/profiles.js';
+import { MigrationRegion } from '../src/main/protocol/migration-region.js';
+import { loadStream, saveDevices } from '../src/main/api.js';
 import { rejectsCode, rm, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
@@ -122,6 +124,61 @@ test('cancel takes effect while a vendor call stalls (linux-5.8: container dirty
 
 test('cancel takes effect while a vendor call stalls (draft-2019: the region-lock dirty query is abandoned)', async () => {
   await cancelWhileStalled('draft-2019');
+});
+
+/** A vendor that advertises a 1 GiB migration region but stages ordinary chunks (the region past its real end is never touched). */
+class HugeRegionTransport extends EmulatedTransport {
+  override openRegion(): MigrationRegion {
+    const r = super.openRegion();
+    return new MigrationRegion({ ...r.desc, size: 2 ** 30 + 4096 });
+  }
+}
+
+test('staging follows the chunk size used, not a 1 GiB region the vendor advertises (save)', async () => {
+  const f = tmpFile('huge-region');
+  const own = new EnginePool({ threads: 2, ringSlots: 3 });
+  const dev = new HugeRegionTransport(new EmulatedDevice({ name: 'huge', stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 }));
+  try {
+    const r = await saveDevices([dev], f, own, { maxRounds: 1 });
+    assert.ok(r.ok);
+    const staging = own.stats.stagingBytes;
+    assert.ok(staging > 0 && staging <= 2 * 3 * (128 << 10), `staging ${staging} bytes for 64 KiB chunks`);
+    // The engine's own chunk limit: a vendor staging more than it is refused, naming the register and the limit.
+    const g = tmpFile('huge-region-limit');
+    const small = EmulatedTransport.create({ name: 'big-chunks', stateSize: 1 << 20, maxChunk: 256 << 10, dirtyRate: 0, dmaRate: 0 });
+    try {
+      const e = await rejectsCode(saveDevices([small], g, own, { maxRounds: 1, stagingChunk: 64 << 10 }), ErrorCode.VENDOR_BAD_VALUE);
+      assert.is(e.register, 'data_size');
+      assert.match(e.message, /staging capacity/);
+      assert.is(small.device.info().deviceState & 7, 1, 'rolled back to RUNNING');
+    } finally {
+      small.destroy();
+      rm(g);
+    }
+  } finally {
+    dev.destroy();
+    await own.close();
+    rm(f);
+  }
+});
+
+test('load staging is sized by the records in the stream, not by the destination region (64 MiB chunks declared)', async () => {
+  const f = tmpFile('load-staging');
+  const src = EmulatedTransport.create({ name: 'wide', stateSize: 1 << 20, maxChunk: 64 << 20, dirtyRate: 0, dmaRate: 0 });
+  try {
+    await saveDevices([src], f, pool, { maxRounds: 0, stagingChunk: 2 << 20 });
+    const { report, loader } = await loadStream(f, pool, { verify: true });
+    try {
+      assert.ok(report.devices[0].verified);
+      // The destination region is 128 MiB (two 64 MiB chunk slots); the stream's records are ~1 MiB.
+      assert.ok(loader.stagingBytes > 0 && loader.stagingBytes <= 8 * (2 << 20), `load staging ${loader.stagingBytes} bytes`);
+    } finally {
+      for (const d of loader.dests) (d.transport as EmulatedTransport).destroy();
+    }
+  } finally {
+    src.destroy();
+    rm(f);
+  }
 });
 
 test.run();

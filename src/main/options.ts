@@ -54,6 +54,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
   optNumber(o, 'roundBytes', 1, 2 ** 53, true);
   optNumber(o, 'roundTimeMs', 1, 8.64e7);
+  optNumber(o, 'stagingChunk', 4096, 256 << 20, true);
   if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
   optBoolean(o, 'digests');
   optBoolean(o, 'force');

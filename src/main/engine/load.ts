@@ -117,25 +117,47 @@ export interface Dest {
   loaded: boolean;
 }
 
-/** A fixed set of reusable staging slots for records being loaded (bounded memory whatever the file says). */
-class SlotPool {
+/**
+ * At most `n` reusable staging slots for records being loaded (bounded memory whatever the file says). A slot is
+ * allocated when first needed and sized by the record it carries (powers of two from 64 KiB, at most `limit`), so
+ * staging follows the chunks the stream actually uses, never the destination's advertised region size.
+ */
+export class SlotPool {
   private free: SharedArrayBuffer[] = [];
-  private waiters: ((b: SharedArrayBuffer) => void)[] = [];
-  constructor(n: number, readonly size: number) {
-    for (let i = 0; i < n; i++) this.free.push(new SharedArrayBuffer(size));
-  }
-  get(): Promise<SharedArrayBuffer> {
+  private waiters: { size: number; go: (b: SharedArrayBuffer) => void }[] = [];
+  private made = 0;
+  private bytes = 0;
+  constructor(private readonly n: number, readonly limit: number) {}
+  /** A slot of at least `size` (<= limit) bytes. */
+  get(size: number): Promise<SharedArrayBuffer> {
     const b = this.free.pop();
-    return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
+    if (b) return Promise.resolve(this.fit(b, size));
+    if (this.made < this.n) { this.made++; return Promise.resolve(this.alloc(size)); }
+    return new Promise((go) => this.waiters.push({ size, go }));
   }
   put(b: SharedArrayBuffer): void {
     const w = this.waiters.shift();
-    if (w) w(b); else this.free.push(b);
+    if (w) w.go(this.fit(b, w.size)); else this.free.push(b);
+  }
+  /** Bytes of the slots held now (allocated and not replaced). */
+  get allocatedBytes(): number { return this.bytes; }
+  private fit(b: SharedArrayBuffer, size: number): SharedArrayBuffer {
+    if (b.byteLength >= size) return b;
+    this.bytes -= b.byteLength; // replaced by a bigger one (the small one is garbage)
+    return this.alloc(size);
+  }
+  private alloc(size: number): SharedArrayBuffer {
+    const n = Math.min(this.limit, Math.max(64 << 10, 2 ** Math.ceil(Math.log2(Math.max(1, size)))));
+    this.bytes += n;
+    return new SharedArrayBuffer(n);
   }
 }
 
 export class Loader extends EventEmitter<LoaderEvents> {
   dests: Dest[] = [];
+  private slotPools: SlotPool[] = [];
+  /** Staging the load allocated (read slots and batch scratch), sized by the records it met. */
+  get stagingBytes(): number { return this.slotPools.reduce((a, p) => a + p.allocatedBytes, 0); }
   private phase: LoadStatus['status'] = 'none';
   private t0 = 0;
   private tEnd = 0;
@@ -281,9 +303,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
     const slotSize = Math.ceil((RECORD_HEADER_SIZE + Math.max(
       ...this.dests.map((d) => DATA_PREFIX + d.limits.maxData + 8), 24 + MAX_CONFIG_BLOB + 8)) / 4096) * 4096;
     const slots = new SlotPool(this.pool.threads * 2 + 2, slotSize);
+    this.slotPools = [slots];
     // Scratch for running batches comes from its own pool: a batch holds it only while its task runs, so it never
     // waits behind records that hold read slots while they queue behind that very batch (a deadlock otherwise).
     const scratch = new SlotPool(this.pool.threads, Math.max(...this.dests.map((d) => d.limits.maxData)));
+    this.slotPools.push(scratch);
     let failed: unknown;
     for (;;) {
       if (failed) throw failed;
@@ -329,7 +353,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
           d.openBatch = batch;
           d.chain = d.chain.then(async () => {
             if (d.openBatch === batch) d.openBatch = null;
-            const sab = await scratch.get();
+            const sab = await scratch.get(Math.max(...batch.map((i) => i.size)));
             try {
               const res = await this.pool.loadData({
                 op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd, items: batch,
@@ -351,7 +375,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         continue;
       }
       d.openBatch = null; // a record that is not a lone data packet closes the batch: order is kept
-      const sab = await slots.get();
+      const sab = await slots.get(RECORD_HEADER_SIZE + r.h.length);
       const slot = new Uint8Array(sab);
       slot.set(r.header, 0);
       try {

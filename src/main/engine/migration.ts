@@ -58,6 +58,11 @@ export interface MigrationOptions {
   testExitAfterChunks?: { device: number; chunks: number };
   /** Period of the sampled `progress` events while a round or the stop-and-copy runs (default 200 ms; 0: off). */
   progressIntervalMs?: number;
+  /**
+   * Largest vendor chunk the engine stages, bytes (default: the chunk size the device declares, else 1 MiB). Staging
+   * never follows the region size a vendor advertises; a vendor staging more fails with VFM_VENDOR_BAD_VALUE.
+   */
+  stagingChunk?: number;
 }
 
 export interface RoundStats { round: number; pendingBefore: number; bytes: number; ms: number; bandwidth: number }
@@ -140,7 +145,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'testExitAfterChunks' | 'lanesPerDevice'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'testExitAfterChunks' | 'lanesPerDevice' | 'stagingChunk'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -185,7 +190,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const onAnomaly = (a: VendorAnomaly) => { this.anomalies.push(a); this.emit('vendor', a); };
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
       lanes, vendorMode: this.o.vendorMode, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
-      maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress,
+      maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, stagingChunk: this.o.stagingChunk,
       testExitAfterChunks: this.o.testExitAfterChunks?.device === i ? this.o.testExitAfterChunks.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },
       onAnomaly,

@@ -17,6 +17,8 @@ import type { StagingRing } from './staging.js';
 import type { RateLimiter } from './rate.js';
 
 const ABORTED = Symbol('aborted');
+/** Staging per chunk when the device does not declare its chunk size (QEMU v2 reads the data fd in 1 MiB pieces). */
+export const DEFAULT_STAGING_CHUNK = 1 << 20;
 
 export type DevicePhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'saved' | 'failed' | 'rolled-back';
 
@@ -62,6 +64,8 @@ export interface SourceDeviceOptions {
   maxEmptyChunks: number;
   maxNoProgress: number;
   testExitAfterChunks?: number;
+  /** Largest vendor chunk staged (bytes); default: the device's declared chunk size, else DEFAULT_STAGING_CHUNK. */
+  stagingChunk?: number;
   /** Called after each device_state the engine sets (events, status). */
   onState?: (state: string) => void;
   /** Called for each vendor anomaly (compatible mode tolerates them, never silently). */
@@ -74,6 +78,7 @@ export class SourceDevice {
   phase: DevicePhase = 'idle';
   stats: DeviceStats;
   private ring: StagingRing | null = null;
+  private declaredChunk = 0;
   private taskActive = false;
   /** Settles once every worker task of the last phase has ended (a phase cut short by abort leaves it running). */
   private inflight: Promise<void> = Promise.resolve();
@@ -132,6 +137,7 @@ export class SourceDevice {
   async setup(): Promise<void> {
     this.setPhase('setup');
     this.region = this.transport.openRegion();
+    this.declaredChunk = this.transport.geometry().maxChunk;
     await this.locked(() => {
       const s = this.region.state();
       if (s !== 'RUNNING' && s !== 'STOP') {
@@ -256,9 +262,13 @@ export class SourceDevice {
   }
 
   private slotSize(): number {
-    // A vendor chunk can be as large as the data area after the header; a slot holds one whole QEMU packet.
-    const maxData = this.region.size - this.region.profile.headerSize;
-    return Math.ceil((64 + maxData + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
+    // A slot holds one whole QEMU packet of the chunk size the device actually uses: the one it declares (the
+    // emulated vendor's maxChunk) or the engine's (stagingChunk, 1 MiB by default as QEMU v2's buffer), never the
+    // region size a vendor advertises (a 1 GiB region must not cost GiBs of shared memory). A vendor that stages a
+    // bigger chunk is refused with VENDOR_BAD_VALUE naming the limit.
+    const area = this.region.size - this.region.profile.headerSize;
+    const chunk = Math.min(area, this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK));
+    return Math.ceil((64 + chunk + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
   }
 
   /** Turn what the worker saw into anomaly events (compatible mode's tolerance is never silent). */
