@@ -15,6 +15,8 @@
 #include "bench/bench.h"
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "common/vfio_v2.h"
+#include "datafd/datafd.h"
 #include "emu/device.h"
 #include "region/region.h"
 #include "vfio/vfio.h"
@@ -159,7 +161,7 @@ BIND(emuCreate, "cfg") {
   if (!info[0].IsObject()) throw ArgError("'cfg' must be an object");
   Napi::Object o = info[0].As<Napi::Object>();
   emu::Config c{};
-  c.profile = static_cast<uint32_t>(integer(field(o, "profile"), "profile", 0, 1));
+  c.profile = static_cast<uint32_t>(integer(field(o, "profile"), "profile", 0, 2));
   c.stateSize = integer(field(o, "stateSize"), "stateSize", 8192, 68719476736.0);
   c.seed = u32(field(o, "seed"), "seed");
   Napi::Value zf = field(o, "zeroFill");
@@ -172,6 +174,9 @@ BIND(emuCreate, "cfg") {
   c.guestPages = integer(field(o, "guestPages"), "guestPages", 1, 16777216.0);
   c.dmaRate = number(field(o, "dmaRate"), "dmaRate");
   c.reservedBits = u32(field(o, "reservedBits"), "reservedBits");
+  Napi::Value mf = field(o, "migFlags");
+  c.migFlags = mf.IsUndefined() ? 7u : static_cast<uint32_t>(integer(mf, "migFlags", 0, 7));
+  if (c.profile == emu::kV2 && !(c.migFlags & v2uapi::kMigStopCopy)) throw ArgError("'migFlags' must include STOP_COPY (1)");
   if (c.stateSize % 4096 || c.maxChunk % 4096) throw ArgError("'stateSize' and 'maxChunk' must be multiples of 4096");
   if (c.dirtyRate < 0 || c.dirtyRate > 1e7 || c.dmaRate < 0 || c.dmaRate > 1e7)
     throw ArgError("'dirtyRate' and 'dmaRate' must be in [0, 1e7]");
@@ -287,6 +292,67 @@ BIND(emuDirtyPages, "id", "op", "iova", "size", "pgsize", "bitmap") {
   Bytes b{nullptr, 0};
   if (!info[5].IsUndefined() && !info[5].IsNull()) b = bytes(info[5], "bitmap");
   d->dirtyPages(op, iova, size, pgsize, b.p, b.n);
+  return info.Env().Undefined();
+} END_BIND
+
+// ---- emulated v2 vendor (addon/src/emu/v2.cc): the kernel's VFIO_DEVICE_FEATURE semantics, op by op ---------------
+BIND(emuV2MigrationFlags, "id") { return Napi::Number::New(info.Env(), static_cast<double>(device(info)->v2MigrationFlags())); } END_BIND
+BIND(emuV2Probe, "id", "feature") { return Napi::Boolean::New(info.Env(), device(info)->v2Probe(u32(info[1], "feature"))); } END_BIND
+BIND(emuV2GetState, "id") { return Napi::Number::New(info.Env(), device(info)->v2GetState()); } END_BIND
+BIND(emuV2SetState, "id", "state") {
+  return Napi::Number::New(info.Env(), device(info)->v2SetState(static_cast<uint32_t>(integer(info[1], "state", 0, 7))));
+} END_BIND
+BIND(emuV2PrecopyInfo, "id", "fd") {
+  uint64_t initial = 0, dirty = 0;
+  device(info)->v2PrecopyInfo(static_cast<int>(integer(info[1], "fd", -1, 2147483647.0)), &initial, &dirty);
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("initialBytes", static_cast<double>(initial));
+  o.Set("dirtyBytes", static_cast<double>(dirty));
+  return o;
+} END_BIND
+BIND(emuV2DataSize, "id") { return Napi::Number::New(info.Env(), static_cast<double>(device(info)->v2DataSize())); } END_BIND
+BIND(emuV2DmaStart, "id", "pageSize", "ranges") {
+  if (!info[2].IsArray()) throw ArgError("'ranges' must be an array");
+  auto a = info[2].As<Napi::Array>();
+  if (a.Length() > 4096) throw ArgError("'ranges' has too many entries");
+  std::vector<emu::Device::Range> rs;
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value v = a.Get(i);
+    if (!v.IsObject()) throw ArgError("'ranges' entries must be {iova, length}");
+    rs.push_back({u64(field(v.As<Napi::Object>(), "iova"), "iova"), u64(field(v.As<Napi::Object>(), "length"), "length")});
+  }
+  return Napi::Number::New(info.Env(), static_cast<double>(device(info)->v2DmaStart(u64(info[1], "pageSize"), rs)));
+} END_BIND
+BIND(emuV2DmaStop, "id") {
+  device(info)->v2DmaStop();
+  return info.Env().Undefined();
+} END_BIND
+BIND(emuV2DmaReport, "id", "iova", "length", "pageSize", "bitmap") {
+  Bytes b = bytes(info[4], "bitmap");
+  device(info)->v2DmaReport(u64(info[1], "iova"), u64(info[2], "length"), u64(info[3], "pageSize"), b.p, b.n);
+  return info.Env().Undefined();
+} END_BIND
+BIND(v2NextState, "flags", "cur", "target") {
+  return Napi::Number::New(info.Env(), v2uapi::nextState(u32(info[0], "flags"), u32(info[1], "cur"), u32(info[2], "target")));
+} END_BIND
+
+// ---- data fds (every reach with a real fd: kernel, emulated) ------------------------------------------------------
+BIND(dataFdRead, "fd", "buf", "off", "len", "timeoutMs") {
+  Bytes b = bytes(info[1], "buf");
+  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
+  if (!vm::fits(off, len, b.n)) throw ArgError(fmt("buffer range %llu+%llu exceeds the buffer length %zu", static_cast<ull>(off), static_cast<ull>(len), b.n));
+  int t = static_cast<int>(integer(info[4], "timeoutMs", 0, 60000));
+  return Napi::Number::New(info.Env(), static_cast<double>(datafd::readSome(fdArg(info[0], "fd"), b.p + off, len, t)));
+} END_BIND
+BIND(dataFdWrite, "fd", "buf", "off", "len", "timeoutMs") {
+  Bytes b = bytes(info[1], "buf");
+  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
+  if (!vm::fits(off, len, b.n)) throw ArgError(fmt("buffer range %llu+%llu exceeds the buffer length %zu", static_cast<ull>(off), static_cast<ull>(len), b.n));
+  int t = static_cast<int>(integer(info[4], "timeoutMs", 0, 60000));
+  return Napi::Number::New(info.Env(), static_cast<double>(datafd::writeSome(fdArg(info[0], "fd"), b.p + off, len, t)));
+} END_BIND
+BIND(fdClose, "fd") {
+  close(fdArg(info[0], "fd"));
   return info.Env().Undefined();
 } END_BIND
 
@@ -517,6 +583,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuCreate); EXPORT(emuDestroy); EXPORT(emuStats); EXPORT(emuInfo); EXPORT(emuDeviceInfo); EXPORT(emuRegionInfo);
   EXPORT(emuReset); EXPORT(emuSetFault); EXPORT(emuReadState); EXPORT(emuTouch); EXPORT(emuConfigRead);
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
+  EXPORT(emuV2MigrationFlags); EXPORT(emuV2Probe); EXPORT(emuV2GetState); EXPORT(emuV2SetState); EXPORT(emuV2PrecopyInfo);
+  EXPORT(emuV2DataSize); EXPORT(emuV2DmaStart); EXPORT(emuV2DmaStop); EXPORT(emuV2DmaReport); EXPORT(v2NextState);
+  EXPORT(dataFdRead); EXPORT(dataFdWrite); EXPORT(fdClose);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
   EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import fs from 'node:fs';
 
 /** Numeric profile ids shared with native code. */
-export const NATIVE_PROFILE = { 'draft-2019': 0, 'linux-5.8': 1 } as const;
+export const NATIVE_PROFILE = { 'draft-2019': 0, 'linux-5.8': 1, v2: 2 } as const;
 /** Data-area access modes of the emulated device. */
 export const NATIVE_DATA_MODE = { mmap: 0, trapped: 1, mixed: 2 } as const;
 /** data_offset policies of the emulated device. */
@@ -29,6 +29,7 @@ export interface EmuConfig {
   guestPages: number;       // guest-memory pages (4 KiB) the device DMA-writes to, 1 .. 2^24
   dmaRate: number;          // guest pages/s written while RUNNING (0 = none)
   reservedBits: number;     // initial value of device_state bits 3..31 (a write that changes them fails)
+  migFlags?: number;        // v2: VFIO_MIGRATION_* flags advertised (default 7 = STOP_COPY|P2P|PRE_COPY)
 }
 
 export interface EmuInfo {
@@ -87,6 +88,31 @@ export interface NativeAddon {
   emuDmaTouch(id: number, page: number): void;
   /** Emulated type1 container dirty tracking (linux-5.8): op 1 START, 2 STOP, 4 GET_BITMAP (ORs bits into bitmap). */
   emuDirtyPages(id: number, op: number, iova: number, size: number, pgsize: number, bitmap?: Uint8Array): void;
+
+  // ---- emulated v2 vendor: VFIO_DEVICE_FEATURE semantics op by op (errors carry the kernel's errno) --------------
+  /** GET MIGRATION flags; ENOTTY for a v1 device. */
+  emuV2MigrationFlags(id: number): number;
+  emuV2Probe(id: number, feature: number): boolean;
+  emuV2GetState(id: number): number;
+  /** SET MIG_DEVICE_STATE (walks the kernel's table): a new data fd (the caller owns it) or -1. */
+  emuV2SetState(id: number, state: number): number;
+  /** VFIO_MIG_GET_PRECOPY_INFO on the data fd (EINVAL outside PRE_COPY states). */
+  emuV2PrecopyInfo(id: number, fd: number): { initialBytes: number; dirtyBytes: number };
+  emuV2DataSize(id: number): number;
+  /** DMA_LOGGING_START: returns the page size the device logs with. */
+  emuV2DmaStart(id: number, pageSize: number, ranges: { iova: number; length: number }[]): number;
+  emuV2DmaStop(id: number): void;
+  /** DMA_LOGGING_REPORT: sets bits (never clears) for pages dirtied in [iova, iova+length), clears the device's log. */
+  emuV2DmaReport(id: number, iova: number, length: number, pageSize: number, bitmap: Uint8Array): void;
+  /** The emulated kernel's vfio_mig_get_next_state (0 = ERROR: refused), for cross-checks. */
+  v2NextState(flags: number, cur: number, target: number): number;
+
+  // ---- data fds (v2, kernel and emulated alike) ------------------------------------------------------------------
+  /** One read into buf[off, off+len): > 0 bytes, 0 EOF, -1 nothing more for now (ENOMSG, or EAGAIN after timeoutMs). */
+  dataFdRead(fd: number, buf: Uint8Array, off: number, len: number, timeoutMs: number): number;
+  /** Write buf[off, off+len), waiting up to timeoutMs when full: bytes accepted. A refusal throws (errno). */
+  dataFdWrite(fd: number, buf: Uint8Array, off: number, len: number, timeoutMs: number): number;
+  fdClose(fd: number): void;
 
   // ---- region access (emulated device or a real VFIO device fd) ----------------------------------------------
   regionOpenEmu(id: number): number;

@@ -164,6 +164,7 @@ Device::~Device() {
 }
 
 void Device::release() {
+  v2Close();
   if (state_) munmap(state_, cfg_.stateSize), close(stateFd_);
   if (data_) munmap(data_, dataAreaSize_), close(dataFd_);
   state_ = data_ = nullptr;
@@ -187,6 +188,7 @@ int Device::access(bool write, uint64_t off, void* buf, size_t len) {
   std::lock_guard<std::mutex> lk(mu_);
   tlsErr.clear();
   if (dead_) return fail(ENODEV, "device destroyed");
+  if (cfg_.profile == kV2) return fail(EINVAL, "a v2 device has no migration region");
   if (off >= kDataStart) {
     if (!vm::fits(off, len, regionSize_)) return fail(EINVAL, fmt("access beyond the region (off=%llu len=%zu)", static_cast<unsigned long long>(off), len));
     uint8_t* p = data_ + (off - kDataStart);
@@ -302,6 +304,7 @@ void Device::reset() {
   bitmapPending_ = false;
   lastError_.clear();
   reg_ = (reg_ & ~kStateMask) | kRunning;
+  if (cfg_.profile == kV2) v2Close(), v2state_ = 2;  // VFIO_DEVICE_RESET: data sessions closed, RUNNING
 }
 
 // ---- save side -----------------------------------------------------------------------------------------------------
@@ -719,7 +722,7 @@ std::vector<uint8_t> Device::regionInfo(uint32_t index) const {
     ri.size = 16u << 20;
   }
   std::vector<uint8_t> out;
-  if (index != kRegionIndex) {
+  if (index != kRegionIndex || cfg_.profile == kV2) {  // v2 devices migrate through VFIO_DEVICE_FEATURE
     out.resize(sizeof ri);
     memcpy(out.data(), &ri, sizeof ri);
     return out;

@@ -11,7 +11,7 @@
 
 namespace emu {
 
-enum Profile : uint32_t { kDraft2019 = 0, kLinux58 = 1 };
+enum Profile : uint32_t { kDraft2019 = 0, kLinux58 = 1, kV2 = 2 };
 enum DataMode : uint32_t { kModeMmap = 0, kModeTrapped = 1, kModeMixed = 2 };
 enum OffsetPolicy : uint32_t { kFixed = 0, kMoving = 1 };
 enum class Fault {
@@ -40,6 +40,7 @@ struct Config {
   uint64_t guestPages;
   double dmaRate;
   uint32_t reservedBits;
+  uint32_t migFlags;  // kV2: VFIO_MIGRATION_* flags advertised (STOP_COPY required)
 };
 
 struct Area { uint64_t offset, size; };
@@ -92,6 +93,21 @@ class Device {
   // Emulated VFIO_IOMMU_DIRTY_PAGES on the container (linux-5.8). Throws vm::NativeError.
   void dirtyPages(uint32_t op, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, size_t bitmapLen);
 
+  // ---- VFIO migration v2 (profile kV2, addon/src/emu/v2.cc): what VFIO_DEVICE_FEATURE and the data fd do on a
+  // kernel v2 driver. All throw vm::NativeError with the errno the kernel would return.
+  uint64_t v2MigrationFlags();                        // GET MIGRATION (ENOTTY unless kV2)
+  bool v2Probe(uint32_t feature);                     // PROBE: the feature exists on this device
+  uint32_t v2GetState();                              // GET MIG_DEVICE_STATE
+  int v2SetState(uint32_t target);                    // SET MIG_DEVICE_STATE: a new data fd or -1
+  void v2PrecopyInfo(int dataFd, uint64_t* initialBytes, uint64_t* dirtyBytes);  // VFIO_MIG_GET_PRECOPY_INFO
+  uint64_t v2DataSize();                              // GET MIG_DATA_SIZE
+  struct Range { uint64_t iova, length; };
+  uint64_t v2DmaStart(uint64_t pageSize, const std::vector<Range>& ranges);  // returns the page size used
+  void v2DmaStop();
+  void v2DmaReport(uint64_t iova, uint64_t length, uint64_t pageSize, uint8_t* bitmap, size_t bitmapLen);
+  // Vendor I/O thread: the data pipe of session `gen` is ready (EPOLLOUT on a save pipe, EPOLLIN on a resume one).
+  void v2Pump(uint32_t gen);
+
  private:
   struct SaveSession {
     bool active = false, headerSent = false, endSent = false, staged = false, consumed = false, frozen = false;
@@ -130,6 +146,26 @@ class Device {
   void setDirty(uint64_t page);
   void logDma(uint64_t page);  // caller holds logMu_
   void startSave();
+  // v2 (v2.cc). The data fd is a real pipe: the user holds one end, the vendor the other, fed or drained by the
+  // shared vendor I/O thread (emu::io), and synchronously at state changes and PRECOPY_INFO.
+  struct V2Session {
+    int vfd = -1;         // vendor end (save: write end; resume: read end)
+    bool save = false, eof = false, firstPassDone = false;
+    uint32_t gen = 0;
+    uint64_t off = 0, len = 0;      // produced bytes in data_[off, len) not yet in the pipe (save) / unparsed (resume)
+    uint64_t produced = 0;          // save: stream bytes produced; resume: stream bytes parsed
+    uint64_t initialEnd = 0;        // save: stream offset where the initial bytes end (once the first pass is done)
+    uint64_t fills = 0;
+  };
+  int v2Arc(uint32_t cur, uint32_t next, int* fdOut);
+  int v2Open(bool save);          // returns the user's fd
+  void v2Close();
+  void v2Fill();                  // caller holds mu_
+  void v2Drain();                 // caller holds mu_
+  void v2ParseAvailable();
+  void v2Poison(const std::string& why);
+  void v2Mirror();
+  uint64_t v2Unread() const;
 
   const uint32_t id_;
   const Config cfg_;
@@ -165,7 +201,17 @@ class Device {
   std::chrono::steady_clock::time_point wlLast_{};
   uint64_t wlRng_ = 0;
   double owedState_ = 0, owedDma_ = 0;
+  uint32_t v2state_ = 2;  // enum vfio_device_mig_state (kV2)
+  uint32_t v2gen_ = 0;
+  V2Session v2_;
+  std::vector<Range> dmaRanges_;  // v2 DMA logging ranges (under logMu_)
 };
+
+// The shared vendor I/O thread (one per process, started by the first v2 session): epoll over every v2 data pipe.
+namespace io {
+void watch(int fd, uint32_t id, uint32_t gen, bool out);  // one-shot: re-armed by each call
+void unwatch(int fd);
+}  // namespace io
 
 // The shared workload pool: a few threads step every device with a workload (no thread per device).
 namespace workload {

@@ -10,7 +10,10 @@ export type OffsetPolicy = keyof typeof NATIVE_OFFSET_POLICY;
 
 export interface EmulatedDeviceOptions {
   name?: string;
-  profile?: ProfileName;
+  /** A v1 region layout, or 'v2' (feature ioctls + a data fd; docs/EMULATED-DEVICE.md "v2"). */
+  profile?: ProfileName | 'v2';
+  /** v2: VFIO_MIGRATION_* flags the device advertises (1 STOP_COPY required, 2 P2P, 4 PRE_COPY; default 7). */
+  migFlags?: number;
   stateSize?: number;
   seed?: number;
   zeroFill?: boolean;
@@ -24,7 +27,7 @@ export interface EmulatedDeviceOptions {
 }
 
 export const EMU_DEFAULTS = {
-  profile: 'linux-5.8' as ProfileName, stateSize: 64 << 20, seed: 1, maxChunk: 1 << 20, dataMode: 'mmap' as DataMode,
+  profile: 'linux-5.8' as ProfileName | 'v2', migFlags: 7, stateSize: 64 << 20, seed: 1, maxChunk: 1 << 20, dataMode: 'mmap' as DataMode,
   offsetPolicy: 'fixed' as OffsetPolicy, dirtyRate: 2000, guestPages: 4096, dmaRate: 1000, reservedBits: 0,
 };
 
@@ -53,12 +56,15 @@ export class EmulatedDevice {
     for (const k of ['dirtyRate', 'dmaRate'] as const) {
       if (!Number.isFinite(opts[k]) || opts[k] < 0 || opts[k] > 1e7) throw bad(`${k} ${opts[k]} must be 0..1e7 pages/s`);
     }
+    if (!Number.isInteger(opts.migFlags) || opts.migFlags < 1 || opts.migFlags > 7 || !(opts.migFlags & 1)) {
+      throw bad(`migFlags ${opts.migFlags} must include STOP_COPY (1) and be at most 7`);
+    }
     if (!Number.isSafeInteger(opts.guestPages) || opts.guestPages < 1 || opts.guestPages > 1 << 24) throw bad(`guestPages ${opts.guestPages} out of range`);
     this.opts = opts as EmulatedDevice['opts'];
     this.id = native().emuCreate({
       profile: NATIVE_PROFILE[opts.profile], stateSize: opts.stateSize, seed: opts.seed >>> 0, zeroFill: opts.zeroFill,
       maxChunk: opts.maxChunk, dataMode: NATIVE_DATA_MODE[opts.dataMode], offsetPolicy: NATIVE_OFFSET_POLICY[opts.offsetPolicy],
-      dirtyRate: opts.dirtyRate, guestPages: opts.guestPages, dmaRate: opts.dmaRate, reservedBits: opts.reservedBits >>> 0,
+      dirtyRate: opts.dirtyRate, guestPages: opts.guestPages, dmaRate: opts.dmaRate, reservedBits: opts.reservedBits >>> 0, migFlags: opts.migFlags,
     });
   }
 
