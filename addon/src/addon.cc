@@ -337,19 +337,23 @@ BIND(v2NextState, "flags", "cur", "target") {
 } END_BIND
 
 // ---- data fds (every reach with a real fd: kernel, emulated) ------------------------------------------------------
-BIND(dataFdRead, "fd", "buf", "off", "len", "timeoutMs") {
+// (fd, buf, off, len, timeoutMs): the bounds-checked piece buf[off, off+len).
+Bytes fdPiece(const Napi::CallbackInfo& info, int* timeoutMs) {
   Bytes b = bytes(info[1], "buf");
   uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
   if (!vm::fits(off, len, b.n)) throw ArgError(fmt("buffer range %llu+%llu exceeds the buffer length %zu", static_cast<ull>(off), static_cast<ull>(len), b.n));
-  int t = static_cast<int>(integer(info[4], "timeoutMs", 0, 60000));
-  return Napi::Number::New(info.Env(), static_cast<double>(datafd::readSome(fdArg(info[0], "fd"), b.p + off, len, t)));
+  *timeoutMs = static_cast<int>(integer(info[4], "timeoutMs", 0, 60000));
+  return {b.p + off, static_cast<size_t>(len)};
+}
+BIND(dataFdRead, "fd", "buf", "off", "len", "timeoutMs") {
+  int t;
+  Bytes p = fdPiece(info, &t);
+  return Napi::Number::New(info.Env(), static_cast<double>(datafd::readSome(fdArg(info[0], "fd"), p.p, p.n, t)));
 } END_BIND
 BIND(dataFdWrite, "fd", "buf", "off", "len", "timeoutMs") {
-  Bytes b = bytes(info[1], "buf");
-  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
-  if (!vm::fits(off, len, b.n)) throw ArgError(fmt("buffer range %llu+%llu exceeds the buffer length %zu", static_cast<ull>(off), static_cast<ull>(len), b.n));
-  int t = static_cast<int>(integer(info[4], "timeoutMs", 0, 60000));
-  return Napi::Number::New(info.Env(), static_cast<double>(datafd::writeSome(fdArg(info[0], "fd"), b.p + off, len, t)));
+  int t;
+  Bytes p = fdPiece(info, &t);
+  return Napi::Number::New(info.Env(), static_cast<double>(datafd::writeSome(fdArg(info[0], "fd"), p.p, p.n, t)));
 } END_BIND
 BIND(fdClose, "fd") {
   close(fdArg(info[0], "fd"));
