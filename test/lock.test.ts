@@ -10,6 +10,7 @@ import { FileSink } from '../src/main/container/sink.js';
 import { loadStream } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { RegionLock } from '../src/main/engine/region-lock.js';
+import { disableRegionLock } from '../src/main/engine/test-hooks.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import type { EmulatedDeviceOptions } from '../src/main/emulated/device.js';
 import { rm, tmpFile } from './helpers.js';
@@ -42,7 +43,7 @@ async function race(lockOn: boolean, dev: EmulatedDeviceOptions, devices: number
   const f = tmpFile(lockOn ? 'lock-on' : 'lock-off');
   const srcs = Array.from({ length: devices }, (_, i) => EmulatedTransport.create({ ...dev, name: `r${i}`, seed: 9 + i, profile: 'draft-2019' }));
   const m = new Migration(srcs, pool, new ContainerWriter(FileSink.open(f)), { maxRounds: rounds, downtimeLimitMs: 0, dirtyQueryIntervalMs: 0 });
-  for (const d of m.devices) d.shared.lock.setDisabled(!lockOn);
+  for (const d of m.devices) disableRegionLock(d.shared.lock, !lockOn);
   let done = false;
   let loader;
   try {

@@ -9,6 +9,7 @@ import { inspectContainer } from '../src/main/container/inspect.js';
 import { ErrorCode } from '../src/main/errors.js';
 import type { Migration } from '../src/main/engine/migration.js';
 import { rejectsCode, rm, saveInPlace, tmpFile } from './helpers.js';
+import { withTestHooks } from '../src/main/engine/test-hooks.js';
 
 const pool = new EnginePool({ threads: 2 });
 test.after(async () => { await pool.close(); });
@@ -96,7 +97,7 @@ test('a worker that dies holding the region lock fails the migration cleanly, de
   const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `w${i}`, stateSize: 4 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 }));
   let mig: Migration | undefined;
   try {
-    const e = await rejectsCode(saveDevices(devs, f, pool, { maxRounds: 2, testExitAfterChunks: { device: 1, chunks: 3 } }, (m) => { mig = m; }),
+    const e = await rejectsCode(saveDevices(devs, f, pool, withTestHooks({ maxRounds: 2 }, { exitAfterChunks: { device: 1, chunks: 3 } }), (m) => { mig = m; }),
       ErrorCode.WORKER_FAILED);
     assert.is(e.device, 'w1');
     for (const d of devs) assert.is(d.device.info().deviceState & 7, 1);

@@ -9,6 +9,7 @@ import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
 import { digestTask, type DeviceTransport } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
+import { testHooks } from './test-hooks.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
 import { SourceDevice, type DeviceStats, type VendorAnomaly } from './source-device.js';
@@ -54,8 +55,6 @@ export interface MigrationOptions {
   digests?: boolean;
   /** Worker lanes per device when the sink takes positioned writes (default 1). */
   lanesPerDevice?: number;
-  /** Test only. */
-  testExitAfterChunks?: { device: number; chunks: number };
   /** Period of the sampled `progress` events while a round or the stop-and-copy runs (default 200 ms; 0: off). */
   progressIntervalMs?: number;
   /**
@@ -145,7 +144,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'testExitAfterChunks' | 'lanesPerDevice' | 'stagingChunk'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -188,10 +187,11 @@ export class Migration extends EventEmitter<MigrationEvents> {
     // Extra lanes per device share one device's chunks between workers; measured no faster here (PERFORMANCE.md).
     const lanes = this.o.lanesPerDevice ?? 1;
     const onAnomaly = (a: VendorAnomaly) => { this.anomalies.push(a); this.emit('vendor', a); };
+    const exitAfter = testHooks(opts)?.exitAfterChunks;
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
       lanes, vendorMode: this.o.vendorMode, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
       maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, stagingChunk: this.o.stagingChunk,
-      testExitAfterChunks: this.o.testExitAfterChunks?.device === i ? this.o.testExitAfterChunks.chunks : undefined,
+      testExitAfterChunks: exitAfter?.device === i ? exitAfter.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },
       onAnomaly,
     }, limiter));

@@ -8,7 +8,8 @@ import { ErrorCode, MigError } from '../errors.js';
 
 const STATE = 0;   // lock word
 const OWNER = 1;   // who holds it (debugging, forced release after a worker death)
-const DISABLED = 2; // test-only switch: 1 turns the lock into a no-op
+const DISABLED = 2; // test-only switch (engine/test-hooks.ts): 1 turns the lock into a no-op
+export const LOCK_WORD_DISABLED = DISABLED;
 const PRIORITY = 3; // main-thread waiters: workers step aside so a query waits at most one chunk (the lock is unfair otherwise)
 const HOLDS = 4;    // worker acquisitions so far: the main thread tells one long hold (a stalled vendor call) from many short ones
 export const LOCK_INTS = 6; // 5 used; even, so what follows a lock in shared memory stays 8-byte aligned
@@ -32,13 +33,12 @@ export class RegionLock {
   get buffer(): SharedArrayBuffer { return this.i32.buffer as SharedArrayBuffer; }
   get index(): number { return this.base; }
 
-  /** Test-only: run without mutual exclusion to demonstrate the race. */
-  setDisabled(off: boolean): void { Atomics.store(this.i32, this.base + DISABLED, off ? 1 : 0); }
-  get disabled(): boolean { return Atomics.load(this.i32, this.base + DISABLED) === 1; }
+  // An ES private method: not on the prototype, so not even a runtime surface.
+  #off(): boolean { return Atomics.load(this.i32, this.base + DISABLED) === 1; }
 
   /** Blocking acquire (worker threads only: Atomics.wait is not allowed on the main thread). */
   lockSync(owner = OWNER_WORKER): void {
-    if (this.disabled) return;
+    if (this.#off()) return;
     // A worker that just unlocked would win the race against the main thread, whose wake-up goes through its event
     // loop; while the main thread waits, workers wait for it (bounded: 20 ms, in case its event loop is stalled).
     for (let v = Atomics.load(this.i32, this.base + PRIORITY), n = 0; v > 0 && n < 20; v = Atomics.load(this.i32, this.base + PRIORITY), n++) {
@@ -66,7 +66,7 @@ export class RegionLock {
    * the lock for as long as the vendor likes, and nobody on the main thread may wait for that.
    */
   async lockAsync(owner = OWNER_MAIN, signal?: AbortSignal): Promise<void> {
-    if (this.disabled) return;
+    if (this.#off()) return;
     const s = this.base + STATE;
     let c = Atomics.compareExchange(this.i32, s, 0, 1);
     if (c !== 0) {
@@ -88,14 +88,14 @@ export class RegionLock {
   }
 
   tryLock(owner: number): boolean {
-    if (this.disabled) return true;
+    if (this.#off()) return true;
     if (Atomics.compareExchange(this.i32, this.base + STATE, 0, 1) !== 0) return false;
     Atomics.store(this.i32, this.base + OWNER, owner);
     return true;
   }
 
   unlock(): void {
-    if (this.disabled) return;
+    if (this.#off()) return;
     Atomics.store(this.i32, this.base + OWNER, 0);
     if (Atomics.sub(this.i32, this.base + STATE, 1) !== 1) {
       Atomics.store(this.i32, this.base + STATE, 0);
