@@ -8,7 +8,7 @@ import { ContainerWriter } from './container/writer.js';
 import { FileSink } from './container/sink.js';
 import { OutputFile } from './container/output.js';
 import { checkLoadOptions, checkMigrationOptions, checkPath, optBoolean, optFunction, optNumber, optionsObject } from './options.js';
-import { ErrorCode, MigError, abortError } from './errors.js';
+import { ErrorCode, MigError, abortError, normalised } from './errors.js';
 import { EnginePool } from './engine/pool.js';
 import { Migration, type MigrationOptions, type MigrationReport } from './engine/migration.js';
 import { Loader, type LoadOptions, type LoadReport } from './engine/load.js';
@@ -27,46 +27,50 @@ export interface SaveOptions extends MigrationOptions {
  */
 export async function saveDevices(transports: DeviceTransport[], streamPath: string, pool: EnginePool,
   opts: SaveOptions = {}, onMigration?: (m: Migration) => void): Promise<MigrationReport> {
-  // Every argument is checked before the output is created.
-  checkPath(streamPath, 'stream path');
-  checkMigrationOptions(opts);
-  if (!Array.isArray(transports) || transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
-  if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
-  if (onMigration !== undefined && typeof onMigration !== 'function') throw new MigError(ErrorCode.BAD_ARGUMENT, 'onMigration must be a function');
-  const out = OutputFile.open(streamPath, { force: opts.force });
-  let m: Migration | undefined;
-  try {
-    m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
-    onMigration?.(m);
-    const r = await m.run();
-    // A cancel that lands after the last record still leaves no file: the caller asked to stop.
-    if (opts.signal?.aborted) throw Object.assign(abortError(opts.signal, 'migration cancelled'), { report: r });
-    out.commit();
-    return r;
-  } catch (e) {
-    // The caller may destroy or reuse its devices right after, and the output goes away below: wait until no worker
-    // is left inside a stalled vendor call (its rollback deferred). An embedder that must not wait uses Migration
-    // directly and awaits `settled` when it likes.
-    await m?.settled;
-    throw e;
-  } finally {
-    out.discard(); // no-op once committed
-  }
+  return normalised(async () => {
+    // Every argument is checked before the output is created.
+    checkPath(streamPath, 'stream path');
+    checkMigrationOptions(opts);
+    if (!Array.isArray(transports) || transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
+    if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+    if (onMigration !== undefined && typeof onMigration !== 'function') throw new MigError(ErrorCode.BAD_ARGUMENT, 'onMigration must be a function');
+    const out = OutputFile.open(streamPath, { force: opts.force });
+    let m: Migration | undefined;
+    try {
+      m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
+      onMigration?.(m);
+      const r = await m.run();
+      // A cancel that lands after the last record still leaves no file: the caller asked to stop.
+      if (opts.signal?.aborted) throw Object.assign(abortError(opts.signal, 'migration cancelled'), { report: r });
+      out.commit();
+      return r;
+    } catch (e) {
+      // The caller may destroy or reuse its devices right after, and the output goes away below: wait until no worker
+      // is left inside a stalled vendor call (its rollback deferred). An embedder that must not wait uses Migration
+      // directly and awaits `settled` when it likes.
+      await m?.settled;
+      throw e;
+    } finally {
+      out.discard(); // no-op once committed
+    }
+  });
 }
 
 export async function loadStream(streamPath: string, pool: EnginePool, opts: LoadOptions = {},
   onLoader?: (l: Loader) => void): Promise<{ report: LoadReport; loader: Loader }> {
-  checkPath(streamPath, 'stream path');
-  checkLoadOptions(opts);
-  if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
-  const loader = new Loader(streamPath, pool, opts);
-  onLoader?.(loader);
-  try {
-    return { report: await loader.run(), loader };
-  } catch (e) {
-    Object.assign(e as object, { loader });
-    throw e;
-  }
+  return normalised(async () => {
+    checkPath(streamPath, 'stream path');
+    checkLoadOptions(opts);
+    if (!(pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+    const loader = new Loader(streamPath, pool, opts);
+    onLoader?.(loader);
+    try {
+      return { report: await loader.run(), loader };
+    } catch (e) {
+      Object.assign(e as object, { loader });
+      throw e;
+    }
+  });
 }
 
 export interface RunOptions extends MigrationOptions {
@@ -97,40 +101,42 @@ export interface RunReport {
 
 /** Create emulated sources, migrate them live through a stream file into fresh destinations, verify digests. */
 export async function runEmulated(o: RunOptions): Promise<RunReport> {
-  const ro = optionsObject(o, 'run options');
-  checkMigrationOptions(ro);
-  optNumber(ro, 'devices', 1, 1024, true);
-  if (o.devices === undefined) throw new MigError(ErrorCode.BAD_ARGUMENT, 'run options: devices is required');
-  optNumber(ro, 'seed', 0, 2 ** 32 - 1, true);
-  optNumber(ro, 'threads', 1, 256, true);
-  optBoolean(ro, 'keepStream');
-  optFunction(ro, 'onMigration');
-  optionsObject(o.device, 'device options');
-  if (o.stream !== undefined) {
-    checkPath(o.stream, 'stream');
-    if (o.stream === '-') throw new MigError(ErrorCode.BAD_ARGUMENT, 'run reads its stream back: it cannot go to standard output');
-  }
-  if (o.pool !== undefined && !(o.pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
-  const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${crypto.randomBytes(6).toString('hex')}.vfmig`);
-  const pool = o.pool ?? new EnginePool({ threads: o.threads });
-  const sources: EmulatedTransport[] = [];
-  let loader: Loader | undefined;
-  try {
-    for (let i = 0; i < o.devices; i++) {
-      sources.push(EmulatedTransport.create({ ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i }));
+  return normalised(async () => {
+    const ro = optionsObject(o, 'run options');
+    checkMigrationOptions(ro);
+    optNumber(ro, 'devices', 1, 1024, true);
+    if (o.devices === undefined) throw new MigError(ErrorCode.BAD_ARGUMENT, 'run options: devices is required');
+    optNumber(ro, 'seed', 0, 2 ** 32 - 1, true);
+    optNumber(ro, 'threads', 1, 256, true);
+    optBoolean(ro, 'keepStream');
+    optFunction(ro, 'onMigration');
+    optionsObject(o.device, 'device options');
+    if (o.stream !== undefined) {
+      checkPath(o.stream, 'stream');
+      if (o.stream === '-') throw new MigError(ErrorCode.BAD_ARGUMENT, 'run reads its stream back: it cannot go to standard output');
     }
-    for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
-    const save = await saveDevices(sources, stream, pool, o, o.onMigration);
-    const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs }, o.onLoader);
-    loader = res.loader;
-    return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };
-  } catch (e) {
-    loader = (e as { loader?: Loader }).loader;
-    throw e;
-  } finally {
-    for (const s of sources) s.destroy();
-    for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
-    if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });
-    if (!o.pool) await pool.close();
-  }
+    if (o.pool !== undefined && !(o.pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+    const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${crypto.randomBytes(6).toString('hex')}.vfmig`);
+    const pool = o.pool ?? new EnginePool({ threads: o.threads });
+    const sources: EmulatedTransport[] = [];
+    let loader: Loader | undefined;
+    try {
+      for (let i = 0; i < o.devices; i++) {
+        sources.push(EmulatedTransport.create({ ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i }));
+      }
+      for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
+      const save = await saveDevices(sources, stream, pool, o, o.onMigration);
+      const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs }, o.onLoader);
+      loader = res.loader;
+      return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };
+    } catch (e) {
+      loader = (e as { loader?: Loader }).loader;
+      throw e;
+    } finally {
+      for (const s of sources) s.destroy();
+      for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
+      if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });
+      if (!o.pool) await pool.close();
+    }
+  });
 }

@@ -121,3 +121,58 @@ export function accessErrorCode(errno: number | undefined, fallback: ErrorCode =
 export function isMigError(e: unknown): e is MigError {
   return e instanceof MigError;
 }
+
+const CODES = new Set<string>(Object.values(ErrorCode));
+
+/** Is `c` one of the stable VFM_ codes? */
+export function isErrorCode(c: unknown): c is ErrorCode {
+  return typeof c === 'string' && CODES.has(c);
+}
+
+/**
+ * Normalise anything thrown to a MigError with a VFM_ code, at each boundary an error crosses (worker -> pool,
+ * engine -> API, API -> CLI), so no raw Node or addon error leaves the library:
+ * - a MigError, or a plain object carrying a known VFM_ code (a worker's serialised error), keeps its code;
+ * - an AbortError is VFM_CANCELLED;
+ * - an addon argument error (ERR_ARG) or a Node argument error (ERR_INVALID_ARG_*, ERR_OUT_OF_RANGE) is
+ *   VFM_BAD_ARGUMENT;
+ * - a system error (ENOENT, EIO, ... with an errno) is VFM_IO, errno kept;
+ * - anything else (a TypeError from a bug) is VFM_INTERNAL: a defect, still with a code.
+ */
+export function toMigError(e: unknown, details: Omit<MigErrorDetails, 'cause'> = {}): MigError {
+  if (e instanceof MigError) return e;
+  const o = (e !== null && typeof e === 'object' ? e : {}) as { code?: unknown; errno?: unknown; message?: unknown; name?: unknown; syscall?: unknown };
+  const message = typeof o.message === 'string' ? o.message : String(e);
+  const errno = typeof o.errno === 'number' ? Math.abs(o.errno) : undefined;
+  const d = { ...details, errno: details.errno ?? errno, cause: e };
+  if (isErrorCode(o.code)) {
+    const m = new MigError(o.code, message, {});
+    // A serialised MigError's message is already formatted with its device and offset.
+    Object.assign(m, { device: (o as MigErrorDetails).device ?? details.device, offset: (o as MigErrorDetails).offset ?? details.offset,
+      register: (o as MigErrorDetails).register, errno: d.errno });
+    return m;
+  }
+  if (o.name === 'AbortError') return new MigError(ErrorCode.CANCELLED, message, d);
+  const code = typeof o.code === 'string' ? o.code : '';
+  if (code === 'ERR_ARG' || code.startsWith('ERR_INVALID_ARG') || code === 'ERR_OUT_OF_RANGE') {
+    return new MigError(ErrorCode.BAD_ARGUMENT, message, d);
+  }
+  if (/^E[A-Z0-9]+$/.test(code) || typeof o.syscall === 'string') {
+    return new MigError(ErrorCode.IO, message.startsWith(code) ? message : `${code}: ${message}`, d);
+  }
+  return new MigError(ErrorCode.INTERNAL, `internal error (please report): ${o.name ? `${String(o.name)}: ` : ''}${message}`, d);
+}
+
+/** Run `fn`, turning whatever it throws into a MigError (the API boundary). */
+export async function normalised<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    const m = toMigError(e);
+    // Reports and loaders the engine attached to the error travel with it.
+    if (m !== e && e !== null && typeof e === 'object') {
+      for (const k of ['report', 'loader'] as const) if (k in e) Object.assign(m, { [k]: (e as Record<string, unknown>)[k] });
+    }
+    throw m;
+  }
+}

@@ -2,7 +2,7 @@
 // packets inside, checksummed here so the main thread never touches the bytes); load: staging slot -> region in
 // the profile's write order; digest: hash an emulated device's state.
 import { native } from '../addon/native.js';
-import { MigError, ErrorCode, accessErrorCode } from '../main/errors.js';
+import { MigError, ErrorCode, accessErrorCode, toMigError } from '../main/errors.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
 import { OWNER_WORKER, type RegionLock } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
@@ -259,11 +259,11 @@ function digest(t: DigestTask): string {
   return emulatedDigest(t.id, t.stateSize, digestScratch);
 }
 
-function toTaskError(e: unknown): TaskError {
-  const m = e as MigError;
+/** Normalised here, where it happens: an ENOENT, an addon ERR_ARG or a TypeError never crosses as a raw code. */
+function toTaskError(e: unknown, device?: string): TaskError {
+  const m = toMigError(e, { device });
   return {
-    __migError: true, code: m.code ?? ErrorCode.WORKER_FAILED, message: m.message ?? String(e), device: m.device,
-    offset: m.offset, register: m.register, errno: m.errno,
+    __migError: true, code: m.code, message: m.message, device: m.device, offset: m.offset, register: m.register, errno: m.errno,
   };
 }
 
@@ -286,6 +286,6 @@ export default function run(task: Task): unknown {
     }
   } catch (e) {
     // Returned, not thrown: piscina would flatten a thrown MigError into a plain Error and lose the code.
-    return toTaskError(e);
+    return toTaskError(e, 'region' in task ? task.region.device : undefined);
   }
 }

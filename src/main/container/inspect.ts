@@ -3,7 +3,7 @@
 import { OutputFile } from './output.js';
 import { FileSink } from './sink.js';
 import { checkPath } from '../options.js';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, normalised } from '../errors.js';
 import { newParseState, parsePackets, tagName, getBe64, checkStreamEnd, type QemuParseState } from '../protocol/qemu-stream.js';
 import { ContainerReader, type RecordRef } from './reader.js';
 import {
@@ -125,40 +125,42 @@ async function nextRecord(reader: ContainerReader): Promise<RecordRef | null> {
 }
 
 export async function inspectContainer(path: string, withPackets = false): Promise<InspectResult> {
-  const states = new Map<number, QemuParseState>();
-  const devs = new Map<number, DeviceInspect>();
-  let tableRef: DeviceTable | undefined;
-  const res = await walk(path, (r, body) => {
-    const d = r.h.device;
-    let st = states.get(d);
-    if (!st) { st = newParseState(); states.set(d, st); }
-    let di = devs.get(d);
-    if (!di) {
-      di = { index: d, name: String(d), profile: '', records: 0, streamBytes: 0, sections: 0, dataPackets: 0, dataBytes: 0, emptyDataPackets: 0, config: false, complete: false };
-      if (withPackets) di.packets = [];
-      devs.set(d, di);
-    }
-    di.records++;
-    di.streamBytes += body.length;
-    const evs = parsePackets(st, body, 0, body.length, r.at + RECORD_HEADER_SIZE, { maxData: body.length, maxConfig: body.length }, di.name);
-    for (const e of evs) {
-      if (e.kind === 'data') { if (e.size === 0) di.emptyDataPackets++; }
-      di.packets?.push({ offset: e.at, tag: tagName(getBe64(body, e.at - r.at - RECORD_HEADER_SIZE)), size: e.kind === 'data' ? e.size : e.kind === 'config' ? e.len : undefined });
-    }
-    di.sections = st.sections; di.dataPackets = st.dataPackets; di.dataBytes = st.dataBytes; di.config = st.sawConfig;
+  return normalised(async () => {
+    const states = new Map<number, QemuParseState>();
+    const devs = new Map<number, DeviceInspect>();
+    let tableRef: DeviceTable | undefined;
+    const res = await walk(path, (r, body) => {
+      const d = r.h.device;
+      let st = states.get(d);
+      if (!st) { st = newParseState(); states.set(d, st); }
+      let di = devs.get(d);
+      if (!di) {
+        di = { index: d, name: String(d), profile: '', records: 0, streamBytes: 0, sections: 0, dataPackets: 0, dataBytes: 0, emptyDataPackets: 0, config: false, complete: false };
+        if (withPackets) di.packets = [];
+        devs.set(d, di);
+      }
+      di.records++;
+      di.streamBytes += body.length;
+      const evs = parsePackets(st, body, 0, body.length, r.at + RECORD_HEADER_SIZE, { maxData: body.length, maxConfig: body.length }, di.name);
+      for (const e of evs) {
+        if (e.kind === 'data') { if (e.size === 0) di.emptyDataPackets++; }
+        di.packets?.push({ offset: e.at, tag: tagName(getBe64(body, e.at - r.at - RECORD_HEADER_SIZE)), size: e.kind === 'data' ? e.size : e.kind === 'config' ? e.len : undefined });
+      }
+      di.sections = st.sections; di.dataPackets = st.dataPackets; di.dataBytes = st.dataBytes; di.config = st.sawConfig;
+    });
+    tableRef = res.table;
+    const devices = tableRef.devices.map((t) => {
+      const di = devs.get(t.index) ?? { index: t.index, name: t.name, profile: t.profile, records: 0, streamBytes: 0, sections: 0, dataPackets: 0, dataBytes: 0, emptyDataPackets: 0, config: false, complete: false };
+      di.name = t.name; di.profile = t.profile;
+      const st = states.get(t.index);
+      try { if (st) { checkStreamEnd(st, t.name, res.size); di.complete = true; } } catch { di.complete = false; }
+      return di;
+    });
+    return {
+      file: path, status: res.status, interruptedAt: res.torn?.at, size: res.size, table: tableRef, devices, records: res.counts, end: res.end,
+      abort: res.abort,
+    };
   });
-  tableRef = res.table;
-  const devices = tableRef.devices.map((t) => {
-    const di = devs.get(t.index) ?? { index: t.index, name: t.name, profile: t.profile, records: 0, streamBytes: 0, sections: 0, dataPackets: 0, dataBytes: 0, emptyDataPackets: 0, config: false, complete: false };
-    di.name = t.name; di.profile = t.profile;
-    const st = states.get(t.index);
-    try { if (st) { checkStreamEnd(st, t.name, res.size); di.complete = true; } } catch { di.complete = false; }
-    return di;
-  });
-  return {
-    file: path, status: res.status, interruptedAt: res.torn?.at, size: res.size, table: tableRef, devices, records: res.counts, end: res.end,
-    abort: res.abort,
-  };
 }
 
 /**
@@ -167,44 +169,46 @@ export async function inspectContainer(path: string, withPackets = false): Promi
  * leaves nothing at `out`. Returns bytes written.
  */
 export async function extractDevice(path: string, index: number, out: string, o: { force?: boolean; signal?: AbortSignal } = {}): Promise<number> {
-  checkPath(path, 'stream path');
-  checkPath(out, 'output');
-  if (!Number.isSafeInteger(index) || index < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `device index ${String(index)} is invalid`);
-  // Check the index against the device table before the output is created.
-  const pre = ContainerReader.open(path);
-  let name: string;
-  try {
-    const t = await pre.readPreamble();
-    if (index >= t.devices.length) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${t.devices.length} device(s)`);
-    name = t.devices[index].name;
-  } finally {
-    pre.close();
-  }
-  const file = OutputFile.open(out, { force: o.force, inputs: [path] });
-  try {
-    const sink = FileSink.onOutput(file);
-    const st = newParseState();
-    let n = 0;
-    const res = await walk(path, async (r, body) => {
-      if (o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'extract cancelled', { offset: r.at });
-      if (r.h.device !== index) return;
-      // Parse as it goes: a device stream that is not well-formed QEMU is refused, not copied.
-      parsePackets(st, body, 0, body.length, r.at + RECORD_HEADER_SIZE, { maxData: body.length, maxConfig: body.length }, name);
-      await sink.write(body);
-      n += body.length;
-    });
-    await sink.close();
-    if (res.status === 'interrupted') {
-      throw new MigError(ErrorCode.STREAM_TRUNCATED, `save interrupted at offset ${res.torn!.at}: ${res.torn!.why}`, { offset: res.torn!.at });
+  return normalised(async () => {
+    checkPath(path, 'stream path');
+    checkPath(out, 'output');
+    if (!Number.isSafeInteger(index) || index < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `device index ${String(index)} is invalid`);
+    // Check the index against the device table before the output is created.
+    const pre = ContainerReader.open(path);
+    let name: string;
+    try {
+      const t = await pre.readPreamble();
+      if (index >= t.devices.length) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${t.devices.length} device(s)`);
+      name = t.devices[index].name;
+    } finally {
+      pre.close();
     }
-    if (res.status === 'aborted') {
-      throw new MigError(ErrorCode.STREAM_ABORTED, `the source aborted this stream: ${res.abort!.code}: ${res.abort!.message}`, { device: res.abort!.device });
+    const file = OutputFile.open(out, { force: o.force, inputs: [path] });
+    try {
+      const sink = FileSink.onOutput(file);
+      const st = newParseState();
+      let n = 0;
+      const res = await walk(path, async (r, body) => {
+        if (o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'extract cancelled', { offset: r.at });
+        if (r.h.device !== index) return;
+        // Parse as it goes: a device stream that is not well-formed QEMU is refused, not copied.
+        parsePackets(st, body, 0, body.length, r.at + RECORD_HEADER_SIZE, { maxData: body.length, maxConfig: body.length }, name);
+        await sink.write(body);
+        n += body.length;
+      });
+      await sink.close();
+      if (res.status === 'interrupted') {
+        throw new MigError(ErrorCode.STREAM_TRUNCATED, `save interrupted at offset ${res.torn!.at}: ${res.torn!.why}`, { offset: res.torn!.at });
+      }
+      if (res.status === 'aborted') {
+        throw new MigError(ErrorCode.STREAM_ABORTED, `the source aborted this stream: ${res.abort!.code}: ${res.abort!.message}`, { device: res.abort!.device });
+      }
+      if (res.status === 'incomplete') throw new MigError(ErrorCode.STREAM_TRUNCATED, 'incomplete stream: no END record', { offset: res.size });
+      checkStreamEnd(st, name, res.size);
+      file.commit();
+      return n;
+    } finally {
+      file.discard();
     }
-    if (res.status === 'incomplete') throw new MigError(ErrorCode.STREAM_TRUNCATED, 'incomplete stream: no END record', { offset: res.size });
-    checkStreamEnd(st, name, res.size);
-    file.commit();
-    return n;
-  } finally {
-    file.discard();
-  }
+  });
 }

@@ -2,7 +2,7 @@
 // docs/EMULATED-DEVICE.md). Options are validated here with clear errors before anything is allocated natively.
 import { createHash } from 'node:crypto';
 import { native, NATIVE_DATA_MODE, NATIVE_OFFSET_POLICY, NATIVE_PROFILE, type EmuInfo } from '../../addon/native.js';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, toMigError } from '../errors.js';
 import type { ProfileName } from '../protocol/profiles.js';
 
 export type DataMode = keyof typeof NATIVE_DATA_MODE;
@@ -69,7 +69,10 @@ export class EmulatedDevice {
   }
 
   info(): EmuInfo { return native().emuInfo(this.id); }
-  setFault(kind: string, arg = 0): void { native().emuSetFault(this.id, kind, arg); }
+  /** Inject a vendor fault (docs/EMULATED-DEVICE.md); an unknown kind is VFM_BAD_ARGUMENT. */
+  setFault(kind: string, arg = 0): void {
+    try { native().emuSetFault(this.id, kind, arg); } catch (e) { throw toMigError(e, { device: this.name }); }
+  }
   clearFault(): void { native().emuSetFault(this.id, '', 0); }
   reset(): void { native().emuReset(this.id); }
   touch(off: number, value: number): void { native().emuTouch(this.id, off, value); }

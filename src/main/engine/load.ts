@@ -4,7 +4,7 @@
 // own geometry before memory is touched, and a destination never runs unless every device loaded completely.
 import { EventEmitter } from 'node:events';
 import os from 'node:os';
-import { ErrorCode, MigError, abortError } from '../errors.js';
+import { ErrorCode, MigError, abortError, toMigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { ContainerReader, type RecordRef, type RecordSource } from '../container/reader.js';
 import { nativeCrcAvailable } from '../container/checksum.js';
@@ -241,7 +241,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       await this.finish(end);
       for (const d of this.dests) this.progress(d, false);
     } catch (e) {
-      failure = e instanceof MigError ? e : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
+      failure = toMigError(e);
       if (signal?.aborted && failure.name !== 'AbortError') failure = abortError(signal, 'load cancelled');
       // Let in-flight chunks settle before touching device state.
       await Promise.allSettled(this.dests.map((d) => d.chain));

@@ -3,7 +3,7 @@
 // a trace point and an event.
 import { EventEmitter } from 'node:events';
 import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks';
-import { ErrorCode, MigError, abortError } from '../errors.js';
+import { ErrorCode, MigError, abortError, toMigError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
@@ -334,8 +334,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       return this.report(true, t0, stopCopyMs);
     } catch (e) {
       stopDirty = true;
-      let err = e instanceof MigError ? e
-        : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
+      let err = toMigError(e);
       const cancelled = this.cancelled || err.code === ErrorCode.CANCELLED;
       // Cancelled by the caller's signal (not by another device's failure): an AbortError carrying the reason.
       if (this.o.signal?.aborted && err.code === ErrorCode.CANCELLED && err.name !== 'AbortError') {

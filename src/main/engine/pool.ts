@@ -3,7 +3,7 @@
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, toMigError } from '../errors.js';
 import { RingPool } from './staging.js';
 import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
 
@@ -62,10 +62,8 @@ export class EnginePool {
       throw new MigError(ErrorCode.WORKER_FAILED, `worker failed during ${task.op}: ${(e as Error).message}`, { device: dev, cause: e });
     }
     if (out && typeof out === 'object' && (out as TaskError).__migError) {
-      const te = out as TaskError;
-      const err = new MigError(te.code as MigError['code'], te.message, {});
-      Object.assign(err, { device: te.device, offset: te.offset, register: te.register, errno: te.errno });
-      throw err;
+      // The worker normalised it; toMigError keeps a VFM_ code and turns anything else into one.
+      throw toMigError(out);
     }
     return out as R;
   }
