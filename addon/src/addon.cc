@@ -20,6 +20,7 @@
 #include "emu/device.h"
 #include "region/region.h"
 #include "vfio/vfio.h"
+#include "vfio/v2.h"
 
 namespace vfu { void exportBindings(Napi::Env env, Napi::Object exports); }  // vfio-user/bindings.cc
 
@@ -554,9 +555,112 @@ BIND(vfioClose, "fd") {
   return info.Env().Undefined();
 } END_BIND
 
+// ---- real VFIO: migration v2 and the cdev path ------------------------------------------------------------------
+BIND(vfioOpenCdev, "cdevPath") {
+  if (!info[0].IsString()) throw ArgError("'cdevPath' must be a string");
+  vfio::CdevHandles h = vfio::openCdev(info[0].As<Napi::String>().Utf8Value());
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("device", h.device);
+  o.Set("iommufd", h.iommufd);
+  o.Set("devId", h.devId);
+  o.Set("ioasId", h.ioasId);
+  return o;
+} END_BIND
+
+// u64 from the kernel as a JS number; beyond 2^53 it would silently lose bits, so refuse.
+Napi::Number safeU64(Napi::Env env, uint64_t v, const char* what) {
+  if (static_cast<double>(v) > kMaxSafe) throw NativeError(ERANGE, fmt("%s %llu exceeds 2^53", what, static_cast<ull>(v)));
+  return Napi::Number::New(env, static_cast<double>(v));
+}
+
+BIND(vfioMigrationFlags, "deviceFd") {
+  return safeU64(info.Env(), vfio::migrationFlags(fdArg(info[0], "deviceFd")), "migration flags");
+} END_BIND
+
+BIND(vfioFeatureProbe, "deviceFd", "feature", "getSet") {
+  return Napi::Boolean::New(info.Env(), vfio::featureProbe(fdArg(info[0], "deviceFd"), u32(info[1], "feature"), u32(info[2], "getSet")));
+} END_BIND
+
+BIND(vfioMigState, "deviceFd") {
+  return Napi::Number::New(info.Env(), vfio::migStateGet(fdArg(info[0], "deviceFd")));
+} END_BIND
+
+BIND(vfioSetMigState, "deviceFd", "state") {
+  return Napi::Number::New(info.Env(), vfio::migStateSet(fdArg(info[0], "deviceFd"), u32(info[1], "state")));
+} END_BIND
+
+BIND(vfioPrecopyInfo, "dataFd") {
+  vfio::PrecopyInfo p = vfio::precopyInfo(fdArg(info[0], "dataFd"));
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("initialBytes", safeU64(info.Env(), p.initialBytes, "initial_bytes"));
+  o.Set("dirtyBytes", safeU64(info.Env(), p.dirtyBytes, "dirty_bytes"));
+  return o;
+} END_BIND
+
+BIND(vfioMigDataSize, "deviceFd") {
+  return safeU64(info.Env(), vfio::migDataSize(fdArg(info[0], "deviceFd")), "stop_copy_length");
+} END_BIND
+
+// ranges: [{iova, length}], 1..256 of them (the kernel's PAGE_SIZE/16 limit), page-aligned; returns the page size chosen.
+BIND(vfioDmaLogStart, "deviceFd", "pageSize", "ranges") {
+  int fd = fdArg(info[0], "deviceFd");
+  uint64_t pg = u64(info[1], "pageSize");
+  if (pg < 4096 || (pg & (pg - 1))) throw ArgError("'pageSize' must be a power of two >= 4096");
+  if (!info[2].IsArray()) throw ArgError("'ranges' must be an array");
+  Napi::Array arr = info[2].As<Napi::Array>();
+  if (arr.Length() == 0 || arr.Length() > 256) throw ArgError("'ranges' must hold 1..256 ranges");
+  std::vector<vfio::IovaRange> r;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsObject()) throw ArgError("each range must be {iova, length}");
+    Napi::Object o = v.As<Napi::Object>();
+    uint64_t iova = u64(o.Get("iova"), "iova"), len = u64(o.Get("length"), "length");
+    if (len == 0 || iova % pg || len % pg || !vm::fits(iova, len, ~0ULL)) throw ArgError(fmt("range %u is empty or not page aligned", i));
+    r.push_back({iova, len});
+  }
+  return safeU64(info.Env(), vfio::dmaLoggingStart(fd, pg, r), "page_size");
+} END_BIND
+
+BIND(vfioDmaLogStop, "deviceFd") {
+  vfio::dmaLoggingStop(fdArg(info[0], "deviceFd"));
+  return info.Env().Undefined();
+} END_BIND
+
+// The bitmap needs one bit per page of [iova, iova+length), rounded up to 64-bit words; the kernel only sets bits.
+BIND(vfioDmaLogReport, "deviceFd", "iova", "length", "pageSize", "bitmap") {
+  int fd = fdArg(info[0], "deviceFd");
+  uint64_t iova = u64(info[1], "iova"), len = u64(info[2], "length"), pg = u64(info[3], "pageSize");
+  if (pg < 4096 || (pg & (pg - 1)) || len == 0 || iova % pg || len % pg)
+    throw ArgError("REPORT needs a power-of-two pageSize >= 4096 and a page-aligned, non-empty range");
+  Bytes b = bytes(info[4], "bitmap");
+  uint64_t need = (len / pg + 63) / 64 * 8;
+  if (b.n < need) throw ArgError(fmt("bitmap of %zu bytes is smaller than the %llu the range needs", b.n, static_cast<ull>(need)));
+  vfio::dmaLoggingReport(fd, iova, len, pg, b.p);
+  return info.Env().Undefined();
+} END_BIND
+
+// One read() into buf[off..off+len): bytes, 0 at end of stream, -1 for "nothing more for now" (ENOMSG).
+BIND(vfioDataRead, "dataFd", "buf", "off", "len") {
+  int fd = fdArg(info[0], "dataFd");
+  Bytes b = bytes(info[1], "buf");
+  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
+  if (len == 0 || !vm::fits(off, len, b.n)) throw ArgError("[off, off+len) must be a non-empty range of buf");
+  return Napi::Number::New(info.Env(), static_cast<double>(vfio::dataRead(fd, b.p + off, len)));
+} END_BIND
+
+// write() all of buf[off..off+len) to a resuming data fd.
+BIND(vfioDataWrite, "dataFd", "buf", "off", "len") {
+  int fd = fdArg(info[0], "dataFd");
+  Bytes b = bytes(info[1], "buf");
+  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
+  if (len == 0 || !vm::fits(off, len, b.n)) throw ArgError("[off, off+len) must be a non-empty range of buf");
+  return Napi::Number::New(info.Env(), static_cast<double>(vfio::dataWrite(fd, b.p + off, len)));
+} END_BIND
+
 BIND(uapiLayout) {
   Napi::Object o = Napi::Object::New(info.Env());
   for (const auto& kv : vfio::layout()) o.Set(kv.first, Napi::Number::New(info.Env(), kv.second));
+  for (const auto& kv : vfio::layoutV2()) o.Set(kv.first, Napi::Number::New(info.Env(), kv.second));
   return o;
 } END_BIND
 
@@ -593,6 +697,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
   EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);
+  EXPORT(vfioOpenCdev); EXPORT(vfioMigrationFlags); EXPORT(vfioFeatureProbe); EXPORT(vfioMigState); EXPORT(vfioSetMigState);
+  EXPORT(vfioPrecopyInfo); EXPORT(vfioMigDataSize); EXPORT(vfioDmaLogStart); EXPORT(vfioDmaLogStop); EXPORT(vfioDmaLogReport);
+  EXPORT(vfioDataRead); EXPORT(vfioDataWrite);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT
   vfu::exportBindings(env, exports);

@@ -53,6 +53,8 @@ export interface EmuInfo {
 export interface RegionAreaSpec { offset: number; size: number }
 
 export interface VfioDeviceHandles { container: number; group: number; device: number }
+export interface VfioCdevHandles { device: number; iommufd: number; devId: number; ioasId: number }
+export interface VfioPrecopyInfo { initialBytes: number; dirtyBytes: number }
 export interface VfioDeviceInfo { flags: number; numRegions: number; numIrqs: number }
 
 export interface VfuReply { reply: Uint8Array; fds: number[] }
@@ -152,6 +154,28 @@ export interface NativeAddon {
   /** VFIO_IOMMU_DIRTY_PAGES on a type1 container fd: op 1 START, 2 STOP, 4 GET_BITMAP (kernel sets bits in bitmap). */
   vfioDirtyPages(containerFd: number, op: number, iova: number, size: number, pgsize: number, bitmap?: Uint8Array): void;
   vfioClose(fd: number): void;
+  // ---- real kernel VFIO: migration v2 (device fd) and the cdev + iommufd path ---------------------------------
+  /** Open /dev/vfio/devices/vfioN, VFIO_DEVICE_BIND_IOMMUFD to a new /dev/iommu fd, IOMMU_IOAS_ALLOC, ATTACH_IOMMUFD_PT. */
+  vfioOpenCdev(cdevPath: string): VfioCdevHandles;
+  /** VFIO_DEVICE_FEATURE GET MIGRATION: VFIO_MIGRATION_* flags (ENOTTY: no migration support). */
+  vfioMigrationFlags(deviceFd: number): number;
+  /** PROBE of a feature id with GET (1<<16) and/or SET (1<<17): false when unsupported. */
+  vfioFeatureProbe(deviceFd: number, feature: number, getSet: number): boolean;
+  vfioMigState(deviceFd: number): number;
+  /** SET MIG_DEVICE_STATE: the new data fd, or -1 when the arc opens none. */
+  vfioSetMigState(deviceFd: number, state: number): number;
+  /** VFIO_MIG_GET_PRECOPY_INFO on a PRE_COPY data fd (EINVAL outside PRE_COPY/PRE_COPY_P2P). */
+  vfioPrecopyInfo(dataFd: number): VfioPrecopyInfo;
+  vfioMigDataSize(deviceFd: number): number;
+  /** DMA_LOGGING_START over page-aligned ranges; returns the page size the driver chose. */
+  vfioDmaLogStart(deviceFd: number, pageSize: number, ranges: { iova: number; length: number }[]): number;
+  vfioDmaLogStop(deviceFd: number): void;
+  /** DMA_LOGGING_REPORT: the kernel sets bits (one per page) in bitmap and clears its log for the range. */
+  vfioDmaLogReport(deviceFd: number, iova: number, length: number, pageSize: number, bitmap: Uint8Array): void;
+  /** One read() of a data fd into buf[off..off+len): bytes, 0 at end, -1 for ENOMSG ("nothing more for now"). */
+  vfioDataRead(dataFd: number, buf: Uint8Array, off: number, len: number): number;
+  /** write() all of buf[off..off+len) to a data fd; throws naming how many bytes were accepted. */
+  vfioDataWrite(dataFd: number, buf: Uint8Array, off: number, len: number): number;
   /** Layout facts checked by static_assert against <linux/vfio.h>, exported so tests can compare with TS tables. */
   uapiLayout(): Record<string, number>;
 

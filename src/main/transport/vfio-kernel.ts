@@ -3,7 +3,7 @@
 // chain, pread/pwrite on the device fd and mmap of the sparse areas. No hardware exists on the build machines; the
 // parsing and access code it shares with the emulated transport is what the tests exercise.
 import { native, type VfioDeviceHandles } from '../../addon/native.js';
-import { ErrorCode, MigError } from '../errors.js';
+import { ErrorCode, MigError, nativeError } from '../errors.js';
 import { MigrationRegion } from '../protocol/migration-region.js';
 import { PROFILE_DEFS, type ProfileDef } from '../protocol/profiles.js';
 import { findRegionByType, parseRegionInfo, type RegionInfo } from '../protocol/region-info.js';
@@ -22,24 +22,41 @@ export class VfioKernelTransport implements DeviceTransport {
   readonly profile: ProfileDef;
   readonly guestPages: number;
   private readonly fds: VfioDeviceHandles;
+  /** Embedded: the fds were handed over by the VMM; close() leaves them open. */
+  private readonly borrowed: boolean;
   private readonly mig: RegionInfo;
   private regionHandle = -1;
   private configHandle = -1;
 
-  /** `groupPath` like /dev/vfio/42, `deviceName` the PCI address like 0000:65:00.1. */
-  constructor(groupPath: string, readonly name: string, private readonly opts: VfioKernelOptions = {}) {
+  /**
+   * Standalone: `groupPath` like /dev/vfio/42 (opened here, with a new container), `name` the PCI address like
+   * 0000:65:00.1. Embedded: the VMM's `{ device, container }` fds; nothing is opened and close() leaves them open.
+   */
+  constructor(groupPath: string | { device: number; container?: number }, readonly name: string, private readonly opts: VfioKernelOptions = {}) {
     const n = native();
     const g = opts.guest;
     if (g && (!Number.isSafeInteger(g.iova) || !Number.isSafeInteger(g.size) || g.size <= 0 || g.iova % 4096 || g.size % 4096)) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, 'guest range must be 4 KiB aligned and non-empty', { device: name });
     }
     this.guestPages = g ? g.size / 4096 : 0;
-    try {
-      this.fds = n.vfioOpenDevice(groupPath, name);
-    } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `cannot open VFIO device via ${groupPath}: ${(e as Error).message}`, { device: name, cause: e });
+    this.borrowed = typeof groupPath !== 'string';
+    if (typeof groupPath !== 'string') {
+      if (!Number.isInteger(groupPath.device) || groupPath.device < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'the device fd must be a non-negative integer', { device: name });
+      this.fds = { device: groupPath.device, container: groupPath.container ?? -1, group: -1 };
+    } else {
+      try {
+        this.fds = n.vfioOpenDevice(groupPath, name);
+      } catch (e) {
+        throw new MigError(ErrorCode.NATIVE, `cannot open VFIO device via ${groupPath}: ${(e as Error).message}`, { device: name, cause: e });
+      }
     }
-    const info = n.vfioDeviceInfo(this.fds.device);
+    let info;
+    try {
+      info = n.vfioDeviceInfo(this.fds.device);
+    } catch (e) {
+      this.close();
+      throw nativeError(name, 'VFIO_DEVICE_GET_INFO', e);
+    }
     const get = (i: number) => n.vfioRegionInfo(this.fds.device, i);
     // Merged v1 uses type 3; the 2019 drafts used type 2.
     const merged = findRegionByType(info.numRegions, get, PROFILE_DEFS['linux-5.8'].regionType, 1, name);
@@ -85,6 +102,7 @@ export class VfioKernelTransport implements DeviceTransport {
   containerDirty(op: boolean | 'get', bitmap?: Uint8Array): void {
     const g = this.opts.guest;
     if (!g) return;
+    if (this.fds.container < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'type1 dirty tracking needs the container fd', { device: this.name });
     try {
       native().vfioDirtyPages(this.fds.container, op === 'get' ? 4 : op ? 1 : 2, g.iova, g.size, 4096, bitmap);
     } catch (e) {
@@ -105,6 +123,7 @@ export class VfioKernelTransport implements DeviceTransport {
     if (this.regionHandle >= 0) n.regionClose(this.regionHandle);
     if (this.configHandle >= 0) n.regionClose(this.configHandle);
     this.regionHandle = this.configHandle = -1;
+    if (this.borrowed) return;
     for (const fd of [this.fds?.device, this.fds?.group, this.fds?.container]) if (fd !== undefined && fd >= 0) n.vfioClose(fd);
   }
 }

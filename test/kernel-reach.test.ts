@@ -1,0 +1,98 @@
+// The kernel reach on the host (no VFIO device here; the real kernel runs in `npm run test:kernel`): uAPI tables
+// against the addon's static_asserted layout, sysfs path validation, embedder-mode argument checks and errors.
+import fs from 'node:fs';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { native } from '../src/addon/native.js';
+import { KernelVfioDevice } from '../src/main/reach/kernel/device.js';
+import { resolveSysfs } from '../src/main/reach/kernel/sysfs.js';
+import { Feature, MigFlag, V2State } from '../src/main/reach/kernel/uapi.js';
+import { MigError } from '../src/main/errors.js';
+import { VfioKernelTransport } from '../src/main/transport/vfio-kernel.js';
+
+function code(fn: () => unknown): string {
+  try { fn(); } catch (e) { assert.instance(e, MigError, String(e)); return (e as MigError).code; }
+  throw new Error('expected a MigError');
+}
+
+test('v2 uAPI table equals the addon\'s static_asserted values', () => {
+  const L = native().uapiLayout();
+  assert.equal([L.v2StateError, L.v2StateStop, L.v2StateRunning, L.v2StateStopCopy, L.v2StateResuming, L.v2StateRunningP2P,
+    L.v2StatePreCopy, L.v2StatePreCopyP2P], [V2State.ERROR, V2State.STOP, V2State.RUNNING, V2State.STOP_COPY,
+    V2State.RESUMING, V2State.RUNNING_P2P, V2State.PRE_COPY, V2State.PRE_COPY_P2P]);
+  assert.equal([L.migrationStopCopy, L.migrationP2P, L.migrationPreCopy], [MigFlag.STOP_COPY, MigFlag.P2P, MigFlag.PRE_COPY]);
+  assert.equal([L.featureMigration, L.featureMigDeviceState, L.featureDmaLoggingStart, L.featureDmaLoggingStop,
+    L.featureDmaLoggingReport, L.featureMigDataSize, L.featureGet, L.featureSet, L.featureProbe],
+  [Feature.MIGRATION, Feature.MIG_DEVICE_STATE, Feature.DMA_LOGGING_START, Feature.DMA_LOGGING_STOP,
+    Feature.DMA_LOGGING_REPORT, Feature.MIG_DATA_SIZE, Feature.GET, Feature.SET, Feature.PROBE]);
+  // kernel-guest.md's ioctl numbers and sizes.
+  assert.equal([L.ioctlDeviceFeature, L.ioctlMigGetPrecopyInfo, L.ioctlDeviceBindIommufd, L.ioctlDeviceAttachIommufdPt,
+    L.ioctlIommuIoasAlloc], [0x3b75, 0x3b79, 0x3b76, 0x3b77, 0x3b81]);
+  assert.equal([L.precopyInfoSize, L.migStateSize, L.dmaLoggingControlSize, L.dmaLoggingReportSize, L.bindIommufdSize,
+    L.attachIommufdPtSize], [24, 8, 24, 32, 16, 12]);
+});
+
+test('sysfs paths: only /sys/bus/{pci,mdev}/devices/<name> with a well-formed name', () => {
+  for (const p of ['/dev/vfio/3', '/sys/bus/pci/devices/../../../etc', '/sys/bus/pci/devices/0000:00:01', '/sys/bus/mdev/devices/not-a-uuid',
+    '/sys/bus/usb/devices/1-1', 'relative/path']) {
+    assert.is(code(() => resolveSysfs(p)), 'VFM_BAD_ARGUMENT', p);
+  }
+  // Well formed but absent.
+  const e = (() => { try { resolveSysfs('/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001'); } catch (x) { return x as MigError; } })();
+  assert.ok(e && /no such device/.test(e.message) && e.device, String(e));
+});
+
+test('a PCI device not bound to VFIO is refused with the reason', () => {
+  const pci = fs.existsSync('/sys/bus/pci/devices') ? fs.readdirSync('/sys/bus/pci/devices') : [];
+  const bdf = pci.find((d) => !fs.existsSync(`/sys/bus/pci/devices/${d}/vfio-dev`) && !fs.existsSync('/dev/vfio'));
+  if (!bdf) return; // a machine with VFIO set up: nothing to refuse here
+  let err: MigError | undefined;
+  try { resolveSysfs(`/sys/bus/pci/devices/${bdf}`); } catch (x) { err = x as MigError; }
+  assert.ok(err && err.code === 'VFM_BAD_ARGUMENT' && /not bound to a VFIO driver/.test(err.message), String(err));
+});
+
+test('embedded: bad fds and guest ranges are refused before any ioctl; a non-VFIO fd is "no v2 migration", named', () => {
+  assert.is(code(() => KernelVfioDevice.fromHandles('d', { device: -1 })), 'VFM_BAD_ARGUMENT');
+  for (const r of [[{ iova: 1, length: 4096 }], [{ iova: 0, length: 0 }], [{ iova: 0, length: 8192 }, { iova: 4096, length: 4096 }],
+    Array.from({ length: 257 }, (_, i) => ({ iova: i * 4096, length: 4096 }))]) {
+    assert.is(code(() => KernelVfioDevice.fromHandles('d', { device: 0 }, { guestRanges: r })), 'VFM_BAD_ARGUMENT', JSON.stringify(r).slice(0, 60));
+  }
+  const fd = fs.openSync('/dev/null', 'r+');
+  try {
+    const d = KernelVfioDevice.fromHandles('vmm-dev-7', { device: fd });
+    let err: MigError | undefined;
+    try { d.migrationFlags(); } catch (x) { err = x as MigError; }
+    assert.is(err?.code, 'VFM_NO_MIGRATION_REGION');
+    assert.match(err!.message, /^vmm-dev-7: /);
+    assert.is(code(() => d.read(new Uint8Array(8))), 'VFM_BAD_STATE'); // no data session
+    assert.is(code(() => d.dmaLogStart()), 'VFM_BAD_ARGUMENT');        // no guest ranges given
+    d.close();
+    fs.fstatSync(fd); // the handed-over fd is still open
+    assert.is(code(() => d.state()), 'VFM_BAD_STATE');
+  } finally { fs.closeSync(fd); }
+});
+
+test('native v2 bindings check their arguments (never read or write outside the buffer)', () => {
+  const n = native();
+  const arg = (f: () => unknown) => { try { f(); } catch (e) { return (e as { code?: string }).code; } return 'none'; };
+  assert.is(arg(() => n.vfioDataRead(0, new Uint8Array(8), 4, 5)), 'ERR_ARG');
+  assert.is(arg(() => n.vfioDataWrite(0, new Uint8Array(8), 0, 0)), 'ERR_ARG');
+  assert.is(arg(() => n.vfioDmaLogStart(0, 4095, [{ iova: 0, length: 4096 }])), 'ERR_ARG');
+  assert.is(arg(() => n.vfioDmaLogStart(0, 4096, [])), 'ERR_ARG');
+  assert.is(arg(() => n.vfioDmaLogReport(0, 0, 1 << 20, 4096, new Uint8Array(31))), 'ERR_ARG');
+  assert.is(arg(() => n.vfioSetMigState(0, 8)), 'EINVAL');
+  assert.is(arg(() => n.vfioFeatureProbe(0, 1, 0)), 'EINVAL');
+});
+
+test('v1 transport embedded: handed-over fds are not closed, errors name the device', () => {
+  const fd = fs.openSync('/dev/null', 'r+');
+  try {
+    let err: MigError | undefined;
+    try { new VfioKernelTransport({ device: fd, container: fd }, 'vmm-v1'); } catch (x) { err = x as MigError; }
+    assert.is(err?.code, 'VFM_NATIVE');
+    assert.match(err!.message, /^vmm-v1: VFIO_DEVICE_GET_INFO/);
+    fs.fstatSync(fd); // still open: vfio-mig closed nothing it was handed
+  } finally { fs.closeSync(fd); }
+});
+
+test.run();
