@@ -1,4 +1,5 @@
 #include "vfio/v2.h"
+#include "vfio/vfio.h"
 
 #include <fcntl.h>
 #include <linux/vfio.h>
@@ -75,12 +76,6 @@ namespace vfio {
 using vm::fmt;
 using vm::NativeError;
 
-static int xioctl(int fd, unsigned long req, void* arg) {
-  int rc;
-  do rc = ioctl(fd, req, arg);
-  while (rc < 0 && errno == EINTR);
-  return rc;
-}
 
 // struct vfio_device_feature (8 bytes, flexible data[]) followed by the feature's payload, 8-byte aligned.
 template <typename T>

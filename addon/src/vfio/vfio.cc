@@ -73,7 +73,7 @@ static_assert(sizeof(vfio_iommu_type1_dirty_bitmap) == 8 && sizeof(vfio_iommu_ty
 using vm::fmt;
 using vm::NativeError;
 
-static int xioctl(int fd, unsigned long req, void* arg) {
+int xioctl(int fd, unsigned long req, void* arg) {
   int rc;
   do rc = ioctl(fd, req, arg);
   while (rc < 0 && errno == EINTR);

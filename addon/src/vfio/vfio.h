@@ -19,6 +19,8 @@ void reset(int fd);
 // `bitmap` (bitmapBytes, one bit per pgsize page of [iova, iova+size)).
 void dirtyPages(int containerFd, uint32_t flags, uint64_t iova, uint64_t size, uint64_t pgsize, uint8_t* bitmap, uint64_t bitmapBytes);
 void closeFd(int fd);
+// ioctl() retried on EINTR (shared by the v1 and v2 code).
+int xioctl(int fd, unsigned long req, void* arg);
 
 // (name, value) pairs taken from <linux/vfio.h> and sizeof/offsetof.
 std::vector<std::pair<const char*, double>> layout();
