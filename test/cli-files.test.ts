@@ -173,26 +173,38 @@ test('device names and ABORT messages from a stream are printed escaped: no cont
   }
   const r = await cli('inspect', A);
   assert.match(r.stdout.toString(), /status: aborted by the source: VFM_Xx\\x1b\[2K\\x0d\\x1b\[32mverified: true/);
+  const tr = await start(['load', N], { VFIO_MIG_TRACE: '1' }).done;
+  clean(tr.stderr, 'load with VFIO_MIG_TRACE=1');
+  assert.match(tr.stderr, /vfio_load_setup device=x\\x1b/);
   const l = await cli('load', N);
   assert.match(l.stdout.toString(), /x\\x1b\[2K\\x0d\\x1b\[32mverified: true\\x1b\[0m\\x0a\\x9b31m\\u\{202e\}/);
 });
 
-/** Start `args`, send `sig` once a temporary output appears in `dir`, and wait for the exit. */
-async function interrupt(args: string[], sig: NodeJS.Signals, dir: string, env: Record<string, string> = {}): Promise<Result> {
+/**
+ * Start `args`, run `meanwhile` once a temporary output appears in `dir` (the command is then writing), send `sig`,
+ * and wait for the exit.
+ */
+async function interrupt(args: string[], sig: NodeJS.Signals, dir: string, env: Record<string, string> = {},
+  meanwhile?: () => Promise<void>): Promise<Result> {
   const { child, done } = start(args, env);
   const t0 = Date.now();
   while (!fs.readdirSync(dir).some((n) => n.endsWith('.partial'))) {
     if (Date.now() - t0 > 30_000) { child.kill('SIGKILL'); throw new Error('no temporary output appeared'); }
     await new Promise((r) => setTimeout(r, 10));
   }
-  child.kill(sig);
+  try { await meanwhile?.(); } finally { child.kill(sig); }
   return done;
 }
 
 test('SIGINT during save: exit 130, one line, sources RUNNING again, nothing left in the folder', async () => {
   const D = fs.mkdtempSync(path.join(DIR, 'sigint-'));
   const F = path.join(D, 'out.vfmig');
-  const r = await interrupt(['save', '--devices', '2', '--size', '32MiB', '--bandwidth', '8MiB', '--stream', F], 'SIGINT', D);
+  const r = await interrupt(['save', '--devices', '2', '--size', '32MiB', '--bandwidth', '8MiB', '--stream', F], 'SIGINT', D, {}, async () => {
+    // Meanwhile a second save to the same path, from another process, is refused (even with --force).
+    const second = await cli('save', ...SMALL, '--stream', F, '--force');
+    assert.is(second.code, 1, second.stderr);
+    assert.match(oneErrorLine(second, 'VFM_OUTPUT_BUSY', 'second save'), /being written by another vfio-mig \(pid \d+/);
+  });
   assert.is(r.signal, null, 'handled, not killed by the signal');
   assert.is(r.code, 130, r.stderr);
   assert.match(oneErrorLine(r, 'VFM_CANCELLED', 'SIGINT'), /interrupted by SIGINT; 2 of 2 source device\(s\) RUNNING again, nothing written to /);
