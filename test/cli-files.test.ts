@@ -223,4 +223,22 @@ test('SIGTERM during run: exit 143, the temporary stream removed; --json reports
   assert.equal(fs.readdirSync(D), [], 'temporary stream removed');
 });
 
+test('when the process exits early (a second signal, a crash), temporary outputs, locks and run\'s scratch stream go', async () => {
+  const D = fs.mkdtempSync(path.join(DIR, 'exit-'));
+  const scratch = path.join(D, 'scratch.vfmig');
+  fs.writeFileSync(scratch, 'x');
+  const mod = path.join(ROOT, 'dist/src/main/container/output.js');
+  // An output being written (temporary file + lock present), and a scratch file, then an abrupt process.exit.
+  const code = `const m = await import(${JSON.stringify(mod)});
+    const o = m.OutputFile.open(${JSON.stringify(path.join(D, 'out.vfmig'))});
+    if (require('node:fs').readdirSync(${JSON.stringify(D)}).length !== 3) process.exit(9);
+    m.removeOnExit(${JSON.stringify(scratch)});
+    process.exit(3);`.replace("require('node:fs')", '(await import("node:fs")).default');
+  const e = await new Promise<number | null>((resolve) => {
+    spawn(process.execPath, ['--input-type=module', '-e', code]).on('close', resolve);
+  });
+  assert.is(e, 3, 'the output and its lock existed while writing');
+  assert.equal(fs.readdirSync(D), []);
+});
+
 test.run();

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { ContainerWriter } from './container/writer.js';
 import { FileSink } from './container/sink.js';
-import { OutputFile } from './container/output.js';
+import { OutputFile, removeOnExit } from './container/output.js';
 import { checkLoadOptions, checkMigrationOptions, checkPath, optBoolean, optFunction, optNumber, optionsObject } from './options.js';
 import { ErrorCode, MigError, abortError, normalised } from './errors.js';
 import { EnginePool } from './engine/pool.js';
@@ -118,6 +118,8 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
     if (o.pool !== undefined && !(o.pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
     const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${crypto.randomBytes(6).toString('hex')}.vfmig`);
     const pool = o.pool ?? new EnginePool({ threads: o.threads });
+    // A default stream is scratch: gone even if a second signal ends the process before the cleanup below.
+    const forget = !o.stream && !o.keepStream ? removeOnExit(stream) : () => undefined;
     const sources: EmulatedTransport[] = [];
     let loader: Loader | undefined;
     try {
@@ -136,6 +138,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       for (const s of sources) s.destroy();
       for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
       if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });
+      forget();
       if (!o.pool) await pool.close();
     }
   });

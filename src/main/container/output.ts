@@ -38,7 +38,25 @@ export function isStdout(target: string): boolean {
 
 /** Outputs still open when the process exits (a crash, a second signal): their temporary files and locks go. */
 const live = new Set<OutputFile>();
+/** Complete files that are temporary all the same (`run`'s stream): removed if the process exits first. */
+const scratch = new Set<string>();
 let exitHook = false;
+
+function hookExit(): void {
+  if (exitHook) return;
+  exitHook = true;
+  process.on('exit', () => {
+    for (const o of live) o.discard();
+    for (const f of scratch) { try { fs.rmSync(f, { force: true }); } catch { /* best effort */ } }
+  });
+}
+
+/** Remove `file` at process exit unless `keep` is called first (returned). */
+export function removeOnExit(file: string): () => void {
+  hookExit();
+  scratch.add(file);
+  return () => { scratch.delete(file); };
+}
 
 export class OutputFile {
   private closed = false;
@@ -54,10 +72,7 @@ export class OutputFile {
     readonly positional: boolean,
   ) {
     live.add(this);
-    if (!exitHook) {
-      exitHook = true;
-      process.on('exit', () => { for (const o of live) o.discard(); });
-    }
+    hookExit();
   }
 
   /**
