@@ -128,6 +128,8 @@ const SCENARIOS: Record<ErrorCode, () => Promise<MigError>> = {
   // A worker thread that dies holding a device's region lock.
   [ErrorCode.WORKER_FAILED]: () => saveError(undefined, withTestHooks({}, { exitAfterChunks: { device: 1, chunks: 2 } })),
   [ErrorCode.IO]: () => caught(() => loadStream(f('missing.vfmig'), pool)),
+  // A migration whose own dirty-page bitmaps and staging exceed its memory budget.
+  [ErrorCode.OVER_BUDGET]: () => saveError(undefined, { memoryBudget: 1 << 20 }),
   [ErrorCode.OUTPUT_EXISTS]: () => caught(() => extractDevice(GOOD, 0, GOOD + '.exists')),
   [ErrorCode.OUTPUT_BUSY]: () => caught(async () => {
     fs.symlinkSync(`vfio-mig.${process.pid}`, f('.#busy.vfmig'));

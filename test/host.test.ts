@@ -15,7 +15,12 @@ import { OWNER_WORKER } from '../src/main/engine/region-lock.js';
 import { ErrorCode } from '../src/main/errors.js';
 import type { ProfileName } from '../src/main/protocol/profiles.js';
 import { MigrationRegion } from '../src/main/protocol/migration-region.js';
-import { loadStream, saveDevices } from '../src/main/api.js';
+import { loadStream, runEmulated, saveDevices } from '../src/main/api.js';
+import { admitEmulated } from '../src/main/engine/budget.js';
+import { readRecords, writeRecords } from './craft.js';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { rejectsCode, rm, tmpFile } from './helpers.js';
 
 const pool = new EnginePool({ threads: 2 });
@@ -178,6 +183,99 @@ test('load staging is sized by the records in the stream, not by the destination
   } finally {
     src.destroy();
     rm(f);
+  }
+});
+
+// ---- admission control (§2.1) -------------------------------------------------------------------------------------
+
+test('run refuses what would exceed the memory budget before creating anything (VFM_OVER_BUDGET)', async () => {
+  const threads0 = status('Threads');
+  // (The bogus data mode makes a broken admission fail safely in the device constructor, before any allocation.)
+  const e = await rejectsCode(runEmulated({ devices: 1024, device: { stateSize: 2 ** 34, dataMode: 'bogus' as 'mmap' } }), ErrorCode.OVER_BUDGET);
+  assert.match(e.message, /run of 1024 device\(s\) would commit .*sources state 16384\.00 GiB.*destinations state.*more than the memory budget/);
+  assert.is(status('Threads'), threads0, 'no pool, no device, no thread was made');
+  // An explicit budget below what the devices need.
+  await rejectsCode(runEmulated({ devices: 4, device: { stateSize: 16 << 20, dirtyRate: 0, dmaRate: 0 }, memoryBudget: 64 << 20, pool }), ErrorCode.OVER_BUDGET);
+  // The options are checked before they are trusted: no NaN or negative size slips past the sum.
+  await rejectsCode(runEmulated({ devices: 2, device: { stateSize: NaN }, pool }), ErrorCode.BAD_ARGUMENT);
+  await rejectsCode(runEmulated({ devices: 2, device: { stateSize: -4096 }, pool }), ErrorCode.BAD_ARGUMENT);
+  // 1024 x 8 KiB with the default workload fits well under 1 GiB (measured: ~0.14 MiB per device, npm run bench).
+  admitEmulated({ what: 'run', devices: 1024, device: { stateSize: 8192 }, destinations: true, newPoolThreads: 2, memoryBudget: 1 << 30 });
+});
+
+test('a migration refuses dirty-page bitmaps and staging over its budget', () => {
+  const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `b${i}`, stateSize: 8192, dirtyRate: 0, dmaRate: 0, guestPages: 1 << 24 }));
+  try {
+    const w = new ContainerWriter(FileSink.open(tmpFile('never')));
+    let err: unknown;
+    try { new Migration(devs, pool, w, { memoryBudget: 4 << 20 }); } catch (e) { err = e; }
+    assert.is((err as { code?: string })?.code, ErrorCode.OVER_BUDGET, String(err));
+    assert.match(String((err as Error).message), /dirty-page bitmaps 8\.0 MiB/);
+    void w.sink.close();
+  } finally {
+    for (const d of devs) d.destroy();
+  }
+});
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+test('CLI: a request over --memory-budget exits 2 with VFM_OVER_BUDGET', () => {
+  const r = spawnSync(process.execPath, [path.join(ROOT, 'bin/vfio-mig.js'), 'run', '--devices', '4', '--size', '16MiB', '--memory-budget', '64MiB'], { encoding: 'utf8' });
+  assert.is(r.status, 2, r.stderr);
+  assert.match(r.stderr, /^vfio-mig: VFM_OVER_BUDGET: run of 4 device\(s\) would commit/);
+});
+
+/** The saved stream with its device table rewritten by `edit`. */
+async function withTable(tag: string, edit: (t: { devices: Record<string, any>[] }) => void): Promise<string> {
+  const src = tmpFile('budget-src');
+  const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `t${i}`, stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0, guestPages: 64 }));
+  try {
+    await saveDevices(devs, src, pool, { maxRounds: 0 });
+  } finally {
+    for (const d of devs) d.destroy();
+  }
+  const { header, recs } = readRecords(src);
+  rm(src);
+  const t = JSON.parse(Buffer.from(recs[0].body).toString());
+  edit(t);
+  recs[0].body = new Uint8Array(Buffer.from(JSON.stringify(t)));
+  const f = tmpFile(tag);
+  writeRecords(f, header, recs);
+  return f;
+}
+
+test('load: a device table whose destinations exceed the budget is refused at the table, before any destination exists', async () => {
+  const f = await withTable('budget-table', () => undefined);
+  try {
+    const e = await rejectsCode(loadStream(f, pool, { memoryBudget: 2 << 20 }), ErrorCode.STREAM_TOO_LARGE);
+    assert.is(e.offset, 32);
+    assert.match(e.message, /loading 2 device\(s\) would commit .*destinations state 2\.0 MiB/);
+    assert.is((e as unknown as { loader: { dests: unknown[] } }).loader.dests.length, 0);
+    const ok = await loadStream(f, pool, { verify: true });
+    for (const d of ok.loader.dests) (d.transport as EmulatedTransport).destroy();
+    assert.ok(ok.report.ok, 'the same stream loads within the default budget');
+  } finally {
+    rm(f);
+  }
+});
+
+test('load: a missing, negative, NaN or huge size in a device table is an error, never a way around the limit', async () => {
+  const bad: [string, unknown][] = [['missing', undefined], ['negative', -(2 ** 40)], ['NaN', null], ['huge', 1e300], ['string', '9999999999999']];
+  for (const [what, v] of bad) {
+    // A kernel-device entry: the table validator leaves its state size to the vendor; the budget must not.
+    const f = await withTable(`size-${what}`, (t) => {
+      t.devices[0].transport = 'vfio-v1';
+      if (v === undefined) delete t.devices[0].geometry.stateSize; else t.devices[0].geometry.stateSize = v;
+    });
+    let made = 0;
+    try {
+      const e = await rejectsCode(loadStream(f, pool, { makeDestination: () => { made++; throw new Error('must not be called'); } }), ErrorCode.STREAM_BAD_RECORD);
+      assert.is(e.offset, 32, what);
+      assert.match(e.message, /stateSize .* is not a size/, what);
+      assert.is(made, 0, `${what}: no destination was made`);
+    } finally {
+      rm(f);
+    }
   }
 });
 

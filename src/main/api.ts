@@ -9,7 +9,8 @@ import { FileSink } from './container/sink.js';
 import { OutputFile, removeOnExit } from './container/output.js';
 import { checkLoadOptions, checkMigrationOptions, checkPath, optBoolean, optFunction, optNumber, optionsObject } from './options.js';
 import { ErrorCode, MigError, abortError, normalised } from './errors.js';
-import { EnginePool } from './engine/pool.js';
+import { EnginePool, defaultThreads } from './engine/pool.js';
+import { admitEmulated } from './engine/budget.js';
 import { Migration, type MigrationOptions, type MigrationReport } from './engine/migration.js';
 import { Loader, type LoadOptions, type LoadReport } from './engine/load.js';
 import { EmulatedTransport } from './transport/emulated.js';
@@ -116,6 +117,11 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       if (o.stream === '-') throw new MigError(ErrorCode.BAD_ARGUMENT, 'run reads its stream back: it cannot go to standard output');
     }
     if (o.pool !== undefined && !(o.pool instanceof EnginePool)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'pool must be an EnginePool');
+    // Admission: sources, destinations, guest RAM, dirty logs, staging and threads, before anything exists.
+    const memoryBudget = admitEmulated({
+      what: `run of ${o.devices} device(s)`, devices: o.devices, device: o.device, destinations: true,
+      newPoolThreads: o.pool ? 0 : o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget,
+    });
     const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${crypto.randomBytes(6).toString('hex')}.vfmig`);
     const pool = o.pool ?? new EnginePool({ threads: o.threads });
     // A default stream is scratch: gone even if a second signal ends the process before the cleanup below.
@@ -128,7 +134,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       }
       for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
       const save = await saveDevices(sources, stream, pool, o, o.onMigration);
-      const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs }, o.onLoader);
+      const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs, memoryBudget }, o.onLoader);
       loader = res.loader;
       return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };
     } catch (e) {

@@ -25,6 +25,7 @@ export const ErrorCode = {
   CANCELLED: 'VFM_CANCELLED',
   WORKER_FAILED: 'VFM_WORKER_FAILED',
   IO: 'VFM_IO',
+  OVER_BUDGET: 'VFM_OVER_BUDGET',              // what the options ask for would commit more memory than the budget allows
   OUTPUT_EXISTS: 'VFM_OUTPUT_EXISTS',          // the output file exists and --force (API: force) was not given
   OUTPUT_BUSY: 'VFM_OUTPUT_BUSY',              // another save is writing the same output path
   INTERNAL: 'VFM_INTERNAL',                    // a bug: an exception that is not a MigError reached the boundary

@@ -55,6 +55,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'roundBytes', 1, 2 ** 53, true);
   optNumber(o, 'roundTimeMs', 1, 8.64e7);
   optNumber(o, 'stagingChunk', 4096, 256 << 20, true);
+  optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
   optBoolean(o, 'digests');
   optBoolean(o, 'force');
@@ -68,6 +69,7 @@ export function checkLoadOptions(opts: unknown): void {
   optBoolean(o, 'verify');
   optBoolean(o, 'start');
   optNumber(o, 'maxStateBytes', 0, 2 ** 53);
+  optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
   optSignal(o);
 }

@@ -17,8 +17,12 @@ const VENDOR_MODES = ['compatible', 'strict'] as const;
 const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
   + 'strict: such chunks are retried and a vendor that never drains fails with VFM_VENDOR_STUCK';
 
+const MEMORY_BUDGET_HELP = 'refuse to start (exit 2) when what the command would commit (device state, guest RAM, dirty logs, '
+  + 'staging, worker threads; for load: the destinations the stream\'s device table asks for) exceeds this (default: half of the available memory)';
+
 function deviceOptions(c: Command): Command {
   return c
+    .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .option('--devices <n>', 'emulated devices to migrate', (v) => parseIntIn('--devices', v, 1, 1024), 4)
     .option('--size <bytes>', 'device state size per device', (v) => parseSize('--size', v), 64 << 20)
     .addOption(new Option('--profile <name>', 'protocol profile').choices(PROFILES as unknown as string[]).default('linux-5.8'))
@@ -63,11 +67,12 @@ export async function main(argv: string[]): Promise<void> {
   program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
     .argument('<file>', 'stream file')
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .option('--json', 'JSON output')
     .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
     .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768)
-    .action((file: string, o: { threads?: number; json?: boolean; device?: string[] }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
+    .action((file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
   program.command('inspect').description('show the container and each device\'s QEMU packets')
     .argument('<file>', 'stream file')
     .option('--packets', 'list every QEMU packet')
@@ -87,6 +92,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--replay <seed>', 'run exactly the one iteration a failure reported', (v) => parseIntIn('--replay', v, 0, 2 ** 32 - 1))
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'strict')
+    .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .option('--json', 'JSON output')
     .action((o) => withSignals((signal) => cmdStress({ ...o, signal })));
   program.addHelpText('after', `
@@ -95,8 +101,11 @@ renamed when complete: a failed or interrupted command leaves nothing at that na
 only with --force, an input never; a second command writing the same path while the first runs is refused.
 Signals: SIGINT (Ctrl-C) and SIGTERM cancel the operation: every source device goes back to RUNNING, the partial
 output is removed, one line is printed. A second signal exits at once.
+Budgets: run, save, load and stress first add up what they would commit (device state, emulated guest RAM, dirty
+logs, staging, worker threads; load: the destinations its stream's device table asks for) and refuse above
+--memory-budget (default: half of the available memory): VFM_OVER_BUDGET, exit 2 (load: VFM_STREAM_TOO_LARGE).
 Exit codes: 0 ok; 1 the operation failed (or inspect found an incomplete, interrupted or aborted stream); 2 bad
-usage (a flag, or an output that exists without --force); 130 SIGINT; 143 SIGTERM.`);
+usage (a flag, an output that exists without --force, or a request over the memory budget); 130 SIGINT; 143 SIGTERM.`);
 
   program.command('device-server').description('serve one emulated device over vfio-user on a UNIX socket until SIGINT/SIGTERM')
     .requiredOption('--socket <path>', 'UNIX socket to listen on (must not exist)')
@@ -138,7 +147,7 @@ usage (a flag, or an output that exists without --force); 130 SIGINT; 143 SIGTER
       return;
     }
     const err = toCliError(e, ErrorCode.INTERNAL);
-    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS ? 2 : 1);
+    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS || err.code === ErrorCode.OVER_BUDGET ? 2 : 1);
   }
 }
 

@@ -1,5 +1,6 @@
 // vfio-mig run / save / load.
-import { EnginePool } from '../engine/pool.js';
+import { EnginePool, defaultThreads } from '../engine/pool.js';
+import { admitEmulated } from '../engine/budget.js';
 import { runEmulated, saveDevices, loadStream } from '../api.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import type { MigrationReport } from '../engine/migration.js';
@@ -22,6 +23,7 @@ export interface DeviceFlags extends ReachFlags {
   devices: number; size: number; profile: ProfileName; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
   bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
+  memoryBudget?: number;
 }
 
 function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
@@ -36,7 +38,7 @@ function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
 function migOpts(o: DeviceFlags) {
   return {
     downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
-    roundTimeMs: o.roundTime, roundBytes: o.roundBytes,
+    roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget,
   };
 }
 
@@ -135,6 +137,10 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
   if (o.stream === '-' && process.stdout.isTTY) {
     throw new MigError(ErrorCode.BAD_ARGUMENT, '--stream -: standard output is a terminal; redirect it to a file or a pipe');
   }
+  if (!o.device?.length) {
+    admitEmulated({ what: `save of ${o.devices} device(s)`, devices: o.devices, device: dev, destinations: false,
+      newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
+  }
   const pool = new EnginePool({ threads: o.threads });
   const sources: DeviceTransport[] = [];
   try {
@@ -155,7 +161,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
   }
 }
 
-export async function cmdLoad(file: string, o: { threads?: number; json?: boolean; device?: string[] } & ReachFlags & Cancel): Promise<void> {
+export async function cmdLoad(file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number } & ReachFlags & Cancel): Promise<void> {
   const pool = new EnginePool({ threads: o.threads });
   let loader;
   const reached = o.device?.length ? await openDevices(o.device, o) : [];
@@ -165,7 +171,7 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
       if (!t) throw new MigError(ErrorCode.BAD_ARGUMENT, `the stream has more devices than the ${reached.length} --device destination(s)`, { device: e.name });
       return t;
     } : undefined;
-    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination });
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, memoryBudget: o.memoryBudget });
     loader = res.loader;
     const ok = res.report.devices.every((d) => d.verified === true);
     if (o.json) outJson({ ok, load: res.report });

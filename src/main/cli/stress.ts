@@ -6,11 +6,11 @@ import type { VendorMode } from '../../workers/tasks.js';
 import { out, outJson } from './io.js';
 import { printable } from '../text.js';
 
-export async function cmdStress(o: { seconds: number; seed?: number; count?: number; replay?: number; threads?: number; json?: boolean; vendorMode?: VendorMode; signal?: AbortSignal }): Promise<void> {
+export async function cmdStress(o: { seconds: number; seed?: number; count?: number; replay?: number; threads?: number; json?: boolean; vendorMode?: VendorMode; signal?: AbortSignal; memoryBudget?: number }): Promise<void> {
   if (o.replay !== undefined) {
     const pool = new EnginePool({ threads: o.threads });
     try {
-      const it = await runIteration(pool, o.replay, 2, 0, o.vendorMode, o.signal);
+      const it = await runIteration(pool, o.replay, 2, 0, o.vendorMode, o.signal, o.memoryBudget);
       if (o.json) outJson(it); else out(`replay ${o.replay}: ${it.ok ? 'ok' : 'FAILED: ' + printable(it.error)}`);
       if (!it.ok) process.exitCode = 1;
     } finally {
@@ -21,7 +21,7 @@ export async function cmdStress(o: { seconds: number; seed?: number; count?: num
   const seed = o.seed ?? (Date.now() >>> 0);
   if (!o.json) out(`stress: seed ${seed}, ${o.seconds} s`);
   const s = await stress({
-    seconds: o.seconds, seed, count: o.count, threads: o.threads, vendorMode: o.vendorMode, signal: o.signal,
+    seconds: o.seconds, seed, count: o.count, threads: o.threads, vendorMode: o.vendorMode, signal: o.signal, memoryBudget: o.memoryBudget,
     onIteration: (it) => {
       if (!it.ok && !o.json) out(`FAILED iteration ${it.iteration}: reproduce with: vfio-mig stress --replay ${it.seed}  (${printable(it.error)})`);
     },

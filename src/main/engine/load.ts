@@ -20,6 +20,7 @@ import { digestTask, type DeviceTransport } from '../transport/transport.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
+import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
@@ -37,6 +38,11 @@ export interface LoadOptions {
   start?: boolean;
   /** Refuse a device table whose devices' state adds up to more (default: this machine's memory). */
   maxStateBytes?: number;
+  /**
+   * Refuse (VFM_STREAM_TOO_LARGE at the device table) a table whose destinations and load staging would commit more
+   * than this many bytes (default: half of the memory available now).
+   */
+  memoryBudget?: number;
   /** Cancel the load: it rejects with an AbortError (code VFM_CANCELLED) and no destination runs. */
   signal?: AbortSignal;
   /** Period of the sampled `progress` events (default 200 ms; 0: only at the end). */
@@ -270,8 +276,27 @@ export class Loader extends EventEmitter<LoaderEvents> {
   /** load_setup: create/open each destination and put it in RESUMING. */
   private async setup(table: DeviceTable): Promise<void> {
     const make = this.o.makeDestination ?? emulatedDestination;
-    // The table is untrusted: bound what it may make this process create before creating anything.
-    const total = table.devices.reduce((a, d) => a + d.geometry.stateSize, 0);
+    // The table is untrusted: bound what it may make this process create before creating anything. Every size used
+    // is checked first (a missing, negative, NaN or huge one is an error, never a way around the limit).
+    const size = (d: DeviceTableEntry, k: 'stateSize' | 'maxChunk' | 'guestPages' | 'regionSize'): number => {
+      const v = (d.geometry as unknown as Record<string, unknown> | undefined)?.[k];
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0 || v > 2 ** 40) {
+        throw new MigError(ErrorCode.STREAM_BAD_RECORD, `device table: ${d.name}: ${k} ${String(v)} is not a size`, { offset: FILE_HEADER_SIZE, device: d.name });
+      }
+      return v;
+    };
+    const total = table.devices.reduce((a, d) => a + size(d, 'stateSize'), 0);
+    const cost = new Estimate();
+    if (!this.o.makeDestination) {
+      addEmulated(cost, 'destinations', table.devices.map((d) => ({
+        stateSize: size(d, 'stateSize'), maxChunk: size(d, 'maxChunk'), guestPages: size(d, 'guestPages'), dma: false, workload: false, source: false,
+        moving: d.geometry.offsetPolicy !== 'fixed',
+      })));
+    }
+    // Read slots and batch scratch grow up to one destination data area each (SlotPool).
+    const area = Math.max(...table.devices.map((d) => Math.min(size(d, 'regionSize'), 2 * Math.max(size(d, 'maxChunk'), 1 << 20) + 4096)));
+    cost.add('load staging', (this.pool.threads * 3 + 2) * area);
+    admit(cost, memoryBudget(this.o.memoryBudget), `loading ${table.devices.length} device(s)`, { offset: FILE_HEADER_SIZE });
     const max = this.o.maxStateBytes ?? os.totalmem();
     if (total > max) {
       throw new MigError(ErrorCode.STREAM_TOO_LARGE, `device table asks for ${total} bytes of device state, more than the ${max} allowed`,

@@ -10,9 +10,10 @@ import type { DeviceTable, EndRecord } from '../container/format.js';
 import { digestTask, type DeviceTransport } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
 import { testHooks } from './test-hooks.js';
+import { Estimate, addDirtyTracking, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
-import { SourceDevice, type DeviceStats, type VendorAnomaly } from './source-device.js';
+import { DEFAULT_STAGING_CHUNK, SourceDevice, type DeviceStats, type VendorAnomaly } from './source-device.js';
 import type { VendorMode } from '../../workers/tasks.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
@@ -62,6 +63,11 @@ export interface MigrationOptions {
    * never follows the region size a vendor advertises; a vendor staging more fails with VFM_VENDOR_BAD_VALUE.
    */
   stagingChunk?: number;
+  /**
+   * Refuse (VFM_OVER_BUDGET) a migration whose engine memory (dirty-page bitmaps, staging) exceeds this many bytes
+   * (default: half of the memory available now). run / save / load check their devices against it too.
+   */
+  memoryBudget?: number;
 }
 
 export interface RoundStats { round: number; pendingBefore: number; bytes: number; ms: number; bandwidth: number }
@@ -144,7 +150,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -183,6 +189,11 @@ export class Migration extends EventEmitter<MigrationEvents> {
     for (const k of ['roundBytes', 'roundTimeMs', 'maxEmptyChunks', 'maxNoProgress'] as const) {
       if (!Number.isSafeInteger(this.o[k]) || this.o[k] < 1) throw new MigError(ErrorCode.BAD_ARGUMENT, `${k} ${this.o[k]} must be a positive integer`);
     }
+    // Admission: what this migration allocates itself (the devices exist already; the caller admitted them).
+    const cost = new Estimate();
+    addDirtyTracking(cost, transports.map((t) => t.guestPages));
+    cost.add('save staging', pool.threads * pool.rings.nslots * Math.ceil((128 + Math.min(this.o.stagingChunk ?? DEFAULT_STAGING_CHUNK, 256 << 20)) / 4096) * 4096);
+    admit(cost, memoryBudget(this.o.memoryBudget), `a migration of ${transports.length} device(s)`, 'options');
     const limiter = this.o.bandwidthCap ? new RateLimiter(this.o.bandwidthCap) : undefined;
     // Extra lanes per device share one device's chunks between workers; measured no faster here (PERFORMANCE.md).
     const lanes = this.o.lanesPerDevice ?? 1;

@@ -13,6 +13,9 @@ export interface EnginePoolOptions {
   ringSlots?: number;
 }
 
+/** Worker threads when none are asked for: one per core. */
+export function defaultThreads(): number { return Math.max(1, os.availableParallelism?.() ?? os.cpus().length); }
+
 export class EnginePool {
   readonly threads: number;
   readonly rings: RingPool;
@@ -21,7 +24,7 @@ export class EnginePool {
   private waiters: { n: number; go: () => void }[] = [];
 
   constructor(o: EnginePoolOptions = {}) {
-    this.threads = o.threads ?? Math.max(1, os.availableParallelism?.() ?? os.cpus().length);
+    this.threads = o.threads ?? defaultThreads();
     if (!Number.isInteger(this.threads) || this.threads < 1 || this.threads > 256) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `threads must be 1..256, got ${o.threads}`);
     }

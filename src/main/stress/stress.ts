@@ -2,7 +2,8 @@
 // data_offset policy, chunk size, dirty rate and dirty-bitmap query rate; every device verified by digest.
 // Deterministic per seed: a failure reports the iteration seed that reproduces it.
 import { runEmulated, type RunReport } from '../api.js';
-import { EnginePool } from '../engine/pool.js';
+import { EnginePool, defaultThreads } from '../engine/pool.js';
+import { admitEmulated } from '../engine/budget.js';
 import { ErrorCode, MigError } from '../errors.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
@@ -20,6 +21,8 @@ export function mulberry32(seed: number): () => number {
 }
 
 export interface StressOptions {
+  /** Refuse to start above this many bytes of memory for the largest iteration (default: half of available memory). */
+  memoryBudget?: number;
   seconds: number; seed: number; count?: number; threads?: number; concurrent?: number; onIteration?: (s: IterationSummary) => void;
   /** Default strict: stress exists to find vendor misbehaviour, so nothing is tolerated. */
   vendorMode?: VendorMode;
@@ -60,7 +63,14 @@ export function iterationPlan(seed: number, concurrent: number) {
   });
 }
 
+/** The largest iteration iterationPlan can make (all draws at their maximum), for admission before the first. */
+export function worstIteration(concurrent: number) {
+  return { devices: 3 * concurrent, device: { stateSize: 16 << 20, maxChunk: 1 << 20, guestPages: 16384, dirtyRate: 20000, dmaRate: 20000, offsetPolicy: 'moving' as OffsetPolicy } };
+}
+
 export async function stress(o: StressOptions): Promise<StressSummary> {
+  const w = worstIteration(o.concurrent ?? 2);
+  admitEmulated({ what: `stress (${w.devices} devices at once at most)`, ...w, destinations: true, newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
   const pool = new EnginePool({ threads: o.threads });
   const t0 = performance.now();
   const master = mulberry32(o.seed);
@@ -69,7 +79,7 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
     while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
       if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       const seed = Math.floor(master() * 2 ** 32);
-      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal);
+      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal, o.memoryBudget);
       if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       sum.iterations++;
       sum.migrations += it.migrations;
@@ -88,9 +98,9 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
 
 /** One iteration: `concurrent` migrations at once on the shared pool. */
 export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0,
-  vendorMode: VendorMode = 'strict', signal?: AbortSignal): Promise<IterationSummary> {
+  vendorMode: VendorMode = 'strict', signal?: AbortSignal, memoryBudget?: number): Promise<IterationSummary> {
   const plans = iterationPlan(seed, concurrent);
-  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal })));
+  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal, memoryBudget })));
   const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
   for (const r of res) {
     if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
