@@ -639,24 +639,6 @@ BIND(vfioDmaLogReport, "deviceFd", "iova", "length", "pageSize", "bitmap") {
   return info.Env().Undefined();
 } END_BIND
 
-// One read() into buf[off..off+len): bytes, 0 at end of stream, -1 for "nothing more for now" (ENOMSG).
-BIND(vfioDataRead, "dataFd", "buf", "off", "len") {
-  int fd = fdArg(info[0], "dataFd");
-  Bytes b = bytes(info[1], "buf");
-  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
-  if (len == 0 || !vm::fits(off, len, b.n)) throw ArgError("[off, off+len) must be a non-empty range of buf");
-  return Napi::Number::New(info.Env(), static_cast<double>(vfio::dataRead(fd, b.p + off, len)));
-} END_BIND
-
-// write() all of buf[off..off+len) to a resuming data fd.
-BIND(vfioDataWrite, "dataFd", "buf", "off", "len") {
-  int fd = fdArg(info[0], "dataFd");
-  Bytes b = bytes(info[1], "buf");
-  uint64_t off = u64(info[2], "off"), len = u64(info[3], "len");
-  if (len == 0 || !vm::fits(off, len, b.n)) throw ArgError("[off, off+len) must be a non-empty range of buf");
-  return Napi::Number::New(info.Env(), static_cast<double>(vfio::dataWrite(fd, b.p + off, len)));
-} END_BIND
-
 BIND(uapiLayout) {
   Napi::Object o = Napi::Object::New(info.Env());
   for (const auto& kv : vfio::layout()) o.Set(kv.first, Napi::Number::New(info.Env(), kv.second));
@@ -699,7 +681,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);
   EXPORT(vfioOpenCdev); EXPORT(vfioMigrationFlags); EXPORT(vfioFeatureProbe); EXPORT(vfioMigState); EXPORT(vfioSetMigState);
   EXPORT(vfioPrecopyInfo); EXPORT(vfioMigDataSize); EXPORT(vfioDmaLogStart); EXPORT(vfioDmaLogStop); EXPORT(vfioDmaLogReport);
-  EXPORT(vfioDataRead); EXPORT(vfioDataWrite);
   EXPORT(uapiLayout); EXPORT(benchCopyLimit); EXPORT(baselineSequentialSave);
 #undef EXPORT
   vfu::exportBindings(env, exports);

@@ -172,10 +172,6 @@ export interface NativeAddon {
   vfioDmaLogStop(deviceFd: number): void;
   /** DMA_LOGGING_REPORT: the kernel sets bits (one per page) in bitmap and clears its log for the range. */
   vfioDmaLogReport(deviceFd: number, iova: number, length: number, pageSize: number, bitmap: Uint8Array): void;
-  /** One read() of a data fd into buf[off..off+len): bytes, 0 at end, -1 for ENOMSG ("nothing more for now"). */
-  vfioDataRead(dataFd: number, buf: Uint8Array, off: number, len: number): number;
-  /** write() all of buf[off..off+len) to a data fd; throws naming how many bytes were accepted. */
-  vfioDataWrite(dataFd: number, buf: Uint8Array, off: number, len: number): number;
   /** Layout facts checked by static_assert against <linux/vfio.h>, exported so tests can compare with TS tables. */
   uapiLayout(): Record<string, number>;
 

@@ -11,7 +11,7 @@ export { FileSink, type Sink } from './container/sink.js';
 export { EmulatedDevice, emulatedDigest, type EmulatedDeviceOptions } from './emulated/device.js';
 export { EmulatedTransport } from './transport/emulated.js';
 export { VfioKernelTransport } from './transport/vfio-kernel.js';
-export { KernelVfioDevice, type KernelHandles, type KernelDeviceOptions, type OpenOptions as KernelOpenOptions, type IovaRange } from './reach/kernel/device.js';
+export { KernelVfioDevice, kernelDevice, type KernelHandles, type KernelDeviceOptions, type OpenOptions as KernelOpenOptions } from './reach/kernel/index.js';
 export type { DeviceTransport } from './transport/transport.js';
 export { MigrationRegion } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';

@@ -193,27 +193,6 @@ void dmaLoggingReport(int dev, uint64_t iova, uint64_t length, uint64_t pageSize
   f.run(dev, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, "VFIO_DEVICE_FEATURE DMA_LOGGING_REPORT");
 }
 
-long dataRead(int fd, uint8_t* p, size_t n) {
-  for (;;) {
-    ssize_t r = read(fd, p, n);
-    if (r >= 0) return static_cast<long>(r);
-    if (errno == EINTR) continue;
-    if (errno == ENOMSG) return -1;
-    throw NativeError(errno, fmt("read(data fd %d, %zu)", fd, n));
-  }
-}
-
-size_t dataWrite(int fd, const uint8_t* p, size_t n) {
-  size_t done = 0;
-  while (done < n) {
-    ssize_t w = write(fd, p + done, n - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) throw NativeError(w < 0 ? errno : EIO, fmt("write(data fd %d): the driver accepted %zu of %zu bytes", fd, done, n));
-    done += static_cast<size_t>(w);
-  }
-  return done;
-}
-
 std::vector<std::pair<const char*, double>> layoutV2() {
   return {
       {"ioctlDeviceFeature", VFIO_DEVICE_FEATURE},

@@ -29,11 +29,6 @@ uint64_t migDataSize(int dev);
 uint64_t dmaLoggingStart(int dev, uint64_t pageSize, const std::vector<IovaRange>& ranges);
 void dmaLoggingStop(int dev);
 void dmaLoggingReport(int dev, uint64_t iova, uint64_t length, uint64_t pageSize, uint8_t* bitmap);
-// One read() on a data fd: bytes read, 0 at end of stream, -1 for ENOMSG (PRE_COPY: nothing more for now).
-long dataRead(int fd, uint8_t* p, size_t n);
-// write() all n bytes (looping over short writes); throws naming how many were accepted.
-size_t dataWrite(int fd, const uint8_t* p, size_t n);
-
 std::vector<std::pair<const char*, double>> layoutV2();
 
 }  // namespace vfio
