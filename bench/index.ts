@@ -14,6 +14,7 @@ import { FileSink } from '../src/main/container/sink.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import type { EmulatedDeviceOptions } from '../src/main/emulated/device.js';
 import type { Loader } from '../src/main/engine/load.js';
+import { benchVfioUser } from './vfio-user.js';
 
 const quick = process.argv.includes('--quick');
 const jsonOnly = process.argv.includes('--json');
@@ -278,6 +279,9 @@ async function main() {
       row('1024 devices x 8 KiB, `vfio-mig run` (peak RSS, threads)', `${(many.peakRss / MiB).toFixed(0)} MiB, ${many.threads} threads, ${(many.ms / 1000).toFixed(1)} s, ok ${many.ok}`,
         `1 device: ${(one.peakRss / MiB).toFixed(0)} MiB, ${one.threads} threads`, `${(perDevice / MiB).toFixed(3)} MiB per device`, '< 0.5 MiB per device, < 64 threads');
     }
+
+    // ---- i. vfio-user: the cost of the socket (bench/vfio-user.ts) ------------------------------------------------
+    results.vfioUser = await benchVfioUser({ pool, dir, quick, row, measure, measurePair, log });
   } finally {
     await pool.close();
     fs.rmSync(dir, { recursive: true, force: true });
