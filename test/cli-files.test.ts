@@ -82,6 +82,20 @@ test('extract -o - writes the device stream to stdout; the report goes to stderr
   assert.is(JSON.parse(j.stderr).bytes, r.stdout.length);
 });
 
+test('stream data is never written to a terminal: -o - and --stream - on a tty exit 2 (util-linux script gives the pty)', async () => {
+  for (const cmd of [`extract ${S} --device 0 -o -`, `save ${SMALL.join(' ')} --stream -`]) {
+    const out = await new Promise<{ code: number | null; text: string }>((resolve) => {
+      const c = spawn('script', ['-qec', `${process.execPath} ${BIN} ${cmd}`, '/dev/null'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+      let text = '';
+      c.stdout.on('data', (d) => { text += d; });
+      c.on('close', (code) => resolve({ code, text }));
+    });
+    assert.is(out.code, 2, `${cmd}: ${out.text}`);
+    assert.match(out.text, /VFM_BAD_ARGUMENT: .*standard output is a terminal/);
+    assert.not.match(out.text, /VFMIGSTR|\uFFFD/, 'no stream bytes reached the terminal');
+  }
+});
+
 test('save --stream - writes a loadable container to a pipe, the report to stderr', async () => {
   const r = await cli('save', ...SMALL, '--max-rounds', '1', '--stream', '-', '--json');
   assert.is(r.code, 0, r.stderr);

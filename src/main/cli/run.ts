@@ -192,6 +192,8 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
 function rollbackText(e: unknown): string {
   const rb = (e as { report?: { rollback?: string[] } }).report?.rollback;
   if (!Array.isArray(rb)) return '';
-  const ok = rb.filter((x) => /RUNNING/.test(String(x)) && !/failed/.test(String(x))).length;
+  // Outcomes are strings today ("emu0: PRE_COPY -> RUNNING"); a typed outcome is read through its JSON.
+  const text = (x: unknown) => (typeof x === 'string' ? x : JSON.stringify(x));
+  const ok = rb.filter((x) => /RUNNING/.test(text(x)) && !/fail|deferred|pending/i.test(text(x))).length;
   return `${ok} of ${rb.length} source device(s) RUNNING again, `;
 }
