@@ -15,7 +15,8 @@ import { Migration, type MigrationOptions, type MigrationReport } from './engine
 import { Loader, type LoadOptions, type LoadReport } from './engine/load.js';
 import { EmulatedTransport } from './transport/emulated.js';
 import type { EmulatedDeviceOptions } from './emulated/device.js';
-import type { DeviceTransport } from './transport/transport.js';
+import type { EngineDevice } from './engine/source-device.js';
+import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from './reach/emulated/v2.js';
 
 export interface SaveOptions extends MigrationOptions {
   /** Replace an existing file at the stream path (default: refuse with VFM_OUTPUT_EXISTS). Never an input. */
@@ -26,7 +27,7 @@ export interface SaveOptions extends MigrationOptions {
  * Save `transports` into a stream file ('-': standard output). The file is written under a temporary name in the
  * same folder and renamed when the save succeeds: a failed or cancelled save leaves nothing at `streamPath`.
  */
-export async function saveDevices(transports: DeviceTransport[], streamPath: string, pool: EnginePool,
+export async function saveDevices(transports: EngineDevice[], streamPath: string, pool: EnginePool,
   opts: SaveOptions = {}, onMigration?: (m: Migration) => void): Promise<MigrationReport> {
   return normalised(async () => {
     // Every argument is checked before the output is created.
@@ -126,13 +127,14 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
     const pool = o.pool ?? new EnginePool({ threads: o.threads });
     // A default stream is scratch: gone even if a second signal ends the process before the cleanup below.
     const forget = !o.stream && !o.keepStream ? removeOnExit(stream) : () => undefined;
-    const sources: EmulatedTransport[] = [];
+    const sources: EngineDevice[] = [];
     let loader: Loader | undefined;
     try {
       for (let i = 0; i < o.devices; i++) {
-        sources.push(EmulatedTransport.create({ ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i }));
+        const dopts = { ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i };
+        sources.push(o.device.profile === 'v2' ? emulatedV2(dopts) : EmulatedTransport.create(dopts));
       }
-      for (const f of o.faults ?? []) sources[f.device]?.device.setFault(f.kind, f.arg);
+      for (const f of o.faults ?? []) if (sources[f.device]) emulatedDeviceOf(sources[f.device])?.setFault(f.kind, f.arg);
       const save = await saveDevices(sources, stream, pool, o, o.onMigration);
       const res = await loadStream(stream, pool, { verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs, memoryBudget }, o.onLoader);
       loader = res.loader;
@@ -141,8 +143,8 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       loader = (e as { loader?: Loader }).loader;
       throw e;
     } finally {
-      for (const s of sources) s.destroy();
-      for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
+      for (const s of sources) destroyEmulated(s);
+      for (const d of loader?.dests ?? []) destroyEmulated(d.dev ?? d.transport);
       if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });
       forget();
       if (!o.pool) await pool.close();

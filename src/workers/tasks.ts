@@ -5,6 +5,7 @@ import type { QemuLimits, QemuParseState } from '../main/protocol/qemu-stream.js
 import type { RingDesc } from '../main/engine/staging.js';
 import type { DirectTarget } from '../main/container/sink.js';
 import type { ConfigTarget } from '../main/transport/config.js';
+import type { DataPathDesc } from '../main/device/seam.js';
 
 export interface SaveTask {
   op: 'save';
@@ -39,6 +40,38 @@ export interface SaveTask {
 
 export type VendorMode = 'compatible' | 'strict';
 
+/**
+ * Save through the device seam's DataPath (v2 data fd, vfio-user v2, ...): the worker imports the module `path`
+ * names. QEMU 8.1+'s v2 packets: iterate writes [DATA][n][bytes] then [END], or [DEV_INIT_DATA_SENT] once the
+ * initial bytes have drained; an iterate that reads nothing writes the tag alone; complete writes [DATA][n][bytes].
+ */
+export interface SavePathTask {
+  op: 'save-path';
+  path: DataPathDesc;
+  deviceIndex: number;
+  shared: SharedArrayBuffer;
+  ring: RingDesc;
+  phase: 'iterate' | 'complete';
+  budget: number;
+  deadline?: number;
+  /** Largest read (QEMU's data buffer: the staging chunk). */
+  maxRead: number;
+  /** PRECOPY_INFO initial_bytes at the round's start (QEMU's precopy_init_size), counted down by each read. */
+  initialBytes: number;
+  /** Emit DEV_INIT_DATA_SENT when the initial bytes reach 0 (a pre-copy device; not yet sent). */
+  initPending: boolean;
+  direct?: DirectTarget;
+}
+
+/** Load one record through the seam's DataPath. */
+export interface LoadPathTask extends Omit<LoadTask, 'op' | 'region'> {
+  op: 'load-path';
+  path: DataPathDesc;
+  device: string;
+  /** Device-stream offset of the record's body (errors name it). */
+  streamOffset: number;
+}
+
 export interface SaveResult {
   chunks: number;
   bytes: number;
@@ -55,6 +88,8 @@ export interface SaveResult {
   aborted: boolean;
   lockWaitNs: number;
   lockHoldNs: number;
+  /** save-path: DEV_INIT_DATA_SENT was written in this round. */
+  initSent?: boolean;
 }
 
 export interface LoadTask {
@@ -110,7 +145,7 @@ export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op:
 export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }
 export interface BaselineResult { bytes: number; ns: number }
 
-export type Task = SaveTask | LoadTask | LoadDataTask | DigestTask | BaselineTask;
+export type Task = SaveTask | SavePathTask | LoadPathTask | LoadTask | LoadDataTask | DigestTask | BaselineTask;
 
 /** Errors cross the thread boundary as plain objects carrying the MigError fields. */
 export interface TaskError { __migError: true; code: string; message: string; device?: string; offset?: number; register?: string; errno?: number }

@@ -17,6 +17,7 @@ import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
 import { restoreConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
+import { loadPath, savePath } from './path-tasks.js';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
 
@@ -274,9 +275,11 @@ function frame(view: Uint8Array, size: number, iterate: boolean): void {
   if (iterate) putBe64(view, RECORD_HEADER_SIZE + DATA_PREFIX, FLAG_END_OF_STATE);
 }
 
-export default function run(task: Task): unknown {
+export default async function run(task: Task): Promise<unknown> {
   try {
     switch (task.op) {
+      case 'save-path': return await savePath(task);
+      case 'load-path': return await loadPath(task);
       case 'save': return save(task);
       case 'load': return load(task);
       case 'load-data': return loadData(task);

@@ -7,6 +7,8 @@ import type { MigrationReport } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import type { LoadReport } from '../engine/load.js';
 import type { ProfileName } from '../protocol/profiles.js';
+import type { EngineDevice } from '../engine/source-device.js';
+import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
 import { fmtBytes, table } from './args.js';
 import { ErrorCode, MigError } from '../errors.js';
@@ -20,7 +22,7 @@ import path from 'node:path';
 import fs from 'node:fs';
 
 export interface DeviceFlags extends ReachFlags {
-  devices: number; size: number; profile: ProfileName; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
+  devices: number; size: number; profile: ProfileName | 'v2'; allowNoP2p?: boolean; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
   bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
   memoryBudget?: number;
@@ -38,7 +40,7 @@ function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
 function migOpts(o: DeviceFlags) {
   return {
     downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
-    roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget,
+    roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget, allowWithoutP2P: o.allowNoP2p,
   };
 }
 
@@ -142,10 +144,15 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
       newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
   }
   const pool = new EnginePool({ threads: o.threads });
-  const sources: DeviceTransport[] = [];
+  const sources: EngineDevice[] = [];
   try {
     if (o.device?.length) sources.push(...await openDevices(o.device, o));
-    else for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
+    else {
+      for (let i = 0; i < o.devices; i++) {
+        const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
+        sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
+      }
+    }
     let r;
     try {
       r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
@@ -156,7 +163,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     if (o.json) outJson({ ok: r.ok, stream: o.stream, save: r });
     else { out(saveText(r)); out(`stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`); }
   } finally {
-    for (const s of sources) (s as EmulatedTransport).destroy?.() ?? s.close();
+    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else s.close();
     await pool.close();
   }
 }
@@ -178,11 +185,11 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
     else { out(loadText(res.report)); out(`verified: ${ok}`); }
     if (!ok) process.exitCode = 1;
   } catch (e) {
-    loader = (e as { loader?: { dests: { transport: unknown }[] } }).loader;
+    loader = (e as { loader?: { dests: { dev: object | null; transport: object }[] } }).loader;
     noteCleanup('; no destination started');
     throw e;
   } finally {
-    for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy?.();
+    for (const d of loader?.dests ?? []) destroyEmulated((d.dev ?? d.transport) as object);
     for (const t of reached) t.close();
     await pool.close();
   }

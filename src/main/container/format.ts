@@ -37,6 +37,8 @@ export interface DeviceGeometry {
   offsetPolicy: string;
   guestPages: number;
   regionSize: number;
+  /** v2: the VFIO_MIGRATION_* flags of the source (a destination is made with the same). */
+  migFlags?: number;
 }
 
 export interface DeviceTableEntry {
@@ -163,9 +165,9 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
   t.devices.forEach((d, i) => {
     if (d.index !== i) throw bad(`entry ${i} has index ${d.index}`);
     if (typeof d.name !== 'string' || d.name.length === 0 || d.name.length > 256) throw bad(`entry ${i}: bad name`);
-    if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
+    if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8' && d.profile !== 'v2') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
-    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1' && d.transport !== 'vfio-user') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
+    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1' && d.transport !== 'vfio-user' && d.transport !== 'kernel') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
     if (!g || !isInt(g.regionSize, 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
     // A kernel device's state size is the vendor's secret; only an emulated source describes itself fully.
     if (d.transport !== 'emulated') return;
@@ -174,6 +176,7 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (!isInt(g.guestPages, 1, 1 << 24)) throw bad(`${d.name}: bad guestPages`);
     if (!['mmap', 'trapped', 'mixed'].includes(g.dataMode)) throw bad(`${d.name}: bad dataMode`);
     if (!['fixed', 'moving'].includes(g.offsetPolicy)) throw bad(`${d.name}: bad offsetPolicy`);
+    if (g.migFlags !== undefined && (!isInt(g.migFlags, 1, 7) || !(g.migFlags & 1))) throw bad(`${d.name}: bad migFlags`);
   });
   return t;
 }

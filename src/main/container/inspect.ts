@@ -124,15 +124,28 @@ async function nextRecord(reader: ContainerReader): Promise<RecordRef | null> {
   }
 }
 
+/** Indexes of the v2 devices (their QEMU stream has v2 tags); empty if the preamble is unreadable (walk says why). */
+async function v2Devices(path: string): Promise<Set<number>> {
+  const pre = ContainerReader.open(path);
+  try {
+    return new Set((await pre.readPreamble()).devices.filter((d) => d.profile === 'v2').map((d) => d.index));
+  } catch {
+    return new Set();
+  } finally {
+    pre.close();
+  }
+}
+
 export async function inspectContainer(path: string, withPackets = false): Promise<InspectResult> {
   return normalised(async () => {
     const states = new Map<number, QemuParseState>();
     const devs = new Map<number, DeviceInspect>();
     let tableRef: DeviceTable | undefined;
+    const v2 = await v2Devices(path);
     const res = await walk(path, (r, body) => {
       const d = r.h.device;
       let st = states.get(d);
-      if (!st) { st = newParseState(); states.set(d, st); }
+      if (!st) { st = newParseState(v2.has(d)); states.set(d, st); }
       let di = devs.get(d);
       if (!di) {
         di = { index: d, name: String(d), profile: '', records: 0, streamBytes: 0, sections: 0, dataPackets: 0, dataBytes: 0, emptyDataPackets: 0, config: false, complete: false };
@@ -176,17 +189,19 @@ export async function extractDevice(path: string, index: number, out: string, o:
     // Check the index against the device table before the output is created.
     const pre = ContainerReader.open(path);
     let name: string;
+    let v2 = false;
     try {
       const t = await pre.readPreamble();
       if (index >= t.devices.length) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${index}: the stream has ${t.devices.length} device(s)`);
       name = t.devices[index].name;
+      v2 = t.devices[index].profile === 'v2';
     } finally {
       pre.close();
     }
     const file = OutputFile.open(out, { force: o.force, inputs: [path] });
     try {
       const sink = FileSink.onOutput(file);
-      const st = newParseState();
+      const st = newParseState(v2);
       let n = 0;
       const res = await walk(path, async (r, body) => {
         if (o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'extract cancelled', { offset: r.at });

@@ -15,32 +15,43 @@ export class DirtyTracker {
   constructor(private readonly devices: SourceDevice[],
     private readonly onQuery?: (d: SourceDevice, ms: number, pages: number) => void) {
     for (const d of devices) {
-      const bytes = Math.ceil(d.transport.guestPages / 64) * 8;
+      const bytes = Math.ceil(pagesOf(d) / 64) * 8;
       this.union.set(d.index, new Uint8Array(bytes));
       this.scratch.set(d.index, new Uint8Array(bytes));
     }
   }
 
   start(): void {
-    for (const d of this.devices) if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(true);
+    for (const d of this.devices) if (d.dev) d.dev.dirtyLog?.start();
+    for (const d of this.devices) if (!d.dev && d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(true);
   }
 
   stop(): void {
     for (const d of this.devices) {
       try {
-        if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(false);
+        if (d.dev) d.dev.dirtyLog?.stop();
+        else if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(false);
       } catch { /* stopping is best effort during rollback */ }
     }
   }
 
   /** One query of one device; returns pages newly reported dirty. */
   async query(d: SourceDevice, signal?: AbortSignal): Promise<number> {
-    const pages = d.transport.guestPages;
+    const pages = pagesOf(d);
     if (!pages) return 0;
     const out = this.union.get(d.index)!;
     const t0 = performance.now();
     let found = 0;
-    if (d.transport.profile.dirtySource === 'region') {
+    if (d.dev) {
+      // v2 DMA logging (the device's own log, not the data channel: no device lock needed).
+      const bm = this.scratch.get(d.index)!;
+      bm.fill(0);
+      d.dev.dirtyLog!.report(bm);
+      for (let i = 0; i < bm.length; i++) {
+        if (bm[i] & ~out[i]) found += popcount8(bm[i] & ~out[i]);
+        out[i] |= bm[i];
+      }
+    } else if (d.transport.profile.dirtySource === 'region') {
       const lock = d.shared.lock;
       await lock.lockAsync(OWNER_MAIN, signal); // abandoned on cancel: the lock may be held by a stalled vendor call
       const t1 = performance.now();
@@ -78,6 +89,11 @@ export class DirtyTracker {
     if (b) for (const x of b) n += popcount8(x);
     return n;
   }
+}
+
+/** Guest pages a device reports dirty through its tracking (0: none). */
+function pagesOf(d: SourceDevice): number {
+  return d.dev ? d.dev.dirtyLog?.pages ?? 0 : d.transport.guestPages;
 }
 
 function popcount8(x: number): number {

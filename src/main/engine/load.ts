@@ -21,6 +21,11 @@ import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
 import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
+import type { MigDevice } from '../device/seam.js';
+import { reachProvider } from '../device/registry.js';
+import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
+import type { ConfigTarget } from '../transport/config.js';
+import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
@@ -31,7 +36,7 @@ export interface LoadOptions {
   /** Called once per device when its whole QEMU stream (config included) has been applied, before END is read. */
   onDeviceLoaded?: (d: Dest) => void;
   /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
-  makeDestination?: (e: DeviceTableEntry) => DeviceTransport;
+  makeDestination?: (e: DeviceTableEntry) => DeviceTransport | MigDevice;
   /** Compare each destination's digest with the source digest in the END record. */
   verify?: boolean;
   /** Leave destinations RESUMING -> RUNNING (true, default) or stop after loading (false: RESUMING -> STOP). */
@@ -78,6 +83,8 @@ export interface LoadedDevice {
   digest?: string;
   expectedDigest?: string;
   verified: boolean | null;
+  /** v2: DEV_INIT_DATA_SENT seen (the source's initial bytes all arrived: switchover-ack's trigger). */
+  initDataSent?: boolean;
 }
 
 export interface LoadReport {
@@ -103,6 +110,16 @@ export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
   });
 }
 
+/** Largest data packet a seam destination takes (a v2 packet is one source read of its staging chunk). */
+const MAX_SEAM_PACKET = 64 << 20;
+
+/** A seam destination's refusal with the vendor's own reason appended (the worker cannot ask the device). */
+function withVendorText(e: unknown, d: Dest): unknown {
+  const v = d.dev?.vendorError?.();
+  if (v && e instanceof MigError && !e.message.includes(v)) e.message += ` (vendor: ${v})`;
+  return e;
+}
+
 /** Data records read ahead of the devices at most (only their 48-byte heads are kept), and per task. */
 const MAX_QUEUED = 512;
 const MAX_BATCH = 32;
@@ -110,6 +127,8 @@ const MAX_BATCH = 32;
 export interface Dest {
   openBatch: DataItem[] | null;
   entry: DeviceTableEntry;
+  /** The destination behind the device seam (v2...), or null for a v1 transport (`transport`, `region`). */
+  dev: MigDevice | null;
   transport: DeviceTransport;
   region: MigrationRegion;
   shared: DeviceShared;
@@ -184,7 +203,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
    */
   async close(): Promise<void> {
     if (this.o.makeDestination) return;
-    for (const d of this.dests) (d.transport as EmulatedTransport).destroy?.();
+    for (const d of this.dests) destroyEmulated(d.dev ?? d.transport);
     this.dests = [];
   }
 
@@ -243,7 +262,10 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const end = await this.readRecords(reader);
       await Promise.all(this.dests.map((d) => d.chain));
       dataMs = performance.now() - d0;
-      for (const d of this.dests) checkStreamEnd(d.parse, d.entry.name, reader.offset);
+      for (const d of this.dests) {
+        checkStreamEnd(d.parse, d.entry.name, reader.offset);
+        if (d.parse.v2) d.stats.initDataSent = (d.parse.initDataSent ?? 0) > 0;
+      }
       await this.finish(end);
       for (const d of this.dests) this.progress(d, false);
     } catch (e) {
@@ -303,7 +325,13 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
-      const transport = make(entry);
+      const made = entry.profile === 'v2' && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry);
+      const dev = seamDevice(made);
+      if (dev) {
+        await this.setupSeam(entry, dev);
+        continue;
+      }
+      const transport = made as DeviceTransport;
       if (transport.profile.name !== entry.profile) {
         throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${transport.profile.name}`, { device: entry.name });
       }
@@ -311,7 +339,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const shared = DeviceShared.create();
       const maxData = region.size - region.profile.headerSize;
       const d: Dest = {
-        entry, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
+        entry, dev: null, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
         chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,
         stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
       };
@@ -321,6 +349,26 @@ export class Loader extends EventEmitter<LoaderEvents> {
       this.setDestState(d, 'RESUMING');
       trace('vfio_load_setup', { device: entry.name });
     }
+  }
+
+  /** load_setup for a device behind the seam: its protocol must be the stream's, then RESUMING (a data session). */
+  private async setupSeam(entry: DeviceTableEntry, dev: MigDevice): Promise<void> {
+    const shared = DeviceShared.create();
+    const d: Dest = {
+      entry, dev, transport: undefined as unknown as DeviceTransport, region: undefined as unknown as MigrationRegion, shared,
+      // A v2 packet is one source read (the source's staging chunk); refuse more than the stream's device declared.
+      limits: { maxData: Math.min(Math.max(entry.geometry.maxChunk || 0, DEFAULT_STAGING_CHUNK), MAX_SEAM_PACKET), maxConfig: MAX_CONFIG_BLOB },
+      parse: newParseState(entry.profile === 'v2'), chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,
+      stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
+    };
+    this.dests.push(d);
+    if (dev.caps.protocol !== entry.profile) {
+      throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${dev.caps.protocol}`, { device: entry.name });
+    }
+    await shared.lock.lockAsync(OWNER_MAIN);
+    try { dev.setState('RESUMING'); } finally { shared.lock.unlock(); }
+    this.setDestState(d, 'RESUMING');
+    trace('vfio_load_setup', { device: entry.name });
   }
 
   /** Demultiplex records into per-device chains. Returns the END record. */
@@ -367,7 +415,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       // worker reads the data from the file straight into the device's data area. Consecutive ones of a device go
       // in one task (a batch stays open until its task starts), which hides the per-task round trip.
       const fd = reader.descriptor;
-      const head = fd === undefined ? null : this.dataPacketHead(r, d);
+      const head = fd === undefined || d.dev ? null : this.dataPacketHead(r, d);
       if (head && fd !== undefined) {
         reader.skip(r);
         while (this.queued >= MAX_QUEUED) await new Promise<void>((res) => this.dequeued.push(res));
@@ -411,8 +459,14 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }
       const at = r.at;
       const len = r.h.length;
+      const streamOffset = r.h.streamOffset;
       d.chain = d.chain.then(async () => {
-        const res = await this.pool.load({
+        const path = d.dev?.dataPath();
+        if (d.dev && !path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
+        const res = d.dev ? await this.pool.loadPath({
+          op: 'load-path', path: path!, device: d.entry.name, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
+          fileOffset: at, streamOffset: Number(streamOffset), parse: d.parse, limits: d.limits, config: d.dev.configTarget() as ConfigTarget,
+        }).catch((e) => { throw withVendorText(e, d); }) : await this.pool.load({
           op: 'load', region: d.region.desc, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
           fileOffset: at, parse: d.parse, limits: d.limits, config: d.transport.configTarget(),
         });
@@ -451,42 +505,65 @@ export class Loader extends EventEmitter<LoaderEvents> {
       // A stream that cannot be verified is not started: every digest-capable destination needs its source digest.
       for (const d of this.dests) {
         const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
-        if (d.transport.digestTarget() && !(typeof exp === 'string' && exp.startsWith('sha256:'))) {
+        if ((d.dev ?? d.transport).digestTarget() && !(typeof exp === 'string' && exp.startsWith('sha256:'))) {
           throw new MigError(ErrorCode.VERIFY_FAILED, 'the END record carries no source digest for this device', { device: d.entry.name });
         }
       }
     }
+    // Every device leaves RESUMING (its vendor validates what it loaded) and reaches STOP before any is started;
+    // digests are checked while nothing runs; P2P-capable ones then pass RUNNING_P2P together before any runs (QEMU's
+    // prepare step on the destination).
     for (const d of this.dests) {
-      await d.shared.lock.lockAsync(OWNER_MAIN);
-      try {
-        d.region.setState(this.o.start === false ? 'STOP' : 'RUNNING');
-      } catch (e) {
-        throw new MigError(ErrorCode.LOAD_REJECTED, `destination refused to leave RESUMING: ${(e as Error).message}${lastError(d)}`,
-          { device: d.entry.name, cause: e });
-      } finally {
-        d.shared.lock.unlock();
+      await this.destSet(d, 'STOP', (m) => `destination refused to leave RESUMING: ${m}`);
+    }
+    if (this.o.verify !== false) {
+      await Promise.all(this.dests.map(async (d) => {
+        const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
+        const t = (d.dev ?? d.transport).digestTarget();
+        if (!exp || !t) return;
+        d.stats.expectedDigest = exp;
+        d.stats.digest = await this.pool.digest(digestTask(t));
+        d.stats.verified = d.stats.digest === exp;
+      }));
+      const bad = this.dests.filter((d) => d.stats.verified === false);
+      if (bad.length) {
+        throw new MigError(ErrorCode.VERIFY_FAILED, `digest mismatch: destination ${bad[0].stats.digest} != source ${bad[0].stats.expectedDigest}`,
+          { device: bad[0].entry.name });
       }
-      this.setDestState(d, d.region.state());
     }
-    if (this.o.verify === false) return;
-    await Promise.all(this.dests.map(async (d) => {
-      const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
-      const t = d.transport.digestTarget();
-      if (!exp || !t) return;
-      d.stats.expectedDigest = exp;
-      d.stats.digest = await this.pool.digest(digestTask(t));
-      d.stats.verified = d.stats.digest === exp;
-    }));
-    const bad = this.dests.filter((d) => d.stats.verified === false);
-    if (bad.length) {
-      throw new MigError(ErrorCode.VERIFY_FAILED, `digest mismatch: destination ${bad[0].stats.digest} != source ${bad[0].stats.expectedDigest}`,
-        { device: bad[0].entry.name });
-    }
+    if (this.o.start === false) return;
+    for (const d of this.dests) if (d.dev?.caps.p2p) await this.destSet(d, 'RUNNING_P2P');
+    for (const d of this.dests) await this.destSet(d, 'RUNNING');
   }
 
-  /** On failure no destination may run: RUNNING ones are stopped, the rest stay RESUMING. */
+  private async destSet(d: Dest, target: 'STOP' | 'RUNNING' | 'RUNNING_P2P', why = (m: string) => m): Promise<void> {
+    await d.shared.lock.lockAsync(OWNER_MAIN);
+    try {
+      if (d.dev) d.dev.setState(target);
+      else d.region.setState(target === 'RUNNING_P2P' ? 'RUNNING' : target);
+    } catch (e) {
+      throw new MigError(ErrorCode.LOAD_REJECTED, why(`${(e as Error).message}${lastError(d)}`), { device: d.entry.name, cause: e });
+    } finally {
+      d.shared.lock.unlock();
+    }
+    this.setDestState(d, d.dev ? d.dev.state() : d.region.state());
+  }
+
+  /**
+   * On failure no destination may run: v1 RUNNING ones are stopped, the rest stay RESUMING; a seam (v2) destination
+   * is reset (VFIO_DEVICE_RESET), never left RESUMING or started with what it loaded.
+   */
   private async leaveNotRunning(): Promise<void> {
     for (const d of this.dests) {
+      if (d.dev) {
+        try {
+          if (d.dev.state() !== 'STOP') d.dev.reset();
+          this.setDestState(d, `reset (${d.dev.state()}, state discarded)`);
+        } catch (e) {
+          d.stats.state = `unknown (${(e as Error).message})`;
+        }
+        continue;
+      }
       try {
         const s = d.region.state();
         if (s === 'RUNNING') d.region.setState('STOP');
@@ -500,6 +577,10 @@ export class Loader extends EventEmitter<LoaderEvents> {
 }
 
 function lastError(d: Dest): string {
+  if (d.dev) {
+    const v = d.dev.vendorError?.();
+    return v ? ` (vendor: ${v})` : '';
+  }
   const t = d.transport.digestTarget();
   if (!t) return '';
   const le = (d.transport as EmulatedTransport).device?.info().lastError;

@@ -7,13 +7,13 @@ import { ErrorCode, MigError, abortError, toMigError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
-import { digestTask, type DeviceTransport } from '../transport/transport.js';
+import { digestTask } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
 import { testHooks } from './test-hooks.js';
 import { Estimate, addDirtyTracking, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
-import { DEFAULT_STAGING_CHUNK, SourceDevice, type DeviceStats, type VendorAnomaly } from './source-device.js';
+import { DEFAULT_STAGING_CHUNK, SourceDevice, seamDevice, type DeviceStats, type EngineDevice, type VendorAnomaly } from './source-device.js';
 import type { VendorMode } from '../../workers/tasks.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
@@ -56,6 +56,8 @@ export interface MigrationOptions {
   digests?: boolean;
   /** Worker lanes per device when the sink takes positioned writes (default 1). */
   lanesPerDevice?: number;
+  /** Migrate several devices even if some v2 device cannot be quiesced to P2P first (QEMU refuses that). */
+  allowWithoutP2P?: boolean;
   /** Period of the sampled `progress` events while a round or the stop-and-copy runs (default 200 ms; 0: off). */
   progressIntervalMs?: number;
   /**
@@ -150,7 +152,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -172,7 +174,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
    */
   get settled(): Promise<string[]> { return this.settledP; }
 
-  constructor(transports: DeviceTransport[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
+  constructor(transports: EngineDevice[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
     super();
     this.o = {
@@ -181,6 +183,14 @@ export class Migration extends EventEmitter<MigrationEvents> {
       ...opts,
     };
     if (transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
+    // QEMU (vfio_multiple_devices_migration_is_supported): several devices migrate together only if each can be
+    // quiesced to P2P first, unless the user allows it. v1 predates P2P, and QEMU's v1 never asked: v2 devices only.
+    const noP2P = transports.map(seamDevice).filter((d) => d && !d.caps.p2p);
+    if (transports.length > 1 && noP2P.length && !opts.allowWithoutP2P) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT,
+        `multi-device migration needs P2P on every v2 device (${noP2P.map((d) => d!.name).join(', ')} lacks it): pass allowWithoutP2P (--allow-no-p2p) to migrate anyway`,
+        { device: noP2P[0]!.name });
+    }
     if (!(this.o.downtimeLimitMs >= 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `downtime limit ${this.o.downtimeLimitMs} ms is invalid`);
     if (!Number.isInteger(this.o.maxRounds) || this.o.maxRounds < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `max rounds ${this.o.maxRounds} is invalid`);
     if (this.o.vendorMode !== 'compatible' && this.o.vendorMode !== 'strict') {
@@ -191,7 +201,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     }
     // Admission: what this migration allocates itself (the devices exist already; the caller admitted them).
     const cost = new Estimate();
-    addDirtyTracking(cost, transports.map((t) => t.guestPages));
+    addDirtyTracking(cost, transports.map((t) => seamDevice(t)?.dirtyLog?.pages ?? (t as { guestPages?: number }).guestPages ?? 0));
     cost.add('save staging', pool.threads * pool.rings.nslots * Math.ceil((128 + Math.min(this.o.stagingChunk ?? DEFAULT_STAGING_CHUNK, 256 << 20)) / 4096) * 4096);
     admit(cost, memoryBudget(this.o.memoryBudget), `a migration of ${transports.length} device(s)`, 'options');
     const limiter = this.o.bandwidthCap ? new RateLimiter(this.o.bandwidthCap) : undefined;
@@ -279,7 +289,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
     return {
       version: 1,
       devices: this.devices.map((d) => ({
-        index: d.index, name: d.name, profile: d.transport.profile.name, transport: d.transport.kind, geometry: d.transport.geometry(),
+        index: d.index, name: d.name, profile: d.dev ? d.dev.caps.protocol : d.transport.profile.name,
+        transport: d.dev ? d.dev.caps.reach : d.transport.kind, geometry: (d.dev ?? d.transport).geometry(),
       })),
     };
   }
@@ -321,6 +332,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.checkCancel();
       this.to('stopcopy');
       const s0 = performance.now();
+      // Every P2P-capable device stops peer-to-peer DMA before any device enters STOP_COPY (QEMU's prepare step).
+      await this.onAll((d) => d.quiesce());
       await this.onAll(async (d) => {
         await d.complete();
         this.progress(d, false, (d.stats.stopCopyBytes * 1000) / Math.max(d.stats.stopCopyMs, 0.001));
@@ -443,7 +456,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   }
 
   private async digest(d: SourceDevice): Promise<string> {
-    const t = d.transport.digestTarget();
+    const t = (d.dev ?? d.transport).digestTarget();
     if (!t) return '';
     return this.pool.digest(digestTask(t));
   }

@@ -9,6 +9,7 @@ import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
+import type { MigDevice, TargetState } from '../device/seam.js';
 import type { SaveResult, VendorMode } from '../../workers/tasks.js';
 import { DeviceShared } from './device-shared.js';
 import type { EnginePool } from './pool.js';
@@ -17,6 +18,10 @@ import type { StagingRing } from './staging.js';
 import type { RateLimiter } from './rate.js';
 
 const ABORTED = Symbol('aborted');
+
+/** What the engine migrates: a v1 transport (the seed's region path) or a device behind the seam (v2 and after). */
+export type EngineDevice = DeviceTransport | MigDevice;
+export function seamDevice(t: EngineDevice): MigDevice | null { return 'caps' in t ? t : null; }
 /** Staging per chunk when the device does not declare its chunk size (QEMU v2 reads the data fd in 1 MiB pieces). */
 export const DEFAULT_STAGING_CHUNK = 1 << 20;
 
@@ -90,16 +95,31 @@ export class SourceDevice {
   /** Set when rollback had to wait for a worker stuck inside a vendor call: its final outcome. */
   deferredRollback?: Promise<string>;
 
-  constructor(readonly index: number, readonly transport: DeviceTransport, private readonly pool: EnginePool,
+  /** The device behind the seam (v2...), or null for a v1 transport (then `transport` is set). */
+  readonly dev: MigDevice | null;
+  readonly transport: DeviceTransport;
+  /** v2: PRECOPY_INFO initial_bytes at the last estimate, and whether DEV_INIT_DATA_SENT went out. */
+  private initialBytes = 0;
+  initDataSent = false;
+
+  constructor(readonly index: number, device: EngineDevice, private readonly pool: EnginePool,
     private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
+    this.dev = seamDevice(device);
+    this.transport = device as DeviceTransport; // only used when dev is null
     this.stats = {
-      name: transport.name, rounds: 0, precopyBytes: 0, precopyChunks: 0, stopCopyBytes: 0, stopCopyChunks: 0,
+      name: device.name, rounds: 0, precopyBytes: 0, precopyChunks: 0, stopCopyBytes: 0, stopCopyChunks: 0,
       stopCopyMs: 0, streamBytes: 0, lastPending: 0, lockWaitMs: 0,
     };
     this.abortedP = new Promise((r) => { this.wakeAbort = () => r(ABORTED); });
   }
 
-  get name(): string { return this.transport.name; }
+  get name(): string { return this.dev?.name ?? this.transport.name; }
+
+  /** A seam device's state change, one arc at a time (traced by the protocol), reported like a v1 write. */
+  private devSet(target: TargetState): void {
+    this.dev!.setState(target);
+    this.opts.onState?.(target);
+  }
 
   /** Data bytes sent so far, including the phase now running (shared counter): for progress between rounds. */
   get liveBytes(): number {
@@ -136,6 +156,22 @@ export class SourceDevice {
   /** save_setup: [SETUP][END]; RUNNING -> PRE_COPY (a stopped device goes straight to STOP_COPY). */
   async setup(): Promise<void> {
     this.setPhase('setup');
+    if (this.dev) {
+      const dev = this.dev;
+      this.declaredChunk = dev.geometry().maxChunk;
+      await this.locked(() => {
+        const st = dev.state();
+        if (st !== 'RUNNING' && st !== 'STOP') {
+          throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${st} (expected RUNNING or STOP)`, { device: this.name });
+        }
+        // QEMU 8+: a running device with PRE_COPY enters it (RUNNING is the recovery); without, it stays RUNNING.
+        if (st === 'RUNNING' && dev.caps.precopy) this.devSet('PRE_COPY');
+        if (st === 'STOP') this.devSet('STOP_COPY');
+      });
+      await this.writer.deviceBytes(this.index, this.shared, setupSection());
+      this.setPhase('precopy');
+      return;
+    }
     this.region = this.transport.openRegion();
     this.declaredChunk = this.transport.geometry().maxChunk;
     await this.locked(() => {
@@ -151,6 +187,14 @@ export class SourceDevice {
 
   /** save_pending: pending_bytes as the vendor reports it. */
   async pending(): Promise<number> {
+    if (this.dev) {
+      const dev = this.dev;
+      const e = await this.locked(() => dev.estimate());
+      this.initialBytes = e.initialBytes;
+      // Nothing to read outside a data session (a v2 device without PRE_COPY stays RUNNING until stop-and-copy).
+      this.stats.lastPending = dev.dataPath() ? e.pending : 0;
+      return this.stats.lastPending;
+    }
     const p = await this.locked(() => this.region.read('pending_bytes'));
     this.stats.lastPending = Number(p);
     return this.stats.lastPending;
@@ -161,6 +205,10 @@ export class SourceDevice {
    * or time bound is reached.
    */
   async iterate(pending: number): Promise<SaveResult> {
+    if (this.dev && !this.dev.dataPath()) {
+      // QEMU's vfio_is_active_iterate: a v2 device that is not in pre-copy does not iterate.
+      return { chunks: 0, bytes: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
+    }
     const r = await this.runPhase('iterate', Math.min(pending, this.opts.roundBytes), Date.now() + this.opts.roundTimeMs);
     this.stats.rounds++;
     this.stats.precopyBytes += r.bytes;
@@ -173,21 +221,35 @@ export class SourceDevice {
   async complete(): Promise<void> {
     const t0 = performance.now();
     this.setPhase('stopcopy');
-    await this.locked(() => this.setState('STOP_COPY'));
+    await this.locked(() => (this.dev ? this.devSet('STOP_COPY') : this.setState('STOP_COPY')));
     const r = await this.runPhase('complete', Number.MAX_SAFE_INTEGER);
     await this.writer.deviceBytes(this.index, this.shared, endTag());
-    await this.locked(() => this.setState('STOP'));
+    await this.locked(() => (this.dev ? this.devSet('STOP') : this.setState('STOP')));
     this.stats.stopCopyBytes += r.bytes;
     this.stats.stopCopyChunks += r.chunks;
     this.stats.stopCopyMs = performance.now() - t0;
   }
 
+  /**
+   * QEMU's vfio_vmstate_change_prepare: a P2P-capable device leaves peer-to-peer DMA (RUNNING_P2P / PRE_COPY_P2P)
+   * before any device of the migration enters STOP_COPY. No-op for devices without P2P.
+   */
+  async quiesce(): Promise<void> {
+    const dev = this.dev;
+    if (!dev?.caps.p2p) return;
+    await this.locked(() => {
+      const st = dev.state();
+      if (st === 'PRE_COPY') this.devSet('PRE_COPY_P2P');
+      else if (st === 'RUNNING') this.devSet('RUNNING_P2P');
+    });
+  }
+
   /** save_state: [CONFIG][len][blob][END] after all iterables (QEMU 6.0+ placement). */
   async saveState(): Promise<void> {
-    const blob = encodeConfigBlob(this.transport.readConfig());
+    const blob = encodeConfigBlob(this.dev ? this.dev.readConfig() : this.transport.readConfig());
     await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
     this.stats.streamBytes = this.shared.streamBytes;
-    this.stats.finalState = await this.locked(() => this.region.state());
+    this.stats.finalState = await this.locked(() => (this.dev ? this.dev.state() : this.region.state()));
     this.setPhase('saved');
   }
 
@@ -235,6 +297,31 @@ export class SourceDevice {
   private async rollbackNow(): Promise<string> {
     if (this.shared.lock.owner === OWNER_WORKER && !this.taskActive) this.shared.lock.forceRelease();
     let outcome: string;
+    if (this.dev) {
+      const dev = this.dev;
+      outcome = await this.withLock(() => {
+        try {
+          const st = dev.state();
+          if (st === 'RUNNING') return 'was RUNNING';
+          if (st !== 'ERROR') {
+            this.devSet('RUNNING');
+            return `${st} -> RUNNING`;
+          }
+        } catch (e) {
+          trace('vfio_rollback_set_failed', { device: this.name, error: (e as Error).message });
+        }
+        // ERROR, or RUNNING refused: VFIO_DEVICE_RESET (QEMU's recovery), which always lands in RUNNING.
+        try {
+          dev.reset();
+          this.opts.onState?.('RUNNING');
+          return 'reset to RUNNING';
+        } catch (e) {
+          return `rollback failed: ${(e as Error).message}`;
+        }
+      });
+      this.setPhase('rolled-back');
+      return outcome;
+    }
     try {
       if (!this.region) return 'not opened';
       outcome = await this.withLock(() => {
@@ -266,7 +353,7 @@ export class SourceDevice {
     // emulated vendor's maxChunk) or the engine's (stagingChunk, 1 MiB by default as QEMU v2's buffer), never the
     // region size a vendor advertises (a 1 GiB region must not cost GiBs of shared memory). A vendor that stages a
     // bigger chunk is refused with VENDOR_BAD_VALUE naming the limit.
-    const area = this.region.size - this.region.profile.headerSize;
+    const area = this.dev ? Number.MAX_SAFE_INTEGER : this.region.size - this.region.profile.headerSize;
     const chunk = Math.min(area, this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK));
     return Math.ceil((64 + chunk + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
   }
@@ -294,7 +381,7 @@ export class SourceDevice {
     // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
     // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
     const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;
-    const lanes = direct ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
+    const lanes = direct && !this.dev ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
     await this.pool.acquire(lanes);
     if (this.aborted) {
       this.pool.release(lanes); // aborted while waiting for a place: give it straight back
@@ -306,7 +393,12 @@ export class SourceDevice {
     this.taskActive = true;
     let handedOff = false; // the ring and pool places go back when the workers end, not here
     try {
-      const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
+      const path = this.dev?.dataPath();
+      if (this.dev && !path) throw new MigError(ErrorCode.BAD_STATE, `${phase}: no data session is open`, { device: this.name });
+      const tasks = this.dev ? [this.pool.save({
+        op: 'save-path', path: path!, maxRead: this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK), deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase, budget, deadline,
+        initialBytes: this.initialBytes, initPending: this.dev.caps.precopy && !this.initDataSent, direct,
+      })] : Array.from({ length: lanes }, (_, lane) => this.pool.save({
         op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
         budget, deadline, vendorMode: this.opts.vendorMode, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
         testExitAfterChunks: lane === 0 ? this.opts.testExitAfterChunks : undefined, lane, lanes, direct,
@@ -343,6 +435,10 @@ export class SourceDevice {
         aborted: rs.some((x) => x.aborted), lockWaitNs: rs.reduce((a, x) => a + x.lockWaitNs, 0), lockHoldNs: rs.reduce((a, x) => a + x.lockHoldNs, 0),
       };
       this.stats.lockWaitMs += r.lockWaitNs / 1e6;
+      if (rs.some((x) => x.initSent)) {
+        this.initDataSent = true;
+        trace('vfio_save_init_data_sent', { device: this.name });
+      }
       if (r.aborted) throw new MigError(ErrorCode.CANCELLED, `${phase} cancelled`, { device: this.name });
       this.noteAnomalies(phase, r);
       return r;

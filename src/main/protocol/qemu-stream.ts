@@ -73,7 +73,9 @@ export type QemuEvent =
   | { kind: 'setup'; at: number }
   | { kind: 'data'; at: number; size: number; dataAt: number }
   | { kind: 'config'; at: number; len: number; blobAt: number }
-  | { kind: 'end'; at: number };
+  | { kind: 'end'; at: number }
+  /** v2 (QEMU 8.1+): the source's initial bytes have all been sent (switchover-ack's trigger); ends the section. */
+  | { kind: 'init-data-sent'; at: number };
 
 /** Parser state carried between container records (a record holds whole packets; a section may span records). */
 export interface QemuParseState {
@@ -85,10 +87,14 @@ export interface QemuParseState {
   sections: number;
   dataPackets: number;
   dataBytes: number;
+  /** A v2 device stream: an iterate that read nothing is a lone [END]; DEV_INIT_DATA_SENT may close one iterate. */
+  v2?: boolean;
+  /** DEV_INIT_DATA_SENT tags seen (at most 1). */
+  initDataSent?: number;
 }
 
-export function newParseState(): QemuParseState {
-  return { inSection: false, expectEnd: null, sawSetup: false, sawConfig: false, sections: 0, dataPackets: 0, dataBytes: 0 };
+export function newParseState(v2 = false): QemuParseState {
+  return { inSection: false, expectEnd: null, sawSetup: false, sawConfig: false, sections: 0, dataPackets: 0, dataBytes: 0, v2, initDataSent: 0 };
 }
 
 export interface QemuLimits {
@@ -124,7 +130,10 @@ export function parsePackets(st: QemuParseState, buf: Uint8Array, start: number,
     }
     switch (tag) {
       case FLAG_END_OF_STATE:
-        if (!st.inSection) throw new MigError(ErrorCode.STREAM_BAD_END, 'END_OF_STATE outside a section', { device, offset: at });
+        // v2: vfio_save_iterate writes its tag even when the read found nothing (a lone END between setup and config).
+        if (!st.inSection && !(st.v2 && st.sawSetup && !st.sawConfig)) {
+          throw new MigError(ErrorCode.STREAM_BAD_END, 'END_OF_STATE outside a section', { device, offset: at });
+        }
         st.inSection = false; st.expectEnd = null; st.sections++;
         ev.push({ kind: 'end', at });
         break;
@@ -161,6 +170,15 @@ export function parsePackets(st: QemuParseState, buf: Uint8Array, start: number,
         p += n;
         break;
       }
+      case FLAG_DEV_INIT_DATA_SENT:
+        if (!st.v2) throw new MigError(ErrorCode.STREAM_UNKNOWN_TAG, `Unknown tag ${tagName(tag)}`, { device, offset: at, value: tag });
+        if (!st.sawSetup || st.sawConfig) {
+          throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_INIT_DATA_SENT outside the iterate phase', { device, offset: at });
+        }
+        if (st.initDataSent) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'second DEV_INIT_DATA_SENT', { device, offset: at });
+        st.initDataSent = 1; st.inSection = false; st.sections++;
+        ev.push({ kind: 'init-data-sent', at });
+        break;
       default:
         throw new MigError(ErrorCode.STREAM_UNKNOWN_TAG, `Unknown tag ${tagName(tag)}`, { device, offset: at, value: tag });
     }

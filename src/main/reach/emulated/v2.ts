@@ -1,12 +1,14 @@
 // The emulated reach for a v2 device: the seam's V2Ops as calls into the in-process vendor (addon/src/emu/v2.cc),
 // which answers exactly as a kernel v2 driver would (same errnos, a real data fd).
 import { native } from '../../../addon/native.js';
-import type { DeviceGeometry } from '../../container/format.js';
+import type { DeviceGeometry, DeviceTableEntry } from '../../container/format.js';
+import { registerReach } from '../../device/registry.js';
 import type { ConfigTargetDesc, DataPathDesc } from '../../device/seam.js';
 import { EmulatedDevice, type EmulatedDeviceOptions } from '../../emulated/device.js';
 import { V2Device, type IovaRange, type V2Ops } from '../../protocol/v2/device.js';
 import { fdPathDesc } from '../../protocol/v2/fd-path.js';
 import { restoreConfig } from '../../transport/config.js';
+import { EmulatedTransport } from '../../transport/emulated.js';
 
 export class EmulatedV2Ops implements V2Ops {
   readonly reach = 'emulated';
@@ -36,7 +38,7 @@ export class EmulatedV2Ops implements V2Ops {
   }
   writeConfig(space: Uint8Array): void { restoreConfig(this.configTarget() as { kind: 'emulated'; id: number }, space); }
   configTarget(): ConfigTargetDesc { return { kind: 'emulated', id: this.id }; }
-  geometry(): DeviceGeometry { return this.device.geometry(); }
+  geometry(): DeviceGeometry { return { ...this.device.geometry(), migFlags: this.device.opts.migFlags }; }
   digestTarget() { return { kind: 'emulated' as const, id: this.id, stateSize: this.device.opts.stateSize }; }
   vendorError(): string { return this.device.info().lastError; }
   close(): void { /* the device object itself is destroyed by its owner */ }
@@ -45,4 +47,28 @@ export class EmulatedV2Ops implements V2Ops {
 /** A v2 emulated device behind the seam (profile forced to 'v2'). */
 export function emulatedV2(o: EmulatedDeviceOptions = {}): V2Device {
   return new V2Device(new EmulatedV2Ops(new EmulatedDevice({ ...o, profile: 'v2' })));
+}
+
+/** A fresh zero-filled v2 destination for a device-table entry (its geometry is validated by EmulatedDevice). */
+export function emulatedV2Destination(e: DeviceTableEntry): V2Device {
+  return emulatedV2({
+    name: e.name, stateSize: e.geometry.stateSize, maxChunk: e.geometry.maxChunk, guestPages: e.geometry.guestPages,
+    migFlags: e.geometry.migFlags ?? 7, zeroFill: true, dirtyRate: 0, dmaRate: 0,
+  });
+}
+
+registerReach({ kind: 'emulated', destination: emulatedV2Destination });
+
+/** The emulated device inside a v1 emulated transport or a v2 emulated seam device (null for other reaches). */
+export function emulatedDeviceOf(x: object): EmulatedDevice | null {
+  const ops = (x as { ops?: unknown }).ops;
+  if (ops instanceof EmulatedV2Ops) return ops.device;
+  const dev = (x as { device?: unknown }).device;
+  return dev instanceof EmulatedDevice ? dev : null;
+}
+
+/** Destroy an emulated source or destination of either protocol (closing a v1 transport's region first). */
+export function destroyEmulated(x: object): void {
+  if (x instanceof EmulatedTransport) x.destroy();
+  else emulatedDeviceOf(x)?.destroy();
 }
