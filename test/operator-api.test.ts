@@ -75,7 +75,7 @@ test('progress is sampled inside a long round (not one event per round); status(
   }
 });
 
-test('device-state events: PRE_COPY, STOP_COPY, STOP on the source; RESUMING, RUNNING on the destination', async () => {
+test('device-state events: PRE_COPY, STOP_COPY, STOP on the source; RESUMING, STOP, RUNNING on the destination', async () => {
   const f = tmpFile('states');
   const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `s${i}`, stateSize: MiB, dirtyRate: 0, dmaRate: 0, seed: i + 1 }));
   const src: Record<string, string[]> = {};
@@ -87,7 +87,7 @@ test('device-state events: PRE_COPY, STOP_COPY, STOP on the source; RESUMING, RU
     loader = res.loader;
     for (const n of ['s0', 's1']) {
       assert.equal(src[n], ['PRE_COPY', 'STOP_COPY', 'STOP'], n);
-      assert.equal(dst[n], ['RESUMING', 'RUNNING'], n);
+      assert.equal(dst[n], ['RESUMING', 'STOP', 'RUNNING'], n); // every destination STOP (validated, verified) before any starts
     }
     assert.is(loader.status().status, 'completed');
     assert.is(loader.status().remainingBytes, 0);
