@@ -50,7 +50,10 @@ export async function saveDevices(transports: EngineDevice[], streamPath: string
       // The caller may destroy or reuse its devices right after, and the output goes away below: wait until no worker
       // is left inside a stalled vendor call (its rollback deferred). An embedder that must not wait uses Migration
       // directly and awaits `settled` when it likes.
-      await m?.settled;
+      const finals = await m?.settled;
+      // Every deferred rollback is done now: the report gives the final outcomes.
+      const rep = (e as { report?: MigrationReport }).report;
+      if (rep?.rollbackPending && finals?.length) { rep.rollback = finals; delete rep.rollbackPending; }
       throw e;
     } finally {
       out.discard(); // no-op once committed
