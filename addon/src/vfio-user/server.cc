@@ -63,6 +63,7 @@ Server::Server(std::shared_ptr<emu::Device> dev, const std::string& path, const 
   }
   struct stat sb{};
   if (stat(path.c_str(), &sb) == 0) ino_ = sb.st_ino;
+  v2_ = dev_->config().profile == emu::kV2;
   th_ = std::thread([this] { loop(); });
 }
 
@@ -74,6 +75,7 @@ void Server::stop() {
   if (write(stopPipe_[1], &c, 1) < 0) { /* the loop also polls the pipe's other end; nothing else to do */ }
   if (th_.joinable()) th_.join();
   if (client_ >= 0) close(client_);
+  dropSession();
   close(listen_);
   close(stopPipe_[0]);
   close(stopPipe_[1]);
@@ -215,11 +217,15 @@ Server::Reply Server::dispatch(uint16_t cmd, std::vector<uint8_t>& in, std::vect
   };
   // Descriptors come only with DMA_MAP (unsupported here) and SET_IRQS: anything else carrying one is refused.
   if (!fds.empty() && cmd != kDmaMap && cmd != kSetIrqs) return refuse(EINVAL, "unexpected file descriptors");
-  // Fencing (v1): with the device stopped (STOP or stop-and-copy) only region I/O, dirty pages and reset run.
+  // Fencing: with the device stopped (STOP or stop-and-copy) only region I/O, dirty pages (v1), DEVICE_FEATURE and
+  // MIG_DATA_READ (v2) and reset run (the v1 bits mirror the v2 state on a v2 device).
   uint32_t st = dev_->info().deviceState & emu::kStateMask;
   bool stopped = st == 0 || st == emu::kSaving;
-  if (stopped && cmd != kRegionRead && cmd != kRegionWrite && cmd != kDirtyPages && cmd != kReset && cmd != kVersion)
+  if (stopped && cmd != kRegionRead && cmd != kRegionWrite && cmd != kDirtyPages && cmd != kReset && cmd != kVersion &&
+      cmd != kDeviceFeature && cmd != kMigDataRead)
     return refuse(EBUSY, "the device is stopped");
+  if (v2_ && (cmd == kDirtyPages)) return refuse(ENOTSUP, "DIRTY_PAGES is v1; this device speaks v2");
+  if (!v2_ && (cmd == kDeviceFeature || cmd == kMigDataRead || cmd == kMigDataWrite)) return refuse(ENOTSUP, "this device speaks v1 (migration region)");
   switch (cmd) {
     case kVersion: return version(in);
     case kGetInfo: {
@@ -237,8 +243,12 @@ Server::Reply Server::dispatch(uint16_t cmd, std::vector<uint8_t>& in, std::vect
     case kReset:
       if (!in.empty()) return refuse(EINVAL, "DEVICE_RESET takes no body");
       dev_->reset();
+      dropSession();
       return r;
     case kDirtyPages: return dirtyPages(in);
+    case kDeviceFeature: return feature(in);
+    case kMigDataRead: return migDataRead(in);
+    case kMigDataWrite: return migDataWrite(in);
     default: return refuse(ENOTSUP, fmt("command %u not supported", cmd));
   }
 }
@@ -299,7 +309,7 @@ Server::Reply Server::regionInfo(const std::vector<uint8_t>& in) {
     if (index == kConfigIndex) {
       ri.flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
       ri.size = 256;
-    } else if (index != kMigIndex) {
+    } else if (index != kMigIndex || v2_) {
       ri.flags = 0;
       ri.size = 0;  // the emulated device implements no BARs
     }
@@ -412,6 +422,111 @@ Server::Reply Server::dirtyPages(const std::vector<uint8_t>& in) {
   put<uint32_t>(r.body, 4, flags);
   put(r.body, 8, d);
   dev_->dirtyPages(flags, d.iova, d.size, d.pgsize, r.body.data() + 8 + sizeof d, need);
+  return r;
+}
+
+// ---- v2 ---------------------------------------------------------------------------------------------------------
+void Server::dropSession() {
+  if (v2fd_ >= 0) close(v2fd_);
+  v2fd_ = -1;
+}
+
+namespace {
+constexpr uint32_t kFeatGet = 1u << 16, kFeatSet = 1u << 17, kFeatProbe = 1u << 18;
+constexpr uint32_t kStPreCopy = 6, kStPreCopyP2P = 7, kStStopCopy = 3, kStResuming = 4;
+}  // namespace
+
+// DEVICE_FEATURE {argsz, flags, data}: MIGRATION (GET), MIG_DEVICE_STATE (GET / SET; the data fd stays here: 0xffffffff
+// on the wire). DMA logging and MIG_DATA_SIZE are not offered over vfio-user by this server (PROBE says so).
+Server::Reply Server::feature(const std::vector<uint8_t>& in) {
+  Reply r;
+  auto refuse = [&](int e, const std::string& why) { note("DEVICE_FEATURE: " + why); r.err = e; return r; };
+  if (in.size() < 8) return refuse(EINVAL, "body shorter than 8 bytes");
+  uint32_t argsz = get<uint32_t>(in, 0), flags = get<uint32_t>(in, 4), feat = flags & 0xffff;
+  uint32_t dir = flags & (kFeatGet | kFeatSet);
+  if (flags & ~(0xffffu | kFeatGet | kFeatSet | kFeatProbe)) return refuse(EINVAL, fmt("unknown flags 0x%x", flags));
+  bool offered = feat == VFIO_DEVICE_FEATURE_MIGRATION || feat == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE;
+  if (flags & kFeatProbe) {
+    if (!offered || (feat == VFIO_DEVICE_FEATURE_MIGRATION && (flags & kFeatSet))) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+    r.body.assign(in.begin(), in.begin() + 8);
+    return r;
+  }
+  if (dir != kFeatGet && dir != kFeatSet) return refuse(EINVAL, "exactly one of GET and SET");
+  if (!offered) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+  r.body.assign(16, 0);
+  put<uint32_t>(r.body, 0, 16);
+  put<uint32_t>(r.body, 4, flags);
+  if (feat == VFIO_DEVICE_FEATURE_MIGRATION) {
+    if (dir != kFeatGet || argsz < 16) return refuse(EINVAL, "MIGRATION is GET with argsz >= 16");
+    put<uint64_t>(r.body, 8, dev_->v2MigrationFlags());
+    return r;
+  }
+  if (argsz < 16) return refuse(EINVAL, "MIG_DEVICE_STATE needs argsz >= 16");
+  if (dir == kFeatSet) {
+    if (in.size() < 16) return refuse(EINVAL, "SET MIG_DEVICE_STATE without its 8 bytes");
+    int fd = dev_->v2SetState(get<uint32_t>(in, 8));  // the vendor walks every arc; throws with the kernel's errno
+    if (fd >= 0) {
+      dropSession();
+      v2fd_ = fd;
+    }
+  }
+  uint32_t st = dev_->v2GetState();
+  if (st != kStPreCopy && st != kStPreCopyP2P && st != kStStopCopy && st != kStResuming) dropSession();
+  put<uint32_t>(r.body, 8, st);
+  put<uint32_t>(r.body, 12, 0xffffffffu);
+  return r;
+}
+
+// MIG_DATA_READ {argsz, size}: up to `size` bytes of the saving stream; fewer means "nothing more for now" in
+// PRE_COPY and "the end" in STOP_COPY, so in STOP_COPY this waits (bounded) for the vendor rather than reply short.
+Server::Reply Server::migDataRead(const std::vector<uint8_t>& in) {
+  Reply r;
+  auto refuse = [&](int e, const std::string& why) { note("MIG_DATA_READ: " + why); r.err = e; return r; };
+  if (in.size() != 8) return refuse(EINVAL, fmt("body of %zu bytes (8)", in.size()));
+  uint32_t argsz = get<uint32_t>(in, 0), size = get<uint32_t>(in, 4);
+  if (size > o_.maxXfer || static_cast<uint64_t>(argsz) < 8ull + size) return refuse(EINVAL, fmt("size %u argsz %u (max %u)", size, argsz, o_.maxXfer));
+  uint32_t st = dev_->v2GetState();
+  if ((st != kStPreCopy && st != kStPreCopyP2P && st != kStStopCopy) || v2fd_ < 0) return refuse(EINVAL, "not in a saving state");
+  r.body.resize(8 + size);
+  size_t n = 0;
+  int64_t deadline = nowMs() + o_.msgTimeoutMs;
+  while (n < size) {
+    ssize_t k = read(v2fd_, r.body.data() + 8 + n, size - n);
+    if (k > 0) { n += static_cast<size_t>(k); continue; }
+    if (k == 0) break;  // end of the stream
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN) return refuse(errno, fmt("read: %s", strerror(errno)));
+    if (st != kStStopCopy) break;  // pre-copy: nothing more for now
+    int64_t left = deadline - nowMs();
+    pollfd p{v2fd_, POLLIN, 0};
+    if (left <= 0 || poll(&p, 1, static_cast<int>(left)) == 0) return refuse(EIO, "the vendor produced nothing in time");
+  }
+  r.body.resize(8 + n);
+  put<uint32_t>(r.body, 0, static_cast<uint32_t>(8 + n));
+  put<uint32_t>(r.body, 4, static_cast<uint32_t>(n));
+  return r;
+}
+
+// MIG_DATA_WRITE {argsz, size, data}: all of it to the resuming session, or an error (the vendor refused the stream).
+Server::Reply Server::migDataWrite(const std::vector<uint8_t>& in) {
+  Reply r;
+  auto refuse = [&](int e, const std::string& why) { note("MIG_DATA_WRITE: " + why); r.err = e; return r; };
+  if (in.size() < 8) return refuse(EINVAL, "body shorter than 8 bytes");
+  uint32_t argsz = get<uint32_t>(in, 0), size = get<uint32_t>(in, 4);
+  if (in.size() != 8ull + size || static_cast<uint64_t>(argsz) < 8ull + size) return refuse(EINVAL, fmt("size %u argsz %u with %zu bytes", size, argsz, in.size()));
+  if (dev_->v2GetState() != kStResuming || v2fd_ < 0) return refuse(EINVAL, "not RESUMING");
+  int64_t deadline = nowMs() + o_.msgTimeoutMs;
+  for (size_t n = 0; n < size;) {
+    ssize_t k = write(v2fd_, in.data() + 8 + n, size - n);
+    if (k > 0) { n += static_cast<size_t>(k); continue; }
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0 && errno != EAGAIN) return refuse(errno, fmt("the vendor refused the stream: %s", strerror(errno)));
+    int64_t left = deadline - nowMs();
+    pollfd p{v2fd_, POLLOUT, 0};
+    if (left <= 0 || poll(&p, 1, static_cast<int>(left)) == 0) return refuse(EIO, "the vendor took no data in time");
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  st_.largestWrite = std::max(st_.largestWrite, size);
   return r;
 }
 

@@ -50,6 +50,10 @@ class Server {
   Reply regionRead(const std::vector<uint8_t>& in);
   Reply regionWrite(const std::vector<uint8_t>& in);
   Reply dirtyPages(const std::vector<uint8_t>& in);
+  Reply feature(const std::vector<uint8_t>& in);   // v2: DEVICE_FEATURE
+  Reply migDataRead(const std::vector<uint8_t>& in);
+  Reply migDataWrite(const std::vector<uint8_t>& in);
+  void dropSession();
   void digest(uint8_t out[32]);
   void note(const std::string& s);
 
@@ -59,6 +63,8 @@ class Server {
   int listen_ = -1, client_ = -1, stopPipe_[2] = {-1, -1};
   uint64_t ino_ = 0;
   bool versioned_ = false;
+  bool v2_ = false;      // the device speaks v2 (DEVICE_FEATURE, MIG_DATA_READ/WRITE) instead of the v1 region
+  int v2fd_ = -1;        // v2: the vendor's data fd of the current session (stays on this side of the socket)
   std::thread th_;
   std::atomic<bool> stopped_{false};
   std::mutex mu_;  // stats

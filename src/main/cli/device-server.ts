@@ -16,7 +16,7 @@ export function parseFault(v: string, prev: string[] = []): string[] {
 
 export async function cmdDeviceServer(o: DeviceServerFlags): Promise<void> {
   const server = DeviceServer.start({
-    socket: o.socket, profile: o.profile as 'linux-5.8', stateSize: o.size, maxChunk: o.chunk, dataMode: o.dataMode,
+    socket: o.socket, profile: o.profile as 'linux-5.8' | 'v2', stateSize: o.size, maxChunk: o.chunk, dataMode: o.dataMode,
     offsetPolicy: o.offsetPolicy, dirtyRate: o.zero ? 0 : o.dirtyRate, dmaRate: o.zero ? 0 : o.dmaRate, seed: o.seed, guestPages: o.guestPages,
     zeroFill: o.zero === true, maxDataXfer: o.maxXfer,
     faults: o.fault.map((f) => ({ kind: f.split(':')[0], arg: Number(f.split(':')[1] ?? 0) })),

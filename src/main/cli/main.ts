@@ -111,7 +111,7 @@ usage (a flag, an output that exists without --force, or a request over the memo
 
   program.command('device-server').description('serve one emulated device over vfio-user on a UNIX socket until SIGINT/SIGTERM')
     .requiredOption('--socket <path>', 'UNIX socket to listen on (must not exist)')
-    .addOption(new Option('--profile <name>', 'migration protocol served').choices(['linux-5.8']).default('linux-5.8'))
+    .addOption(new Option('--profile <name>', 'migration protocol served: v1 region (linux-5.8) or v2 (DEVICE_FEATURE, MIG_DATA_READ/WRITE)').choices(['linux-5.8', 'v2']).default('linux-5.8'))
     .option('--size <bytes>', 'device state size', (v) => parseSize('--size', v), 64 << 20)
     .option('--chunk <bytes>', 'vendor maximum chunk size', (v) => parseSize('--chunk', v), 1 << 20)
     .option('--data-mode <mode>', 'data area: mmap (sparse area passed by SCM_RIGHTS), trapped or mixed', (v) => parseEnum('--data-mode', v, ['mmap', 'trapped', 'mixed'] as const), 'mmap')

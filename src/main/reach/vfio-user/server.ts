@@ -23,8 +23,8 @@ export class DeviceServer {
 
   static start(o: DeviceServerOptions): DeviceServer {
     const profile = o.profile ?? 'linux-5.8';
-    if (profile !== 'linux-5.8') {
-      throw new MigError(ErrorCode.BAD_ARGUMENT, `the device server speaks the linux-5.8 region layout over vfio-user (profile '${profile}' is not served)`);
+    if (profile !== 'linux-5.8' && profile !== 'v2') {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `the device server serves linux-5.8 (v1 region) or v2 devices over vfio-user, not '${profile}'`);
     }
     if (fs.existsSync(o.socket)) throw new MigError(ErrorCode.BAD_ARGUMENT, `${o.socket} exists: the device server does not replace files`);
     const maxXfer = o.maxDataXfer ?? (1 << 20);
