@@ -15,6 +15,7 @@ import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import type { EmulatedDeviceOptions } from '../src/main/emulated/device.js';
 import type { Loader } from '../src/main/engine/load.js';
 import { benchVfioUser } from './vfio-user.js';
+import { benchV2 } from './v2.js';
 
 const quick = process.argv.includes('--quick');
 const jsonOnly = process.argv.includes('--json');
@@ -282,6 +283,9 @@ async function main() {
 
     // ---- i. vfio-user: the cost of the socket (bench/vfio-user.ts) ------------------------------------------------
     results.vfioUser = await benchVfioUser({ pool, dir, quick, row, measure, measurePair, log });
+
+    // ---- j. VFIO migration v2: data fd beside the region, and pre-copy's effect on downtime (bench/v2.ts) ---------
+    results.v2 = await benchV2({ pool, dir, quick, row, measure, measurePair, log });
   } finally {
     await pool.close();
     fs.rmSync(dir, { recursive: true, force: true });
