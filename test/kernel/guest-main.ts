@@ -1,6 +1,7 @@
 // Entry point inside the test guest (scripts/kernel/guest.sh): node dist/test/kernel/guest-main.js <outDir> [filter]
 import { runAll } from './harness.js';
 import './reach.guest.js';
+import './engine.guest.js';
 
 const [outDir, filter = ''] = process.argv.slice(2);
 if (!outDir) {

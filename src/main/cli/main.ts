@@ -42,7 +42,7 @@ function deviceOptions(c: Command): Command {
     .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
     .option('--round-bytes <bytes>', 'data bound of one pre-copy round per device', (v) => parseSize('--round-bytes', v), 2 ** 31)
     .option('--json', 'print the report as JSON')
-    .option('--device <spec>', 'a device served elsewhere, vfio-user:<socket path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))
+    .option('--device <spec>', 'a device reached elsewhere: vfio-user:<socket path> or vfio:<sysfs path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
     .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768);
 }
@@ -60,7 +60,7 @@ export async function main(argv: string[]): Promise<void> {
   deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
     .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
     .option('--force', 'replace an existing --stream file')
-    .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
+    .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> or vfio:<sysfs path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
     .action((o: DeviceFlags & { stream?: string; force?: boolean }) => withSignals((signal) => cmdRun({ ...o, signal })));
   deviceOptions(program.command('save').description('save emulated source devices into a stream file'))
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
@@ -71,7 +71,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .option('--json', 'JSON output')
-    .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
+    .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> or vfio:<sysfs path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
     .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768)
     .action((file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));

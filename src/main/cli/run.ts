@@ -16,7 +16,6 @@ import { printable as p } from '../text.js';
 import { claimOutput, out, outJson } from './io.js';
 import { noteCleanup } from './signals.js';
 import { openDevices, type ReachFlags } from './devices.js';
-import type { DeviceTransport } from '../transport/transport.js';
 import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
@@ -74,6 +73,9 @@ export function loadText(r: LoadReport): string {
 
 type Cancel = { signal?: AbortSignal };
 
+/** Verified by digest, or (a device that cannot digest its state, like a kernel device) loaded and started. */
+const loadedOk = (d: { verified: boolean | null; state: string }) => d.verified === true || (d.verified === null && d.state === 'RUNNING');
+
 /** run with --device: those sources, saved through a stream file into the --dest devices, verified by digest. */
 async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
   if ((o.dest ?? []).length !== o.device!.length) {
@@ -81,7 +83,7 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
   }
   const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${Date.now()}.vfmig`);
   const pool = new EnginePool({ threads: o.threads });
-  const all: DeviceTransport[] = [];
+  const all: EngineDevice[] = [];
   try {
     const sources = await openDevices(o.device!, o);
     all.push(...sources);
@@ -95,7 +97,8 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
       throw e;
     }
     const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index] });
-    const ok = save.ok && report.ok && report.devices.every((d) => d.verified === true);
+    // A kernel device has no digest (verified null): it counts as loaded when it was started.
+    const ok = save.ok && report.ok && report.devices.every(loadedOk);
     if (o.json) outJson({ ok, stream, save, load: report });
     else {
       out(`vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`);
@@ -180,7 +183,7 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
     } : undefined;
     const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, memoryBudget: o.memoryBudget });
     loader = res.loader;
-    const ok = res.report.devices.every((d) => d.verified === true);
+    const ok = res.report.devices.every(loadedOk);
     if (o.json) outJson({ ok, load: res.report });
     else { out(loadText(res.report)); out(`verified: ${ok}`); }
     if (!ok) process.exitCode = 1;

@@ -168,7 +168,8 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8' && d.profile !== 'v2') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
     if (d.transport !== 'emulated' && d.transport !== 'vfio-v1' && d.transport !== 'vfio-user' && d.transport !== 'kernel') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
-    if (!g || !isInt(g.regionSize, 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
+    // A v2 device reached through the kernel has no migration region (regionSize 0): its data comes from a data fd.
+    if (!g || !isInt(g.regionSize, d.profile === 'v2' && d.transport === 'kernel' ? 0 : 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
     // A kernel device's state size is the vendor's secret; only an emulated source describes itself fully.
     if (d.transport !== 'emulated') return;
     if (!isInt(g.stateSize, 8192, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);

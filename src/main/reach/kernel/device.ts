@@ -132,7 +132,7 @@ export class KernelVfioDevice implements V2Ops {
   }
   /** A kernel device's state size is the vendor's (MIG_DATA_SIZE estimates it); destinations are given, not made. */
   geometry(): DeviceGeometry {
-    return { stateSize: 0, maxChunk: 0, dataMode: 'fd', offsetPolicy: 'fixed', guestPages: this.ranges.reduce((a, r) => a + r.length / PAGE, 0), regionSize: 0 };
+    return { stateSize: 0, maxChunk: 0, dataMode: 'fd', offsetPolicy: 'fixed', guestPages: this.ranges.reduce((a, r) => a + r.length / PAGE, 0), regionSize: 0, migFlags: this.migrationFlags() };
   }
   digestTarget() { return null; }
 
