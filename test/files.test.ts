@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { EnginePool } from '../src/main/engine/pool.js';
-import { loadStream, saveDevices } from '../src/main/api.js';
+import { loadStream, runEmulated, saveDevices } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { extractDevice, inspectContainer } from '../src/main/container/inspect.js';
 import { OutputFile } from '../src/main/container/output.js';
@@ -128,6 +128,11 @@ test('invalid options are refused before the output is touched, and leak no desc
       await rejectsCode(saveDevices(ds, '', pool), ErrorCode.BAD_ARGUMENT);
       await rejectsCode(saveDevices(ds, out, {} as never, { force: true }), ErrorCode.BAD_ARGUMENT);
       await rejectsCode(loadStream(out, pool, { verify: 'no' } as never), ErrorCode.BAD_ARGUMENT);
+    }
+    // runEmulated: its own options too, before a device or a file exists.
+    for (const o of [{ devices: 0 }, { devices: 1.5 }, { devices: 1, device: null }, { devices: 1, stream: '-' }, { devices: 1, stream: out },
+      { devices: 1, seed: -1 }, { devices: 1, keepStream: 1 }, { devices: 1, onMigration: 'x' }]) {
+      await rejectsCode(runEmulated({ device: { stateSize: 1 << 20 }, pool, ...o } as never), o.stream === out ? ErrorCode.OUTPUT_EXISTS : ErrorCode.BAD_ARGUMENT);
     }
     assert.is(openFds(), before, 'no descriptor leaked');
     assert.ok(running(ds));
