@@ -142,14 +142,15 @@ test('vendor rejects a stream with a wrong device magic or wrong geometry; the d
     recs[0].body = new Uint8Array(Buffer.from(JSON.stringify(t)));
   }, ErrorCode.LOAD_REJECTED);
   assert.is(e.device, 'src1');
-  // A device stream cut short (its last chunks dropped, sequence kept continuous): resume validation refuses RUNNING.
+  // A device stream cut short (its last chunks dropped, sequence kept continuous): resume validation refuses RUNNING,
+  // or, when the dropped chunks were all of stop-and-copy's DATA, the parser finds its closing END alone (BAD_END).
   e = await crafted('short', (recs) => {
     const d0 = recs.filter((r) => r.type === 2 && r.device === 0 && getBe64(r.body, 0) === FLAG_DEV_DATA_STATE);
     const drop = new Set(d0.slice(-2));
     const out = recs.filter((r) => !drop.has(r));
     renumber(out);
     return out;
-  }, [ErrorCode.LOAD_REJECTED, ErrorCode.STREAM_BAD_RECORD]);
+  }, [ErrorCode.LOAD_REJECTED, ErrorCode.STREAM_BAD_RECORD, ErrorCode.STREAM_BAD_END]);
 });
 
 test('an END record without source digests: nothing is started, the load fails verification', async () => {
