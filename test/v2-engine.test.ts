@@ -12,6 +12,7 @@ import { FLAG_DEV_INIT_DATA_SENT, FLAG_END_OF_STATE, FLAG_DEV_DATA_STATE, getBe6
 import { readRecords, writeRecords } from './craft.js';
 import { rm, tmpFile, rejectsCode } from './helpers.js';
 import type { EngineDevice } from '../src/main/engine/source-device.js';
+import { iterationPlan, runIteration } from '../src/main/stress/stress.js';
 
 const pool = new EnginePool({ threads: 2 });
 const V2 = { stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 500, dmaRate: 200 };
@@ -159,6 +160,14 @@ test('v2 refused stream: the destination names the device and stream offset, and
     await loader?.close();
     rm(file);
   }
+});
+
+test('stress draws v2 devices too, and an iteration with them migrates and verifies (strict mode)', async () => {
+  let seed = 1;
+  while (!iterationPlan(seed, 2).some((p) => p.device.profile === 'v2')) seed++;
+  const it = await runIteration(pool, seed, 2, 0, 'strict');
+  assert.ok(it.ok, it.error);
+  assert.ok(it.devices >= 2 && it.bytes > 0);
 });
 
 test.after(async () => { await pool.close(); });

@@ -44,7 +44,7 @@ export function iterationPlan(seed: number, concurrent: number) {
     return {
       devices: 1 + Math.floor(r() * 3),
       device: {
-        profile: pick(r, ['draft-2019', 'linux-5.8'] as ProfileName[]),
+        profile: pick(r, ['draft-2019', 'linux-5.8', 'v2'] as (ProfileName | 'v2')[]),
         stateSize: (1 + Math.floor(r() * 16)) << 20,
         maxChunk: chunk,
         dataMode: pick(r, ['mmap', 'trapped', 'mixed'] as DataMode[]),
