@@ -79,7 +79,7 @@ test('extract -o - writes the device stream to stdout; the report goes to stderr
   assert.match(r.stderr, /bytes of QEMU stream written to standard output/);
   const j = await cli('extract', S, '--device', '1', '-o', '-', '--json');
   assert.ok(j.stdout.equals(fs.readFileSync(file)), '--json: stdout still holds only stream data');
-  assert.is(JSON.parse(j.stderr).bytes, r.stdout.length);
+  assert.is(JSON.parse(j.stderr).result.bytes, r.stdout.length);
 });
 
 test('stream data is never written to a terminal: -o - and --stream - on a tty exit 2 (util-linux script gives the pty)', async () => {
@@ -105,7 +105,7 @@ test('save --stream - writes a loadable container to a pipe, the report to stder
   fs.writeFileSync(P, r.stdout);
   const l = await cli('load', P, '--json');
   assert.is(l.code, 0, l.stderr);
-  assert.ok(JSON.parse(l.stdout.toString()).load.devices.every((d: { verified: boolean }) => d.verified));
+  assert.ok(JSON.parse(l.stdout.toString()).result.load.devices.every((d: { verified: boolean }) => d.verified));
   fs.rmSync(P);
 });
 
@@ -138,7 +138,7 @@ test('inspect: no END record is "incomplete"; a torn tail is "save interrupted a
     oneErrorLine(r, 'VFM_STREAM_TRUNCATED', what);
     const j = await cli('inspect', T, '--json');
     assert.is(j.code, 1);
-    const rep = JSON.parse(j.stdout.toString()).report;
+    const rep = JSON.parse(j.stdout.toString()).result;
     assert.is(rep.status, at === undefined ? 'incomplete' : 'interrupted', what);
     assert.is(rep.interruptedAt, at, what);
     fs.rmSync(T);
@@ -233,7 +233,7 @@ test('SIGTERM during run: exit 143, the temporary stream removed; --json reports
   const rep = JSON.parse(r.stdout.toString());
   assert.is(rep.ok, false);
   assert.is(rep.error.code, 'VFM_CANCELLED');
-  assert.is(rep.report.rollback.length, 2);
+  assert.is(rep.result.save.rollback.length, 2);
   assert.equal(fs.readdirSync(D), [], 'temporary stream removed');
 });
 

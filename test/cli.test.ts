@@ -60,10 +60,14 @@ test('run --json: exits 0, ok, every device verified, temporary stream removed',
   const r = await cli('run', ...SMALL, '--json');
   exits(r, 0, 'run');
   assert.is(r.stderr, '');
-  const rep = json(r, 'run');
-  assert.is(rep.ok, true);
-  assert.is(rep.save.ok, true);
-  assert.is(rep.load.ok, true);
+  const doc = json(r, 'run');
+  assert.is(doc.ok, true);
+  assert.is(doc.error, null);
+  const rep = doc.result;
+  assert.is(rep.save.phase, 'done');
+  assert.is(rep.load.verified, true);
+  assert.is(rep.verified, true);
+  assert.ok(rep.downtimeMs > 0, 'end-to-end downtime measured');
   assert.is(rep.load.devices.length, 2);
   assert.equal(rep.load.devices.map((d: any) => d.name), ['emu0', 'emu1']);
   for (const d of rep.load.devices) {
@@ -83,8 +87,9 @@ let saved: any;
 test('save --stream F --json, then load F --json verifies every device', async () => {
   const s = await cli('save', ...SMALL, '--stream', F, '--json');
   exits(s, 0, 'save');
-  saved = json(s, 'save');
-  assert.is(saved.ok, true);
+  const sdoc = json(s, 'save');
+  assert.is(sdoc.ok, true);
+  saved = sdoc.result;
   assert.is(saved.stream, F);
   assert.is(saved.save.devices.length, 2);
   assert.ok(fs.statSync(F).size > 2 * (2 << 20), 'the stream holds both 2 MiB states');
@@ -92,22 +97,23 @@ test('save --stream F --json, then load F --json verifies every device', async (
   const l = await cli('load', F, '--json');
   exits(l, 0, 'load');
   assert.is(l.stderr, '');
-  const rep = json(l, 'load');
-  assert.is(rep.ok, true);
+  const ldoc = json(l, 'load');
+  assert.is(ldoc.ok, true);
+  const rep = ldoc.result;
   assert.is(rep.load.devices.length, 2);
   rep.load.devices.forEach((d: any, i: number) => {
     assert.is(d.verified, true, `${d.name} verified`);
     assert.is(d.digest, saved.save.devices[i].digest, `${d.name} digest matches the save`);
   });
-  assert.is(rep.load.bytesRead, fs.statSync(F).size);
+  assert.is(rep.load.streamBytes, fs.statSync(F).size);
 });
 
 let inspected: any;
 test('inspect F --json: device table, sections, setup + config present, complete', async () => {
   const r = await cli('inspect', F, '--json');
   exits(r, 0, 'inspect');
-  inspected = json(r, 'inspect');
-  assert.is(inspected.size, fs.statSync(F).size);
+  inspected = json(r, 'inspect').result;
+  assert.is(inspected.fileBytes, fs.statSync(F).size);
   assert.is(inspected.table.devices.length, 2);
   assert.equal(inspected.devices.map((d: any) => d.name), ['emu0', 'emu1']);
   for (const t of inspected.table.devices) {
@@ -151,7 +157,7 @@ test('inspect F --packets prints each device\'s QEMU packets, setup first and co
     assert.is(pk.filter((p) => p.tag === 'END_OF_STATE').length, dev.sections);
     assert.is(pk.filter((p) => p.tag === 'DEV_DATA_STATE').reduce((a, p) => a + p.size!, 0), dev.dataBytes);
     for (let k = 1; k < pk.length; k++) assert.ok(pk[k].off > pk[k - 1].off, `${name}: packet offsets increase`);
-    assert.ok(pk[pk.length - 1].off < inspected.size);
+    assert.ok(pk[pk.length - 1].off < inspected.fileBytes);
   }
 });
 
@@ -159,7 +165,7 @@ test('extract F --device 1 -o OUT writes exactly that device\'s QEMU stream', as
   const out = path.join(TMP, 'dev1.qemu');
   const r = await cli('extract', F, '--device', '1', '-o', out, '--json');
   exits(r, 0, 'extract');
-  const rep = json(r, 'extract');
+  const rep = json(r, 'extract').result;
   const b = new Uint8Array(fs.readFileSync(out));
   assert.is(rep.bytes, b.length);
   assert.is(b.length, inspected.devices[1].streamBytes, 'length = streamBytes of device 1');
@@ -246,8 +252,8 @@ test('load of a truncated copy exits 1 with VFM_STREAM_TRUNCATED at an offset; n
     assert.ok(rep.error.offset >= 0 && rep.error.offset <= cut, `offset ${rep.error.offset} within the ${cut}-byte file`);
     assert.ok(line.includes(`offset ${rep.error.offset}`), line);
     // The destinations never run with a partial stream.
-    assert.is(rep.report.devices.length, 2, 'both devices were being loaded');
-    for (const d of rep.report.devices) {
+    assert.is(rep.result.load.devices.length, 2, 'both devices were being loaded');
+    for (const d of rep.result.load.devices) {
       assert.is.not(d.state, 'RUNNING', `${d.name} must not run`);
       assert.is.not(d.verified, true);
     }

@@ -144,7 +144,7 @@ test('CLI: --vendor-mode, defaults compatible for run/save and strict for stress
   const ok = cli('run', '--size', '1MiB', '--chunk', '64KiB', '--devices', '1', '--vendor-mode', 'strict', '--round-bytes', '256KiB', '--json');
   assert.is(ok.status, 0, ok.stderr);
   const rep = JSON.parse(ok.stdout);
-  assert.ok(rep.save.rounds.every((x: { bytes: number }) => x.bytes <= (256 << 10) + (1 << 16)), '--round-bytes reaches the engine');
+  assert.ok(rep.result.save.rounds.every((x: { bytes: number }) => x.bytes <= (256 << 10) + (1 << 16)), "--round-bytes reaches the engine");
 });
 
 test.run();

@@ -329,7 +329,7 @@ test('CLI: run --device vfio-user: --dest vfio-user:, then save --device and loa
   try {
     let r = await cli('run', '--device', `vfio-user:${src.socket}`, '--dest', `vfio-user:${dst.socket}`, '--json');
     assert.is(r.code, 0, r.err);
-    assert.is(JSON.parse(r.out).load.devices[0].verified, true);
+    assert.is(JSON.parse(r.out).result.load.devices[0].verified, true);
     // The migrated source is stopped, and a stopped server fences discovery: it cannot be saved again.
     r = await cli('save', '--device', `vfio-user:${src.socket}`, '--stream', stream);
     assert.is(r.code, 1);
@@ -338,7 +338,7 @@ test('CLI: run --device vfio-user: --dest vfio-user:, then save --device and loa
     assert.is(r.code, 0, r.err);
     r = await cli('load', stream, '--device', `vfio-user:${dst.socket}`, '--json');
     assert.is(r.code, 0, r.err);
-    assert.is(JSON.parse(r.out).load.devices[0].verified, true);
+    assert.is(JSON.parse(r.out).result.load.devices[0].verified, true);
     r = await cli('run', '--device', `vfio-user:${src.socket}`);
     assert.is(r.code, 2, 'a --device without a --dest is bad usage');
     assert.match(r.err, /VFM_BAD_ARGUMENT/);

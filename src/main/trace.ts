@@ -5,8 +5,15 @@ import { printable } from './text.js';
 export type TraceFn = (event: string, fields: Record<string, unknown>) => void;
 
 const sinks = new Set<TraceFn>();
-const env = process.env.VFIO_MIG_TRACE ?? '';
-const prefixes = env && env !== '1' ? env.split(',').map((s) => s.trim()).filter(Boolean) : [];
+let env = '';
+let prefixes: string[] = [];
+
+/** Which trace points go to stderr: '' none, '1' all, or comma-separated event-name prefixes (`--verbose` sets '1'). */
+export function setTraceFilter(spec: string): void {
+  env = spec;
+  prefixes = env && env !== '1' ? env.split(',').map((s) => s.trim()).filter(Boolean) : [];
+}
+setTraceFilter(process.env.VFIO_MIG_TRACE ?? '');
 
 export function onTrace(fn: TraceFn): () => void {
   sinks.add(fn);

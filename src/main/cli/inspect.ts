@@ -2,13 +2,17 @@
 import { extractDevice, inspectContainer } from '../container/inspect.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { printable as p } from '../text.js';
-import { fmtBytes, table } from './args.js';
-import { claimOutput, out, outJson } from './io.js';
+import { table } from './args.js';
+import { fmtBytes } from '../report/units.js';
+import { inspectJson } from '../report/json.js';
+import { CommandOutput } from './output.js';
+import { claimOutput, out } from './io.js';
 import { noteCleanup } from './signals.js';
 
 export async function cmdInspect(file: string, o: { packets?: boolean; json?: boolean }): Promise<void> {
+  const cmd = new CommandOutput('inspect', { file, ...o }, o);
   const r = await inspectContainer(file, !!o.packets);
-  if (o.json) { if (r.status === 'complete') outJson(r); } // otherwise the error report below carries it
+  if (o.json) { if (r.status === 'complete') cmd.done(inspectJson(r), ''); } // otherwise the error report below carries it
   else {
     out(`${p(file)}: ${fmtBytes(r.size)}, container version 1, ${r.table.devices.length} device(s)`);
     out(`records: ${Object.entries(r.records).map(([k, v]) => `${k} ${v}`).join(', ')}`);
@@ -45,6 +49,7 @@ function statusText(r: Awaited<ReturnType<typeof inspectContainer>>): string {
 }
 
 export async function cmdExtract(file: string, o: { device: number; output: string; json?: boolean; force?: boolean; signal?: AbortSignal }): Promise<void> {
+  const cmd = new CommandOutput('extract', { file, ...o }, o);
   const toStdout = claimOutput(o.output);
   if (o.output === '-' && process.stdout.isTTY) {
     throw new MigError(ErrorCode.BAD_ARGUMENT, '-o -: standard output is a terminal; redirect it to a file or a pipe');
@@ -52,8 +57,7 @@ export async function cmdExtract(file: string, o: { device: number; output: stri
   try {
     const n = await extractDevice(file, o.device, o.output, { force: o.force, signal: o.signal });
     const where = toStdout ? 'standard output' : o.output;
-    if (o.json) outJson({ ok: true, device: o.device, output: o.output, bytes: n });
-    else out(`device ${o.device}: ${n} bytes of QEMU stream written to ${p(where)}`);
+    cmd.done({ file, device: o.device, output: o.output, bytes: n }, `device ${o.device}: ${n} bytes of QEMU stream written to ${p(where)}`);
   } catch (e) {
     noteCleanup(o.output === '-' ? '; standard output may hold part of the stream' : `; nothing written to ${p(o.output)}`);
     throw e;

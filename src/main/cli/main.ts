@@ -12,6 +12,25 @@ import { outJson } from './io.js';
 import { interruptedBy, withSignals } from './signals.js';
 import { cmdDeviceServer, parseFault } from './device-server.js';
 import { collectDevice } from './devices.js';
+import { currentOutput, earlyFailureDocument } from './output.js';
+import { partialReport } from './run.js';
+import { humanSize } from '../report/units.js';
+import { TOOL } from '../report/json.js';
+
+/** A size option whose default shows in human units in --help. */
+function sizeOption(flags: string, desc: string, dflt?: number): Option {
+  const o = new Option(flags, desc).argParser((v) => parseSize(flags.split(' ')[0], v));
+  return dflt === undefined ? o : o.default(dflt, humanSize(dflt));
+}
+
+/** What every command that migrates shows: progress on a terminal, NDJSON events, an HTML report, JSON. */
+function outputOptions(c: Command): Command {
+  return c.option('--json', 'print the result as one JSON document (docs/JSON.md); no progress')
+    .option('-q, --quiet', 'no live progress and no summary: only the final verdict line (and errors)')
+    .option('-v, --verbose', 'print trace points to stderr as they happen (like VFIO_MIG_TRACE=1) and add dirty-bitmap queries to --events')
+    .option('--events <file|->', 'write NDJSON events as they happen (QEMU MIGRATION / MIGRATION_PASS / VFIO_MIGRATION style; \'-\': stdout)')
+    .option('--report <file.html>', 'write a self-contained HTML report with charts (opens offline)');
+}
 
 const VENDOR_MODES = ['compatible', 'strict'] as const;
 const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
@@ -24,11 +43,11 @@ function deviceOptions(c: Command): Command {
   return c
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .option('--devices <n>', 'emulated devices to migrate', (v) => parseIntIn('--devices', v, 1, 1024), 4)
-    .option('--size <bytes>', 'device state size per device', (v) => parseSize('--size', v), 64 << 20)
+    .addOption(sizeOption('--size <bytes>', 'device state size per device (B, KiB, MiB, GiB)', 64 << 20))
     .addOption(new Option('--profile <name>', 'protocol: a v1 region layout (draft-2019, linux-5.8) or v2 (feature ioctls + data fd)')
       .choices([...PROFILES, 'v2']).default('linux-5.8'))
     .option('--allow-no-p2p', 'migrate several v2 devices even if one cannot be quiesced to P2P first (QEMU refuses)')
-    .option('--chunk <bytes>', 'vendor maximum chunk size', (v) => parseSize('--chunk', v), 1 << 20)
+    .addOption(sizeOption('--chunk <bytes>', 'vendor maximum chunk size', 1 << 20))
     .option('--data-mode <mode>', 'data area: mmap, trapped or mixed', (v) => parseEnum('--data-mode', v, ['mmap', 'trapped', 'mixed'] as const), 'mmap')
     .option('--offset-policy <p>', 'data_offset policy: fixed or moving', (v) => parseEnum('--offset-policy', v, ['fixed', 'moving'] as const), 'fixed')
     .option('--dirty-rate <pages/s>', 'state pages the workload dirties per second while running', (v) => parseNumberIn('--dirty-rate', v, 0, 1e7), 2000)
@@ -37,14 +56,13 @@ function deviceOptions(c: Command): Command {
     .option('--threads <n>', 'worker threads (default: cores)', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--downtime <ms>', 'stop pre-copy when pending fits this downtime', (v) => parseNumberIn('--downtime', v, 0, 1e7), 300)
     .option('--max-rounds <n>', 'pre-copy rounds at most', (v) => parseIntIn('--max-rounds', v, 0, 100000), 30)
-    .option('--bandwidth <bytes/s>', 'cap stream bandwidth', (v) => parseSize('--bandwidth', v))
-    .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default: compatible)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'compatible')
+    .addOption(sizeOption('--bandwidth <bytes/s>', 'cap stream bandwidth, bytes per second (e.g. 200MiB)'))
+    .addOption(new Option('--vendor-mode <mode>', VENDOR_MODE_HELP).argParser((v) => parseEnum('--vendor-mode', v, VENDOR_MODES)).default('compatible', 'compatible'))
     .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
-    .option('--round-bytes <bytes>', 'data bound of one pre-copy round per device', (v) => parseSize('--round-bytes', v), 2 ** 31)
-    .option('--json', 'print the report as JSON')
+    .addOption(sizeOption('--round-bytes <bytes>', 'data bound of one pre-copy round per device', 2 ** 31))
     .option('--device <spec>', 'a device reached elsewhere: vfio-user:<socket path> or vfio:<sysfs path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
-    .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768);
+    .addOption(sizeOption('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', 32768));
 }
 
 export async function main(argv: string[]): Promise<void> {
@@ -52,50 +70,53 @@ export async function main(argv: string[]): Promise<void> {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0); else throw e; });
   const program = new Command('vfio-mig')
     .description('Migrate VFIO device state (VFIO migration v1, QEMU stream format) for many devices at once')
+    .version(TOOL.version, '-V, --version', 'print the version')
+    .helpCommand('help [command]', 'show help for a command')
     .exitOverride()
     // Commander's own error lines are replaced by ours (one line with a code); its help text still goes out.
     .configureOutput({ writeErr: (str) => { if (!str.startsWith('error:')) process.stderr.write(str); } });
   program.showHelpAfterError(false);
 
-  deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify'))
+  outputOptions(deviceOptions(program.command('run').description('migrate emulated devices live through a stream file into fresh destinations and verify')))
     .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
-    .option('--force', 'replace an existing --stream file')
+    .option('--force', 'replace an existing --stream, --report or --events file')
     .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> or vfio:<sysfs path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
     .action((o: DeviceFlags & { stream?: string; force?: boolean }) => withSignals((signal) => cmdRun({ ...o, signal })));
-  deviceOptions(program.command('save').description('save emulated source devices into a stream file'))
+  outputOptions(deviceOptions(program.command('save').description('save emulated source devices into a stream file')))
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
-    .option('--force', 'replace an existing stream file (never an input)')
+    .option('--force', 'replace an existing stream, --report or --events file (never an input)')
     .action((o: DeviceFlags & { stream: string; force?: boolean }) => withSignals((signal) => cmdSave({ ...o, signal })));
-  program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
+  outputOptions(program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
     .argument('<file>', 'stream file')
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
-    .option('--json', 'JSON output')
+    .option('--force', 'replace an existing --report or --events file (never the input)'))
     .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> or vfio:<sysfs path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
-    .option('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', (v) => parseSize('--vfu-write-bound', v), 32768)
+    .addOption(sizeOption('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', 32768))
     .action((file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
   program.command('inspect').description('show the container and each device\'s QEMU packets')
     .argument('<file>', 'stream file')
     .option('--packets', 'list every QEMU packet')
-    .option('--json', 'JSON output')
+    .option('--json', 'print the result as one JSON document (docs/JSON.md)')
     .action((file: string, o: { packets?: boolean; json?: boolean }) => cmdInspect(file, o));
   program.command('extract').description('write one device\'s raw QEMU byte stream')
     .argument('<file>', 'stream file')
     .requiredOption('--device <n>', 'device index', (v) => parseIntIn('--device', v, 0, 4095))
     .requiredOption('-o, --output <file>', 'output file (\'-\': standard output, then the report goes to stderr)')
     .option('--force', 'replace an existing output file (never the input)')
-    .option('--json', 'JSON output')
+    .option('--json', 'print the result as one JSON document (docs/JSON.md)')
     .action((file: string, o: { device: number; output: string; json?: boolean; force?: boolean }) => withSignals((signal) => cmdExtract(file, { ...o, signal })));
-  program.command('stress').description('many concurrent migrations with random geometry, slow-vendor timing faults and concurrent bitmap queries; verify all')
+  outputOptions(program.command('stress').description('many concurrent migrations with random geometry, slow-vendor timing faults and concurrent bitmap queries; verify all')
     .option('--seconds <s>', 'how long to run', (v) => parseNumberIn('--seconds', v, 1, 86400), 30)
     .option('--seed <n>', 'master seed (a failure prints the seed that reproduces it)', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1))
     .option('--count <n>', 'stop after this many iterations', (v) => parseIntIn('--count', v, 1, 1e9))
     .option('--replay <seed>', 'run exactly the one iteration a failure reported', (v) => parseIntIn('--replay', v, 0, 2 ** 32 - 1))
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
-    .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES), 'strict')
+    // Its default is the API's (stress: strict), said once in the help.
+    .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES))
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
-    .option('--json', 'JSON output')
+    .option('--force', 'replace an existing --report or --events file'))
     .action((o) => withSignals((signal) => cmdStress({ ...o, signal })));
   program.addHelpText('after', `
 Files: an output (save --stream, run --stream, extract -o) is written under a temporary name in its folder and
@@ -107,13 +128,16 @@ Budgets: run, save, load and stress first add up what they would commit (device 
 logs, staging, worker threads; load: the destinations its stream's device table asks for) and refuse above
 --memory-budget (default: half of the available memory): VFM_OVER_BUDGET, exit 2 (load: VFM_STREAM_TOO_LARGE).
 Exit codes: 0 ok; 1 the operation failed (or inspect found an incomplete, interrupted or aborted stream); 2 bad
-usage (a flag, an output that exists without --force, or a request over the memory budget); 130 SIGINT; 143 SIGTERM.`);
+usage (a flag, an output that exists without --force, or a request over the memory budget); 130 SIGINT; 143 SIGTERM.
+Units: sizes take B, KiB, MiB, GiB (also K, M, G); times are in ms unless the flag says seconds.
+Tracing: VFIO_MIG_TRACE=1 (or a comma-separated list of trace-point prefixes such as migration_,vfio_) prints
+trace points to stderr; --verbose does the same for one command. Output: docs/JSON.md (--json, --events).`);
 
   program.command('device-server').description('serve one emulated device over vfio-user on a UNIX socket until SIGINT/SIGTERM')
     .requiredOption('--socket <path>', 'UNIX socket to listen on (must not exist)')
     .addOption(new Option('--profile <name>', 'migration protocol served: v1 region (linux-5.8) or v2 (DEVICE_FEATURE, MIG_DATA_READ/WRITE)').choices(['linux-5.8', 'v2']).default('linux-5.8'))
-    .option('--size <bytes>', 'device state size', (v) => parseSize('--size', v), 64 << 20)
-    .option('--chunk <bytes>', 'vendor maximum chunk size', (v) => parseSize('--chunk', v), 1 << 20)
+    .addOption(sizeOption('--size <bytes>', 'device state size', 64 << 20))
+    .addOption(sizeOption('--chunk <bytes>', 'vendor maximum chunk size', 1 << 20))
     .option('--data-mode <mode>', 'data area: mmap (sparse area passed by SCM_RIGHTS), trapped or mixed', (v) => parseEnum('--data-mode', v, ['mmap', 'trapped', 'mixed'] as const), 'mmap')
     .option('--offset-policy <p>', 'data_offset policy: fixed or moving', (v) => parseEnum('--offset-policy', v, ['fixed', 'moving'] as const), 'fixed')
     .option('--dirty-rate <pages/s>', 'state pages the workload dirties per second while running', (v) => parseNumberIn('--dirty-rate', v, 0, 1e7), 2000)
@@ -122,34 +146,36 @@ usage (a flag, an output that exists without --force, or a request over the memo
     .option('--seed <n>', 'seed of the initial content', (v) => parseIntIn('--seed', v, 0, 2 ** 32 - 1), 1)
     .option('--zero', 'start zero-filled and idle (a destination)')
     .option('--fault <kind[:arg]>', 'inject a vendor fault (repeatable; docs/EMULATED-DEVICE.md)', (v, p: string[]) => parseFault(v, p), [])
-    .option('--max-xfer <bytes>', 'max_data_xfer_size offered in VERSION', (v) => parseSize('--max-xfer', v), 1 << 20)
+    .addOption(sizeOption('--max-xfer <bytes>', 'max_data_xfer_size offered in VERSION', 1 << 20))
     .option('--json', 'JSON lines (ready, stopped)')
     .action((o) => cmdDeviceServer(o));
 
   const json = argv.includes('--json');
+  const command = argv.slice(2).find((a) => !a.startsWith('-')) ?? 'unknown';
   try {
     await program.parseAsync(argv);
     const sig = interruptedBy();
-    if (sig) fail(new MigError(ErrorCode.CANCELLED, `interrupted by ${sig.name}`), json, sig.exitCode);
+    if (sig) fail(new MigError(ErrorCode.CANCELLED, `interrupted by ${sig.name}`), json, sig.exitCode, command);
   } catch (e) {
     const sig = interruptedBy();
     if (sig) {
       const err = toCliError(e, ErrorCode.CANCELLED);
       // One line: what stopped it, and what was left behind.
       const msg = err.code === ErrorCode.CANCELLED ? `interrupted by ${sig.name}${sig.cleanup}` : `interrupted by ${sig.name}: ${err.message}`;
-      fail(Object.assign(new MigError(ErrorCode.CANCELLED, msg), { report: (err as { report?: unknown }).report }), json, sig.exitCode);
+      fail(Object.assign(new MigError(ErrorCode.CANCELLED, msg), { report: (err as { report?: unknown }).report }), json, sig.exitCode, command);
       return;
     }
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return;
-      if (e.code === 'commander.help') { process.exitCode = 2; return; } // no command given: help on stderr
+      // `vfio-mig help`: help on stdout, exit 0; no command at all: help on stderr, exit 2.
+      if (e.code === 'commander.help') { process.exitCode = e.exitCode === 0 ? 0 : 2; return; }
       const cause = (e as { cause?: unknown }).cause;
       const err = cause instanceof MigError ? cause : new MigError(ErrorCode.BAD_ARGUMENT, e.message.replace(/^error: /, ''));
-      fail(err, json, 2);
+      fail(err, json, 2, command);
       return;
     }
     const err = toCliError(e, ErrorCode.INTERNAL);
-    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS || err.code === ErrorCode.OVER_BUDGET ? 2 : 1);
+    fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS || err.code === ErrorCode.OVER_BUDGET ? 2 : 1, command);
   }
 }
 
@@ -157,9 +183,15 @@ function toCliError(e: unknown, fallback: MigError['code']): MigError {
   return e instanceof MigError ? e : new MigError(fallback, (e as Error)?.message ?? String(e), { cause: e });
 }
 
-function fail(err: MigError, json: boolean, code: number): void {
-  const rep = (err as { report?: unknown }).report;
-  if (json) outJson({ ok: false, error: err.toJSON(), report: rep });
+const KNOWN = ['run', 'save', 'load', 'inspect', 'extract', 'stress', 'send', 'receive'];
+
+function fail(err: MigError, json: boolean, code: number, command: string): void {
+  // The running command's output ends it (JSON document, events, report); a bad flag fails before any command ran.
+  const cur = currentOutput();
+  if (cur) {
+    const part = partialReport(cur.command, cur.params, (err as { report?: unknown }).report);
+    cur.failed(err, part.result, part.text);
+  } else if (json) outJson(earlyFailureDocument(KNOWN.includes(command) ? command : 'unknown', err));
   process.stderr.write(`vfio-mig: ${printable(err.code)}: ${printable(err.message)}\n`);
   process.exitCode = code;
 }

@@ -10,20 +10,23 @@ import type { ProfileName } from '../protocol/profiles.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
-import { fmtBytes, table } from './args.js';
+import { table } from './args.js';
+import { fmtBytes, fmtRate } from '../report/units.js';
+import { inspectJson, loadJson, saveJson } from '../report/json.js';
+import { CommandOutput, type OutputFlags } from './output.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { printable as p } from '../text.js';
-import { claimOutput, out, outJson } from './io.js';
+import { claimOutput } from './io.js';
 import { noteCleanup } from './signals.js';
 import { openDevices, type ReachFlags } from './devices.js';
 import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
 
-export interface DeviceFlags extends ReachFlags {
+export interface DeviceFlags extends ReachFlags, OutputFlags {
   devices: number; size: number; profile: ProfileName | 'v2'; allowNoP2p?: boolean; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
-  bandwidth?: number; json?: boolean; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
+  bandwidth?: number; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
   memoryBudget?: number;
 }
 
@@ -47,15 +50,16 @@ export function saveText(r: MigrationReport): string {
   const lines: string[] = [];
   lines.push(`pre-copy: ${r.rounds.length} round(s), ${fmtBytes(r.precopyBytes)}`);
   if (r.rounds.length) {
-    lines.push(table(['round', 'pending', 'sent', 'ms', 'MB/s'],
-      r.rounds.map((x) => [x.round, fmtBytes(x.pendingBefore), fmtBytes(x.bytes), x.ms.toFixed(1), (x.bandwidth / 1e6).toFixed(0)])));
+    lines.push(table(['round', 'pending', 'sent', 'ms', 'rate'],
+      r.rounds.map((x) => [x.round, fmtBytes(x.pendingBefore), fmtBytes(x.bytes), x.ms.toFixed(1), fmtRate(x.bandwidth)])));
   }
-  lines.push(`stop-and-copy: ${fmtBytes(r.stopCopyBytes)} in ${r.stopCopyMs.toFixed(1)} ms (device-state downtime)`);
-  lines.push(table(['device', 'rounds', 'pre-copy', 'stop-copy', 'stop ms', 'stream', 'lock wait ms', 'state'],
+  // Not end to end (the destination is not part of a save): "source stop-and-copy time", never "downtime".
+  lines.push(`stop-and-copy: ${fmtBytes(r.stopCopyBytes)}; source stop-and-copy time ${r.stopCopyMs.toFixed(1)} ms (devices stopped until all were drained)`);
+  lines.push(table(['device', 'rounds', 'pre-copy', 'stop-copy', 'stop-copy ms', 'stream', 'lock wait ms', 'state'],
     r.devices.map((d) => [d.name, d.rounds, fmtBytes(d.precopyBytes), fmtBytes(d.stopCopyBytes), d.stopCopyMs.toFixed(1),
       fmtBytes(d.streamBytes), d.lockWaitMs.toFixed(2), d.finalState ?? ''])));
   const q = r.dirty.latencyMs;
-  lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms in all (setup, rounds, stop-and-copy, digests): ${r.throughputMBps.toFixed(0)} MB/s of device data`);
+  lines.push(`save: ${fmtBytes(r.streamBytes)} stream in ${r.totalMs.toFixed(0)} ms in all (setup, rounds, stop-and-copy, digests): ${fmtRate(r.throughputMBps * 1e6)} of device data`);
   lines.push(`dirty bitmap: ${r.dirty.queries} queries, latency p50 ${q.p50.toFixed(3)} ms, p99 ${q.p99.toFixed(3)} ms, max ${q.max.toFixed(3)} ms; guest pages dirtied: ${r.dirty.pages.join(', ')}`);
   for (const a of r.anomalies) lines.push(`vendor anomaly: ${a.device}: ${a.message}${a.chunks > 1 ? ` (${a.chunks} empty chunks in all)` : ''}`);
   const el = r.eventLoopDelayMs;
@@ -67,7 +71,7 @@ export function loadText(r: LoadReport): string {
   return [
     table(['device', 'packets', 'data', 'state', 'verified'],
       r.devices.map((d) => [d.name, d.dataPackets, fmtBytes(d.dataBytes), d.state, String(d.verified)])),
-    `load: ${fmtBytes(r.bytesRead)} read in ${r.totalMs.toFixed(0)} ms (data phase ${r.dataMs.toFixed(0)} ms, ${r.throughputMBps.toFixed(0)} MB/s of device data)`,
+    `load: ${fmtBytes(r.bytesRead)} read in ${r.totalMs.toFixed(0)} ms (data phase ${r.dataMs.toFixed(0)} ms, ${fmtRate(r.throughputMBps * 1e6)} of device data)`,
   ].join('\n');
 }
 
@@ -78,6 +82,7 @@ const loadedOk = (d: { verified: boolean | null; state: string }) => d.verified 
 
 /** run with --device: those sources, saved through a stream file into the --dest devices, verified by digest. */
 async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
+  const cmd = new CommandOutput('run', o, o);
   if ((o.dest ?? []).length !== o.device!.length) {
     throw new MigError(ErrorCode.BAD_ARGUMENT, `--dest: ${o.dest?.length ?? 0} destination(s) for ${o.device!.length} --device source(s)`);
   }
@@ -90,23 +95,19 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
     const dests = await openDevices(o.dest!, o);
     all.push(...dests);
     let save;
+    let src = -1;
+    let dst = -1;
     try {
-      save = await saveDevices(sources, stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
+      save = await saveDevices(sources, stream, pool, { ...migOpts(o), force: o.force, signal: o.signal }, (m) => { src = cmd.attachMigration(m); });
     } catch (e) {
       noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
       throw e;
     }
-    const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index] });
+    const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index] },
+      (l) => { dst = cmd.attachLoader(l, src); });
     // A kernel device has no digest (verified null): it counts as loaded when it was started.
     const ok = save.ok && report.ok && report.devices.every(loadedOk);
-    if (o.json) outJson({ ok, stream, save, load: report });
-    else {
-      out(`vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`);
-      out(saveText(save));
-      out(loadText(report));
-      out(`verified: ${ok}`);
-    }
-    if (!ok) process.exitCode = 1;
+    runDone(cmd, `vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`, o.stream ?? stream, save, report, dst, ok);
   } finally {
     for (const t of all) t.close();
     if (!o.stream) fs.rmSync(stream, { force: true });
@@ -118,22 +119,55 @@ export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean
   if (o.device?.length) return runReached(o);
   if (o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--dest needs --device sources');
   const dev = deviceOpts(o);
+  const cmd = new CommandOutput('run', o, o);
+  let src = -1;
+  let dst = -1;
   let r;
   try {
-    r = await runEmulated({ ...migOpts(o), devices: o.devices, device: dev, seed: o.seed, stream: o.stream, threads: o.threads, force: o.force, signal: o.signal });
+    r = await runEmulated({
+      ...migOpts(o), devices: o.devices, device: dev, seed: o.seed, stream: o.stream, threads: o.threads, force: o.force, signal: o.signal,
+      onMigration: (m) => { src = cmd.attachMigration(m); },
+      onLoader: (l) => { dst = cmd.attachLoader(l, src); },
+    });
   } catch (e) {
     noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
     throw e;
   }
-  if (o.json) { outJson(r); }
-  else {
-    out(`vfio-mig run: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, data area ${o.dataMode}, data_offset ${o.offsetPolicy}, chunk ${fmtBytes(o.chunk)}, workload ${o.dirtyRate} pages/s`);
-    out(saveText(r.save));
-    out(loadText(r.load));
-    for (const d of r.load.devices) out(`${p(d.name)}: verified: ${d.verified}`);
-    out(`verified: ${r.ok}`);
+  const head = `vfio-mig run: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, data area ${o.dataMode}, data_offset ${o.offsetPolicy}, chunk ${fmtBytes(o.chunk)}, workload ${o.dirtyRate} pages/s`;
+  runDone(cmd, head, r.stream, r.save, r.load, dst, r.ok);
+}
+
+/** run's summary: the save, the load, the end-to-end downtime, and `verified` once per device and once overall. */
+function runDone(cmd: CommandOutput, head: string, stream: string, save: MigrationReport, load: LoadReport, dst: number, ok: boolean): void {
+  const downtimeMs = cmd.rec.downtimeMs(dst);
+  const downtime = downtimeMs === null ? ''
+    : `downtime (end to end: first source device stopped until the last destination device ran): ${downtimeMs.toFixed(1)} ms`;
+  const text = [head, saveText(save), loadText(load), downtime, `verified: ${ok}`].filter(Boolean).join('\n');
+  cmd.done({ stream, save: saveJson(save), load: loadJson(load), downtimeMs, verified: ok }, text, ok, `verified: ${ok}`);
+}
+
+/**
+ * A failed command's JSON `result` in the same shape as its success (what was measured before it failed, null
+ * where nothing was), and the same as text. `rep` is the report the engine attached to the error.
+ */
+export function partialReport(command: string, params: Record<string, unknown>, rep: unknown): { result: Record<string, unknown> | null; text: string } {
+  const r = rep && typeof rep === 'object' ? rep : {};
+  const save = 'rounds' in r ? r as MigrationReport : null;
+  const load = 'bytesRead' in r ? r as LoadReport : null;
+  const text = save ? saveText(save) : load ? loadText(load) : '';
+  const stream = (params.stream ?? params.file ?? null) as string | null;
+  switch (command) {
+    case 'run': return { result: { stream: null, save: save && saveJson(save), load: load && loadJson(load), downtimeMs: null, verified: false }, text };
+    case 'save': return { result: { stream, save: save && saveJson(save) }, text };
+    case 'load': return { result: { stream, load: load && loadJson(load) }, text };
+    case 'inspect': return { result: 'records' in r && 'size' in r ? inspectJson(r as unknown as Parameters<typeof inspectJson>[0]) : null, text };
+    case 'stress': {
+      if (!('iterations' in r)) return { result: null, text };
+      const { seconds, ...rest } = r as unknown as { seconds: number };
+      return { result: { ...rest, durationMs: seconds * 1000 }, text };
+    }
+    default: return { result: null, text };
   }
-  if (!r.ok) process.exitCode = 1;
 }
 
 export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean } & Cancel): Promise<void> {
@@ -146,6 +180,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     admitEmulated({ what: `save of ${o.devices} device(s)`, devices: o.devices, device: dev, destinations: false,
       newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
   }
+  const cmd = new CommandOutput('save', o, o);
   const pool = new EnginePool({ threads: o.threads });
   const sources: EngineDevice[] = [];
   try {
@@ -158,20 +193,21 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     }
     let r;
     try {
-      r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal });
+      r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal }, (m) => cmd.attachMigration(m));
     } catch (e) {
       noteCleanup(`; ${rollbackText(e)}${o.stream === '-' ? 'standard output holds a stream ending in ABORT' : `nothing written to ${p(o.stream)}`}`);
       throw e;
     }
-    if (o.json) outJson({ ok: r.ok, stream: o.stream, save: r });
-    else { out(saveText(r)); out(`stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`); }
+    const where = `stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`;
+    cmd.done({ stream: o.stream, save: saveJson(r) }, `${saveText(r)}\n${where}`, r.ok, where);
   } finally {
     for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else s.close();
     await pool.close();
   }
 }
 
-export async function cmdLoad(file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number } & ReachFlags & Cancel): Promise<void> {
+export async function cmdLoad(file: string, o: { threads?: number; device?: string[]; memoryBudget?: number } & OutputFlags & ReachFlags & Cancel): Promise<void> {
+  const cmd = new CommandOutput('load', { file, ...o }, o);
   const pool = new EnginePool({ threads: o.threads });
   let loader;
   const reached = o.device?.length ? await openDevices(o.device, o) : [];
@@ -181,12 +217,10 @@ export async function cmdLoad(file: string, o: { threads?: number; json?: boolea
       if (!t) throw new MigError(ErrorCode.BAD_ARGUMENT, `the stream has more devices than the ${reached.length} --device destination(s)`, { device: e.name });
       return t;
     } : undefined;
-    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, memoryBudget: o.memoryBudget });
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, memoryBudget: o.memoryBudget }, (l) => cmd.attachLoader(l));
     loader = res.loader;
     const ok = res.report.devices.every(loadedOk);
-    if (o.json) outJson({ ok, load: res.report });
-    else { out(loadText(res.report)); out(`verified: ${ok}`); }
-    if (!ok) process.exitCode = 1;
+    cmd.done({ stream: file, load: loadJson(res.report) }, `${loadText(res.report)}\nverified: ${ok}`, ok, `verified: ${ok}`);
   } catch (e) {
     loader = (e as { loader?: { dests: { dev: object | null; transport: object }[] } }).loader;
     noteCleanup('; no destination started');

@@ -1,34 +1,56 @@
 // vfio-mig stress.
-import { runIteration, stress } from '../stress/stress.js';
+import { runIteration, stress, type RunHooks } from '../stress/stress.js';
 import { EnginePool } from '../engine/pool.js';
-import { fmtBytes } from './args.js';
+import { fmtBytes } from '../report/units.js';
 import type { VendorMode } from '../../workers/tasks.js';
-import { out, outJson } from './io.js';
+import { CommandOutput, type OutputFlags } from './output.js';
 import { printable } from '../text.js';
 
-export async function cmdStress(o: { seconds: number; seed?: number; count?: number; replay?: number; threads?: number; json?: boolean; vendorMode?: VendorMode; signal?: AbortSignal; memoryBudget?: number }): Promise<void> {
+type StressFlags = OutputFlags & {
+  seconds: number; seed?: number; count?: number; replay?: number; threads?: number; vendorMode?: VendorMode; signal?: AbortSignal; memoryBudget?: number;
+};
+
+/** Every migration of every iteration is observed (progress lines come and go with the migrations). */
+function observer(out: CommandOutput): () => RunHooks {
+  return () => {
+    let src = -1;
+    return { onMigration: (m) => { src = out.attachMigration(m); }, onLoader: (l) => { out.attachLoader(l, src); } };
+  };
+}
+
+export async function cmdStress(o: StressFlags): Promise<void> {
+  o.vendorMode ??= 'strict';
+  const t0 = performance.now();
+  const n = { iterations: 0, failures: 0 };
+  const total = o.replay !== undefined ? 1 : o.count;
+  const out = new CommandOutput('stress', o, o, {
+    transient: true,
+    totalLabel: () => `iter ${n.iterations}${total ? `/${total}` : ''}, ${n.failures} failed, ${((performance.now() - t0) / 1000).toFixed(0)}/${o.replay !== undefined ? '-' : o.seconds} s`,
+  });
   if (o.replay !== undefined) {
     const pool = new EnginePool({ threads: o.threads });
     try {
-      const it = await runIteration(pool, o.replay, 2, 0, o.vendorMode, o.signal, o.memoryBudget);
-      if (o.json) outJson(it); else out(`replay ${o.replay}: ${it.ok ? 'ok' : 'FAILED: ' + printable(it.error)}`);
-      if (!it.ok) process.exitCode = 1;
+      const it = await runIteration(pool, o.replay, 2, 0, o.vendorMode, o.signal, o.memoryBudget, observer(out));
+      out.done({ replay: it }, `replay ${o.replay}: ${it.ok ? 'ok' : 'FAILED: ' + printable(it.error)}`, it.ok, `replay ${o.replay}: ${it.ok ? 'ok' : 'FAILED'}`);
     } finally {
       await pool.close();
     }
     return;
   }
   const seed = o.seed ?? (Date.now() >>> 0);
-  if (!o.json) out(`stress: seed ${seed}, ${o.seconds} s`);
+  out.line(`stress: seed ${seed}, ${o.seconds} s`);
   const s = await stress({
-    seconds: o.seconds, seed, count: o.count, threads: o.threads, vendorMode: o.vendorMode, signal: o.signal, memoryBudget: o.memoryBudget,
+    seconds: o.seconds, seed, count: o.count, threads: o.threads, vendorMode: o.vendorMode, signal: o.signal, memoryBudget: o.memoryBudget, observe: observer(out),
     onIteration: (it) => {
-      if (!it.ok && !o.json) out(`FAILED iteration ${it.iteration}: reproduce with: vfio-mig stress --replay ${it.seed}  (${printable(it.error)})`);
+      n.iterations++;
+      if (!it.ok) {
+        n.failures++;
+        out.line(`FAILED iteration ${it.iteration}: reproduce with: vfio-mig stress --replay ${it.seed}  (${printable(it.error)})`);
+      }
+      out.tick();
     },
   });
-  if (o.json) outJson(s);
-  else {
-    out(`stress: ${s.iterations} iterations, ${s.migrations} migrations, ${s.devices} devices, ${fmtBytes(s.bytes)}, ${s.chunks} chunks, ${s.failures} failures in ${s.seconds.toFixed(1)} s`);
-  }
-  if (s.failures) process.exitCode = 1;
+  const { seconds, ...rest } = s;
+  const text = `stress: ${s.iterations} iterations, ${s.migrations} migrations, ${s.devices} devices, ${fmtBytes(s.bytes)}, ${s.chunks} chunks, ${s.failures} failures in ${seconds.toFixed(1)} s`;
+  out.done({ ...rest, durationMs: seconds * 1000 }, text, s.failures === 0, text);
 }

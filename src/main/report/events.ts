@@ -5,7 +5,8 @@
 // docs/JSON.md lists every field.
 import fs from 'node:fs';
 import type { OperatorEvent, Recorder } from './recorder.js';
-import { EVENTS_SCHEMA, SCHEMA_VERSION, TOOL } from './json.js';
+import { EVENTS_SCHEMA, SCHEMA_VERSION, TOOL, type ErrorJson } from './json.js';
+import { safeJson } from '../text.js';
 
 /** QEMU's VFIO_MIGRATION device-state names for the v1 device_state values the engine sets. */
 const DEVICE_STATE: Record<string, string> = {
@@ -45,9 +46,9 @@ export class EventLog {
   private readonly off: () => void;
   private closed = false;
 
-  /** `target`: a path (created or truncated), or '-' for standard output. */
-  constructor(target: string, rec: Recorder, command: string, params: Record<string, unknown>, opts: { dirty?: boolean } = {}) {
-    this.fd = target === '-' ? 1 : fs.openSync(target, 'w');
+  /** `fd`: an open file (closed by end()), or 1 for standard output. */
+  constructor(fd: number, rec: Recorder, command: string, params: Record<string, unknown>, opts: { dirty?: boolean } = {}) {
+    this.fd = fd;
     this.line(Date.now(), 'VFIO_MIG_START', {
       schema: EVENTS_SCHEMA, schemaVersion: SCHEMA_VERSION, tool: TOOL, command, params, startedAt: rec.startedAt.toISOString(),
     });
@@ -58,11 +59,11 @@ export class EventLog {
   private line(wall: number, event: string, data: Record<string, unknown>): void {
     if (this.closed) return;
     // Synchronous: an event is on disk (or in the pipe) when the engine moves on, and a crash loses nothing before it.
-    fs.writeSync(this.fd, JSON.stringify({ timestamp: timestamp(wall), event, data }) + '\n');
+    fs.writeSync(this.fd, safeJson({ timestamp: timestamp(wall), event, data }) + '\n');
   }
 
   /** The last line: ok, the error if any, the end time. */
-  end(ok: boolean, error: Record<string, unknown> | null): void {
+  end(ok: boolean, error: ErrorJson | null): void {
     this.line(Date.now(), 'VFIO_MIG_END', { ok, error, endedAt: new Date().toISOString() });
     this.off();
     this.closed = true;

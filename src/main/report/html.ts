@@ -246,6 +246,8 @@ ${d.absent.length ? `<p class="note">Not drawn: ${d.absent.map(escHtml).join('; 
 `;
 }
 
-export function writeReport(file: string, d: ReportData): void {
-  fs.writeFileSync(file, renderHtml(d));
+/** Write the page into `out` and give it its final name (OutputFile: a temporary name until complete). */
+export function writeReport(out: { fd: number; commit(): void }, d: ReportData): void {
+  fs.writeFileSync(out.fd, renderHtml(d));
+  out.commit();
 }

@@ -37,10 +37,10 @@ export interface ResultDocument {
 /** Flag names -> parameter names that carry their unit. */
 const PARAM_UNITS: Record<string, string> = {
   size: 'sizeBytes', chunk: 'chunkBytes', downtime: 'downtimeLimitMs', bandwidth: 'bandwidthBytesPerSecond',
-  dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond',
+  dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond', roundTime: 'roundTimeMs', roundBytes: 'roundBytes',
 };
 
-export function paramsJson(o: Record<string, unknown>): Record<string, unknown> {
+export function paramsJson(o: object): Record<string, unknown> {
   const p: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(o)) {
     if (typeof v === 'function' || v === undefined || v instanceof AbortSignal) continue;
@@ -73,7 +73,19 @@ export function saveJson(r: MigrationReport): Record<string, unknown> {
       queries: r.dirty.queries, latency: summary(r.dirty.latencyMs), lockWait: summary(r.dirty.lockWaitMs), pagesDirtied: r.dirty.pages,
     },
     eventLoopDelay: { p50Ms: r.eventLoopDelayMs.p50, p99Ms: r.eventLoopDelayMs.p99, maxMs: r.eventLoopDelayMs.max },
+    anomalies: r.anomalies ?? [],
     rollback: r.rollback ?? null,
+  };
+}
+
+/** inspect: the walk's fields, with the few unit-less names given their unit (new fields pass through). */
+export function inspectJson<R extends { file: string; size: number; devices: { packets?: { offset: number; tag: string; size?: number }[] }[] }>(r: R): Record<string, unknown> {
+  const { size, devices, ...rest } = r;
+  return {
+    ...rest, fileBytes: size,
+    devices: devices.map(({ packets, ...d }) => ({
+      ...d, ...(packets ? { packets: packets.map((p) => ({ fileOffsetBytes: p.offset, tag: p.tag, ...(p.size !== undefined ? { bytes: p.size } : {}) })) } : {}),
+    })),
   };
 }
 

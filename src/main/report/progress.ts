@@ -44,7 +44,7 @@ export class ProgressDisplay {
 
   constructor(rec: Recorder, private readonly o: ProgressOptions) {
     this.multi = new cliProgress.MultiBar({
-      stream: o.stream, format: '{name} {phase} {bar} {pct} {sent} / {of}  {rate}  {eta}', barsize: 20, hideCursor: true, fps: 10,
+      stream: o.stream, format: '{name} {phase} {bar} {pct} {sent} / {of}  {rate}  {left}', barsize: 20, hideCursor: true, fps: 10,
       clearOnComplete: false, stopOnComplete: false, autopadding: true, emptyOnZero: true, linewrap: false, gracefulExit: true,
       barCompleteChar: '#', barIncompleteChar: '.',
     });
@@ -65,7 +65,7 @@ export class ProgressDisplay {
     return {
       name: name.length > this.width ? name.slice(0, this.width) : name.padEnd(this.width),
       phase: this.paint(COLOR[r.phase], r.phase.padEnd(11)), pct: `${String(done).padStart(3)}%`,
-      sent: fmtBytes(r.bytes).padStart(10), of: fmtBytes(r.total).padEnd(10), rate: fmtRate(r.rate).padStart(12), eta,
+      sent: fmtBytes(r.bytes).padStart(10), of: fmtBytes(r.total).padEnd(10), rate: fmtRate(r.rate).padStart(12), left: eta,
     };
   }
 
@@ -133,6 +133,9 @@ export class ProgressDisplay {
     this.total.setTotal(Math.max(1, total));
     this.total.update(bytes, this.payload(t));
   }
+
+  /** A line printed above the live lines. */
+  log(line: string): void { this.multi.log(line + '\n'); }
 
   /** Refresh the total line's label (stress counters) without an engine event. */
   refresh(): void { this.drawTotal(); }

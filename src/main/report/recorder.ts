@@ -46,9 +46,25 @@ export class Recorder {
     return () => this.listeners.delete(fn);
   }
 
+  private readonly firstStop = new Map<number, number>();
+  private readonly lastRunning = new Map<number, number>();
+
+  /**
+   * End-to-end downtime of a load whose source this process also ran: from the first source device's stop
+   * (stop-and-copy began) to the last destination device running. null when this process did not see both ends.
+   */
+  downtimeMs(destination: number): number | null {
+    const src = this.pairs.get(destination);
+    const a = src === undefined ? undefined : this.firstStop.get(src);
+    const b = this.lastRunning.get(destination);
+    return a === undefined || b === undefined ? null : b - a;
+  }
+
   private push(p: Payload<OperatorEvent>): void {
     const t = performance.now() - this.t0;
     const e = { ...p, t, wall: this.startedAt.getTime() + t } as OperatorEvent;
+    if (e.type === 'device' && e.side === 'source' && e.state === 'STOP_COPY' && !this.firstStop.has(e.migration)) this.firstStop.set(e.migration, t);
+    if (e.type === 'device' && e.side === 'destination' && e.state === 'RUNNING') this.lastRunning.set(e.migration, t);
     // Samples of a long run are thinned for the report (every event still reaches the listeners).
     if (this.keep === 'all' || (this.keep === 'report' && (e.type !== 'progress' || !e.sample || this.keepSample(e)))) this.events.push(e);
     for (const fn of this.listeners) fn(e);
@@ -68,7 +84,8 @@ export class Recorder {
     const migration = this.nextId++;
     const side = 'source' as const;
     const names = m.devices.map((d) => d.name);
-    m.on('phase', (_from, to) => { if (STATUS[to]) this.push({ type: 'status', migration, side, status: STATUS[to] }); });
+    // stopcopy and complete are both QEMU's 'device': one event for the two.
+    m.on('phase', (from, to) => { if (STATUS[to] && STATUS[to] !== STATUS[from]) this.push({ type: 'status', migration, side, status: STATUS[to] }); });
     m.on('state', (e) => this.push({ type: 'device', migration, side, device: e.device, state: e.state }));
     m.on('round', (r) => this.push({
       type: 'pass', migration, side, pass: r.round, pendingBytes: r.pendingBefore, bytes: r.bytes, ms: r.ms, bytesPerSecond: r.bandwidth,

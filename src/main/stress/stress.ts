@@ -7,6 +7,8 @@ import { admitEmulated } from '../engine/budget.js';
 import { ErrorCode, MigError } from '../errors.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
+import type { Migration } from '../engine/migration.js';
+import type { Loader } from '../engine/load.js';
 import type { VendorMode } from '../../workers/tasks.js';
 
 export function mulberry32(seed: number): () => number {
@@ -28,7 +30,12 @@ export interface StressOptions {
   vendorMode?: VendorMode;
   /** Cancel: the running iteration's migrations roll back, no further iteration starts. */
   signal?: AbortSignal;
+  /** Called once per migration of every iteration: hooks to observe it (progress, events, report). */
+  observe?: () => RunHooks;
 }
+
+/** Observers of one emulated run's two engine objects. */
+export interface RunHooks { onMigration?: (m: Migration) => void; onLoader?: (l: Loader) => void }
 export interface IterationSummary { iteration: number; seed: number; migrations: number; devices: number; bytes: number; chunks: number; ok: boolean; error?: string }
 export interface StressSummary {
   seed: number; iterations: number; migrations: number; devices: number; bytes: number; chunks: number; failures: number;
@@ -79,7 +86,7 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
     while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
       if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       const seed = Math.floor(master() * 2 ** 32);
-      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal, o.memoryBudget);
+      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal, o.memoryBudget, o.observe);
       if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
       sum.iterations++;
       sum.migrations += it.migrations;
@@ -98,9 +105,9 @@ export async function stress(o: StressOptions): Promise<StressSummary> {
 
 /** One iteration: `concurrent` migrations at once on the shared pool. */
 export async function runIteration(pool: EnginePool, seed: number, concurrent: number, iteration = 0,
-  vendorMode: VendorMode = 'strict', signal?: AbortSignal, memoryBudget?: number): Promise<IterationSummary> {
+  vendorMode: VendorMode = 'strict', signal?: AbortSignal, memoryBudget?: number, observe?: () => RunHooks): Promise<IterationSummary> {
   const plans = iterationPlan(seed, concurrent);
-  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal, memoryBudget })));
+  const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal, memoryBudget, ...observe?.() })));
   const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
   for (const r of res) {
     if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
