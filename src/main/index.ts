@@ -2,9 +2,13 @@
 export { MigError, ErrorCode, isMigError } from './errors.js';
 export { onTrace } from './trace.js';
 export { EnginePool, type EnginePoolOptions } from './engine/pool.js';
-export { Migration, PHASE_ARCS, type MigrationOptions, type MigrationReport, type MigrationPhase } from './engine/migration.js';
-export { Loader, emulatedDestination, type LoadOptions, type LoadReport } from './engine/load.js';
-export { RegionLock } from './engine/region-lock.js';
+export {
+  Migration, PHASE_ARCS, type MigrationOptions, type MigrationReport, type MigrationPhase, type MigrationEvents, type MigrationProgress,
+  type MigrationStatus, type DeviceStateEvent, type DirtyQueryEvent, type RoundStats,
+} from './engine/migration.js';
+export {
+  Loader, emulatedDestination, type LoadOptions, type LoadReport, type LoadedDevice, type LoadProgress, type LoadStatus, type LoaderEvents,
+} from './engine/load.js';
 export { ContainerWriter } from './container/writer.js';
 export { ContainerReader } from './container/reader.js';
 export { FileSink, type Sink } from './container/sink.js';
