@@ -42,6 +42,9 @@ test('8 devices migrate in parallel and all verify; progress events per device a
 test('chunks of different devices interleave in the container', async () => {
   const f = tmpFile('interleave');
   const devs = [0, 1, 2, 3].map((i) => EmulatedTransport.create({ name: `i${i}`, stateSize: 4 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 }));
+  // Each chunk takes >= 0.5 ms in the vendor (a sleep, not CPU): devices saved concurrently then interleave whatever
+  // the machine's load, instead of one worker finishing a whole 4 MiB device in a few ms before the next starts.
+  for (const d of devs) d.device.setFault('slow-chunk', 500);
   try {
     await saveDevices(devs, f, pool, { maxRounds: 1 });
     const ins = await inspectContainer(f, true);
