@@ -12,7 +12,8 @@ import { fileURLToPath } from 'node:url';
 import { EnginePool } from '../src/main/engine/pool.js';
 import { saveDevices, loadStream } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
-import { DeviceServer, VfioUserClient, VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { DeviceServer, VfioUserClient, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
+import type { MigDevice } from '../src/main/device/seam.js';
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import type { MigrationReport } from '../src/main/engine/migration.js';
@@ -408,6 +409,26 @@ test('v2 device server: DEVICE_FEATURE walk, MIG_DATA_READ until a short read, M
     assert.ok(dst.stats().largestWrite <= 32768);
   } finally {
     s.close(); d.close(); dst.stop(); kill(src.child, 'SIGTERM');
+  }
+});
+
+test('v2 over vfio-user through the engine (device seam): save with a running workload from a server process, load into a server, verified', async () => {
+  const src = await serverProcess(['--profile', 'v2', '--size', '4MiB', '--chunk', '128KiB', '--dirty-rate', '5000', '--seed', '8']);
+  const dst = DeviceServer.start({ socket: sockPath('v2e'), profile: 'v2', stateSize: 4 << 20, maxChunk: 128 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  const stream = path.join(TMP, 'v2-engine.vfmig');
+  const s = await connectVfioUser(src.socket) as MigDevice;
+  const d = await connectVfioUser(dst.socket, { writeBound: 16384 }) as MigDevice;
+  try {
+    assert.is(s.caps.protocol, 'v2');
+    assert.is(s.caps.reach, 'vfio-user');
+    const save = await saveDevices([s], stream, pool, {});
+    assert.ok(save.ok);
+    assert.ok(save.devices[0].precopyBytes > 0 && save.devices[0].digest?.startsWith('sha256:'));
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+    assert.is(report.devices[0].verified, true, 'the destination server digest equals the source server digest');
+    assert.ok(dst.stats().largestWrite <= 16384, 'MIG_DATA_WRITE bounded by the write bound');
+  } finally {
+    s.close(); d.close(); dst.stop(); kill(src.child, 'SIGTERM'); rm(stream);
   }
 });
 

@@ -1,7 +1,7 @@
 // `--device <spec>` for run / save / load: devices reached elsewhere than in this process. Specs: vfio-user:<socket>,
 // vfio:<sysfs path> (a kernel VFIO device: v2 through the kernel reach, else a v1 migration region through its group).
 import { ErrorCode, MigError } from '../errors.js';
-import { VfioUserTransport } from '../reach/vfio-user/transport.js';
+import { connectVfioUser } from '../reach/vfio-user/index.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { kernelDevice } from '../reach/kernel/device.js';
 import { resolveSysfs } from '../reach/kernel/sysfs.js';
@@ -24,7 +24,7 @@ export async function openDevices(specs: string[], o: ReachFlags): Promise<Engin
         continue;
       }
       const path = s.slice('vfio-user:'.length);
-      out.push(await VfioUserTransport.connect(path, { timeoutMs: o.vfuTimeout, writeBound: o.vfuWriteBound }));
+      out.push(await connectVfioUser(path, { timeoutMs: o.vfuTimeout, writeBound: o.vfuWriteBound }));
     }
   } catch (e) {
     for (const t of out) t.close();

@@ -8,6 +8,7 @@
 //     module it names, so a new reach or protocol needs no edit to the engine and no switch in the worker.
 // Each protocol lives in src/main/protocol/<p>/ and each reach in its own folder; docs/ARCHITECTURE.md shows how one
 // chunk travels for each combination. This file is types only: it is the contract the reaches are coded against.
+import type { DigestTarget } from '../transport/transport.js';
 import type { DeviceGeometry, DeviceTableEntry } from '../container/format.js';
 
 /**
@@ -176,7 +177,7 @@ export interface MigDevice {
   /** What a destination needs to be made identical (recorded in the container's device table). */
   geometry(): DeviceGeometry;
   /** An emulated device can digest its state for verification; others return null. */
-  digestTarget(): { kind: 'emulated'; id: number; stateSize: number } | null;
+  digestTarget(): DigestTarget | null;
   /** Vendor's own text for the last failure, if the reach can tell (emulated lastError). */
   vendorError?(): string;
   /** Close sessions and handles this object opened (never fds an embedder handed over). */

@@ -5,6 +5,7 @@
 // re-reads the state, and ERROR is left only by reset.
 import { ErrorCode, MigError } from '../../errors.js';
 import { trace } from '../../trace.js';
+import type { DigestTarget } from '../../transport/transport.js';
 import type { DeviceGeometry } from '../../container/format.js';
 import type {
   ConfigTargetDesc, DataPathDesc, DeviceCaps, DirtyLog, MigDevice, MigState, SizeEstimate, StateChange, TargetState,
@@ -42,7 +43,7 @@ export interface V2Ops {
   writeConfig(space: Uint8Array): void;
   configTarget(): ConfigTargetDesc;
   geometry(): DeviceGeometry;
-  digestTarget(): { kind: 'emulated'; id: number; stateSize: number } | null;
+  digestTarget(): DigestTarget | null;
   vendorError?(): string;
   close(): void;
 }

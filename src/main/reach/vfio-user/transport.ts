@@ -38,7 +38,12 @@ export class VfioUserTransport implements DeviceTransport {
     if (g && (!Number.isSafeInteger(g.iova) || !Number.isSafeInteger(g.size) || g.size <= 0 || g.iova % 4096 || g.size % 4096)) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, 'guest range must be 4 KiB aligned and non-empty', { device: name });
     }
-    const client = await VfioUserClient.connect(socketPath, o);
+    return VfioUserTransport.fromClient(await VfioUserClient.connect(socketPath, o), g);
+  }
+
+  /** The v1 transport over a connected client (closes the client if it has no v1 migration region). */
+  static fromClient(client: VfioUserClient, g?: { iova: number; size: number }): VfioUserTransport {
+    const name = client.name;
     const p = PROFILE_DEFS['linux-5.8'];
     const mig = client.findByType(p.regionType, p.regionSubtype);
     if (!mig) {

@@ -1,0 +1,118 @@
+// A v2 device over vfio-user behind the device seam: the seam's V2Ops as messages (DEVICE_FEATURE for MIGRATION and
+// MIG_DEVICE_STATE, GET after every SET since a server may only echo the request), MIG_DATA_READ/WRITE in workers
+// (v2-path.ts). There is no data fd, no PRECOPY_INFO and no MIG_DATA_SIZE over vfio-user: a session is a token, the
+// pre-copy estimate is "unknown" until a read comes back short, and the stop-copy size is unknown (null).
+import { native } from '../../../addon/native.js';
+import type { DeviceGeometry } from '../../container/format.js';
+import type { ConfigTargetDesc, DataPathDesc } from '../../device/seam.js';
+import { ErrorCode, MigError } from '../../errors.js';
+import { opensSession } from '../../protocol/v2/fsm.js';
+import { V2Device, type IovaRange, type V2Ops } from '../../protocol/v2/device.js';
+import { V2_STATE_NAMES } from '../../protocol/v2/uapi.js';
+import type { DigestTarget } from '../../transport/transport.js';
+import { restoreConfig } from '../../transport/config.js';
+import type { VfioUserClient } from './client.js';
+import { CMD, DIGEST_REGION_SUBTYPE, DIGEST_REGION_TYPE, VFIO_PCI_CONFIG_REGION_INDEX } from './protocol.js';
+
+const GET = 1 << 16;
+const SET = 1 << 17;
+const PROBE = 1 << 18;
+/** The estimate while nothing says otherwise: pre-copy reads until the device answers short. */
+const UNKNOWN_PENDING = 2 ** 31;
+
+function feat(flags: number, words: number[] = []): Uint8Array {
+  const b = new Uint8Array(8 + words.length * 4);
+  const dv = new DataView(b.buffer);
+  dv.setUint32(0, Math.max(16, b.length), true);
+  dv.setUint32(4, flags >>> 0, true);
+  words.forEach((w, i) => dv.setUint32(8 + i * 4, w >>> 0, true));
+  return b;
+}
+
+export class VfioUserV2Ops implements V2Ops {
+  readonly reach = 'vfio-user';
+  private token = 0;
+  private readonly short = new SharedArrayBuffer(4);
+  private configHandle = -1;
+  private digestHandle = -1;
+  constructor(readonly client: VfioUserClient) {}
+  get name(): string { return this.client.name; }
+
+  private u32(flags: number, words?: number[], at = 8): number {
+    const r = this.client.askSync(CMD.DEVICE_FEATURE, feat(flags, words), 16, 64);
+    return new DataView(r.reply.buffer, r.reply.byteOffset, r.reply.byteLength).getUint32(at, true);
+  }
+  migrationFlags(): number { return this.u32(GET | 1); }
+  probe(feature: number): boolean {
+    try { this.client.askSync(CMD.DEVICE_FEATURE, feat(PROBE | GET | feature), 8, 64); return true; } catch { return false; }
+  }
+  getState(): number { return this.u32(GET | 2); }
+  setState(state: number): number {
+    const before = this.getState();
+    this.client.askSync(CMD.DEVICE_FEATURE, feat(SET | 2, [state, 0xffffffff]), 8, 64);
+    const after = this.getState();
+    if (after !== state) {
+      throw Object.assign(new Error(`SET MIG_DEVICE_STATE ${V2_STATE_NAMES[state]} answered, but GET reads ${V2_STATE_NAMES[after] ?? after}`), { errno: 5 });
+    }
+    const from = V2_STATE_NAMES[before];
+    const to = V2_STATE_NAMES[after];
+    if (from && to && opensSession(from, to)) {
+      Atomics.store(new Int32Array(this.short), 0, 0);
+      return ++this.token;
+    }
+    return -1;
+  }
+  precopyInfo(): { initialBytes: number; dirtyBytes: number } {
+    return { initialBytes: Atomics.load(new Int32Array(this.short), 0) ? 0 : UNKNOWN_PENDING, dirtyBytes: 0 };
+  }
+  dataSize(): number { throw Object.assign(new Error('no MIG_DATA_SIZE over vfio-user'), { errno: 25 }); }
+  dmaStart(): number { throw Object.assign(new Error('DMA logging is not used over vfio-user'), { errno: 25 }); }
+  dmaStop(): void { /* never started */ }
+  dmaReport(): void { throw Object.assign(new Error('DMA logging is not used over vfio-user'), { errno: 25 }); }
+  reset(): void { this.client.askSync(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
+  closeFd(): void { /* a session token, not a descriptor */ }
+  dataPath(): DataPathDesc {
+    const l = this.client.negotiated.maxDataXfer;
+    return {
+      module: new URL('./v2-path.js', import.meta.url).href, device: this.name,
+      params: { conn: this.client.conn, maxRead: Math.min(l, this.client.opts.maxDataXfer), writeBound: Math.min(this.client.opts.writeBound, l), short: this.short },
+    };
+  }
+  guestRanges(): IovaRange[] { return []; }
+  private config(): number {
+    if (this.configHandle < 0) {
+      const r = this.client.regions[VFIO_PCI_CONFIG_REGION_INDEX];
+      if (!r || r.size < 256) throw new MigError(ErrorCode.BAD_REGION_INFO, `config region of ${r?.size ?? 0} bytes (256 needed)`, { device: this.name });
+      this.configHandle = this.client.openRegion({ ...r, fd: -1 });
+    }
+    return this.configHandle;
+  }
+  readConfig(): Uint8Array {
+    const b = new Uint8Array(256);
+    native().regionCopyOut(this.config(), 0, 256, b, 0);
+    return b;
+  }
+  writeConfig(space: Uint8Array): void { restoreConfig({ kind: 'vfio-user', handle: this.config() }, space); }
+  configTarget(): ConfigTargetDesc { return { kind: 'vfio-user', handle: this.config() }; }
+  geometry(): DeviceGeometry {
+    return { stateSize: 0, maxChunk: 0, dataMode: 'trapped', offsetPolicy: 'fixed', guestPages: 0, regionSize: 4096 };
+  }
+  digestTarget(): DigestTarget | null {
+    if (this.digestHandle < 0) {
+      const r = this.client.findByType(DIGEST_REGION_TYPE, DIGEST_REGION_SUBTYPE);
+      if (!r || r.size !== 32) return null;
+      this.digestHandle = this.client.openRegion({ ...r, fd: -1 });
+    }
+    return { kind: 'region', handle: this.digestHandle };
+  }
+  close(): void {
+    for (const h of [this.configHandle, this.digestHandle]) if (h >= 0) native().regionClose(h);
+    this.configHandle = this.digestHandle = -1;
+    this.client.close();
+  }
+}
+
+/** A v2 device served over vfio-user, behind the seam. */
+export function vfioUserV2(client: VfioUserClient): V2Device {
+  return new V2Device(new VfioUserV2Ops(client));
+}
