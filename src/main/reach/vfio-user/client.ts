@@ -6,7 +6,8 @@ import { native } from '../../../addon/native.js';
 import { ErrorCode, MigError } from '../../errors.js';
 import { parseRegionInfo, REGION_INFO_FLAG_MMAP, REGION_INFO_SIZE, type RegionInfo } from '../../protocol/region-info.js';
 import {
-  CMD, MAX_REGIONS, MAX_REGION_INFO, MAX_VERSION_REPLY, encodeVersion, parseVersionReply, peerError, type Negotiated,
+  CMD, DIGEST_REGION_SUBTYPE, DIGEST_REGION_TYPE, MAX_REGIONS, MAX_REGION_INFO, MAX_VERSION_REPLY, VFIO_PCI_CONFIG_REGION_INDEX,
+  encodeVersion, parseVersionReply, peerError, type Negotiated,
 } from './protocol.js';
 
 export interface VfioUserOptions {
@@ -145,6 +146,19 @@ export class VfioUserClient {
   /** Open a region for access (trapped by REGION_READ/WRITE, sparse areas mapped from its descriptor). */
   openRegion(r: DiscoveredRegion): number {
     return native().regionOpenUser(this.conn, r.index, r.size, r.fd, r.offset, r.fd >= 0 ? r.sparse ?? [] : []);
+  }
+
+  /** Region 7 (PCI config space, 256 bytes) opened for REGION_READ/WRITE. */
+  openConfigRegion(): number {
+    const r = this.regions[VFIO_PCI_CONFIG_REGION_INDEX];
+    if (!r || r.size < 256) throw new MigError(ErrorCode.BAD_REGION_INFO, `config region of ${r?.size ?? 0} bytes (256 needed)`, { device: this.name });
+    return this.openRegion({ ...r, fd: -1 });
+  }
+
+  /** The device server's digest region (sha256 of config space and state), or -1 if the server has none. */
+  openDigestRegion(): number {
+    const r = this.findByType(DIGEST_REGION_TYPE, DIGEST_REGION_SUBTYPE);
+    return r && r.size === 32 ? this.openRegion({ ...r, fd: -1 }) : -1;
   }
 
   get requests(): number { return this.closed ? 0 : native().vfuRequests(this.conn); }

@@ -16,7 +16,7 @@ import type { ConfigTarget } from '../../transport/config.js';
 import { restoreConfig } from '../../transport/config.js';
 import { VfioUserClient, type DiscoveredRegion, type VfioUserOptions } from './client.js';
 import {
-  CMD, DIGEST_REGION_SUBTYPE, DIGEST_REGION_TYPE, DIRTY_GET_BITMAP, DIRTY_START, DIRTY_STOP, VFIO_PCI_CONFIG_REGION_INDEX,
+  CMD, DIRTY_GET_BITMAP, DIRTY_START, DIRTY_STOP,
 } from './protocol.js';
 
 export class VfioUserTransport implements DeviceTransport {
@@ -68,11 +68,7 @@ export class VfioUserTransport implements DeviceTransport {
   }
 
   private config(): number {
-    if (this.configHandle < 0) {
-      const r = this.client.regions[VFIO_PCI_CONFIG_REGION_INDEX];
-      if (!r || r.size < 256) throw new MigError(ErrorCode.BAD_REGION_INFO, `config region of ${r?.size ?? 0} bytes (256 needed)`, { device: this.name });
-      this.configHandle = this.client.openRegion({ ...r, fd: -1 });
-    }
+    if (this.configHandle < 0) this.configHandle = this.client.openConfigRegion();
     return this.configHandle;
   }
 
@@ -122,12 +118,8 @@ export class VfioUserTransport implements DeviceTransport {
   }
 
   digestTarget(): DigestTarget | null {
-    if (this.digestHandle < 0) {
-      const r = this.client.findByType(DIGEST_REGION_TYPE, DIGEST_REGION_SUBTYPE);
-      if (!r || r.size !== 32) return null;
-      this.digestHandle = this.client.openRegion({ ...r, fd: -1 });
-    }
-    return { kind: 'region', handle: this.digestHandle };
+    if (this.digestHandle < 0) this.digestHandle = this.client.openDigestRegion();
+    return this.digestHandle < 0 ? null : { kind: 'region', handle: this.digestHandle };
   }
 
   geometry() {

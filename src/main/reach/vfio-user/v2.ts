@@ -5,14 +5,13 @@
 import { native } from '../../../addon/native.js';
 import type { DeviceGeometry } from '../../container/format.js';
 import type { ConfigTargetDesc, DataPathDesc } from '../../device/seam.js';
-import { ErrorCode, MigError } from '../../errors.js';
 import { opensSession } from '../../protocol/v2/fsm.js';
 import { V2Device, type IovaRange, type V2Ops } from '../../protocol/v2/device.js';
 import { V2_STATE_NAMES } from '../../protocol/v2/uapi.js';
 import type { DigestTarget } from '../../transport/transport.js';
 import { restoreConfig } from '../../transport/config.js';
 import type { VfioUserClient } from './client.js';
-import { CMD, DIGEST_REGION_SUBTYPE, DIGEST_REGION_TYPE, VFIO_PCI_CONFIG_REGION_INDEX } from './protocol.js';
+import { CMD } from './protocol.js';
 
 const GET = 1 << 16;
 const SET = 1 << 17;
@@ -80,11 +79,7 @@ export class VfioUserV2Ops implements V2Ops {
   }
   guestRanges(): IovaRange[] { return []; }
   private config(): number {
-    if (this.configHandle < 0) {
-      const r = this.client.regions[VFIO_PCI_CONFIG_REGION_INDEX];
-      if (!r || r.size < 256) throw new MigError(ErrorCode.BAD_REGION_INFO, `config region of ${r?.size ?? 0} bytes (256 needed)`, { device: this.name });
-      this.configHandle = this.client.openRegion({ ...r, fd: -1 });
-    }
+    if (this.configHandle < 0) this.configHandle = this.client.openConfigRegion();
     return this.configHandle;
   }
   readConfig(): Uint8Array {
@@ -98,12 +93,8 @@ export class VfioUserV2Ops implements V2Ops {
     return { stateSize: 0, maxChunk: 0, dataMode: 'trapped', offsetPolicy: 'fixed', guestPages: 0, regionSize: 4096 };
   }
   digestTarget(): DigestTarget | null {
-    if (this.digestHandle < 0) {
-      const r = this.client.findByType(DIGEST_REGION_TYPE, DIGEST_REGION_SUBTYPE);
-      if (!r || r.size !== 32) return null;
-      this.digestHandle = this.client.openRegion({ ...r, fd: -1 });
-    }
-    return { kind: 'region', handle: this.digestHandle };
+    if (this.digestHandle < 0) this.digestHandle = this.client.openDigestRegion();
+    return this.digestHandle < 0 ? null : { kind: 'region', handle: this.digestHandle };
   }
   close(): void {
     for (const h of [this.configHandle, this.digestHandle]) if (h >= 0) native().regionClose(h);
