@@ -88,7 +88,7 @@ async function cancelWhileStalled(profile: ProfileName) {
   const beat = setInterval(() => { const t = performance.now(); maxGap = Math.max(maxGap, t - last); last = t; }, 5);
   const m = new Migration(devs, pool, new ContainerWriter(FileSink.open(f)), { signal: ac.signal, maxRounds: 100, downtimeLimitMs: 0, dirtyQueryIntervalMs: 5 });
   const rolled: string[] = [];
-  m.on('rollback', (r) => rolled.push(`${r.device}: ${r.outcome}`));
+  m.on('rollback', (r) => rolled.push(`${r.device}: ${r.outcome}: ${r.detail}`));
   let tAbort = 0;
   m.on('phase', (_from, to) => {
     if (to === 'precopy') setTimeout(() => { tAbort = performance.now(); ac.abort(); }, 200); // s0 is inside its first stall
@@ -101,15 +101,17 @@ async function cancelWhileStalled(profile: ProfileName) {
     assert.is(m.devices[0].shared.lock.owner, OWNER_WORKER, 'the stalled vendor call is still in progress');
     assert.is(rep.phase, 'cancelled');
     assert.equal(rep.rollbackPending, ['s0']);
-    assert.match(rep.rollback![0], /^s0: deferred: a worker is inside a vendor call/);
-    assert.match(rep.rollback![1], /^s1: (PRE_COPY -> RUNNING|was RUNNING)/);
+    assert.is(rep.rollback![0].outcome, 'deferred');
+    assert.match(rep.rollback![0].detail, /^deferred: a worker is inside a vendor call/);
+    assert.match(`${rep.rollback![1].device}: ${rep.rollback![1].detail}`, /^s1: (PRE_COPY -> RUNNING|was RUNNING)/);
     assert.is(devs[1].device.info().deviceState & 7, 1, 's1 RUNNING at once');
     assert.equal(rolled, [], 'no deferred rollback has run yet');
     assert.ok(tSettled - tAbort < STALL_US / 1000 / 2, `settled ${(tSettled - tAbort).toFixed(0)} ms after the abort, stall is ${STALL_US / 1000} ms`);
     // When the vendor returns, s0 goes back to RUNNING and the outcome says so.
     const finals = await m.settled;
-    assert.match(finals[0], /^s0: PRE_COPY -> RUNNING \(after the vendor call returned\)$/);
-    assert.equal(rolled, ['s0: PRE_COPY -> RUNNING (after the vendor call returned)']);
+    assert.is(finals[0].outcome, 'resumed');
+    assert.match(finals[0].detail, /^PRE_COPY -> RUNNING \(after the vendor call returned\)$/);
+    assert.equal(rolled, ['s0: resumed: PRE_COPY -> RUNNING (after the vendor call returned)']);
     assert.is(devs[0].device.info().deviceState & 7, 1, 's0 RUNNING after its vendor call returned');
     assert.is(m.devices[0].shared.lock.held, false);
     assert.ok(maxGap < STALL_US / 1000 / 3, `the event loop stalled ${maxGap.toFixed(0)} ms (${profile})`);
@@ -197,7 +199,8 @@ test('saveDevices waits for a deferred rollback: every device RUNNING when it re
     }), ErrorCode.CANCELLED);
     const rep = (e as unknown as { report: MigrationReport }).report;
     assert.is(rep.rollbackPending, undefined);
-    assert.match(rep.rollback![0], /^w0: PRE_COPY -> RUNNING \(after the vendor call returned\)$/);
+    assert.is(rep.rollback![0].outcome, 'resumed');
+    assert.match(`${rep.rollback![0].device}: ${rep.rollback![0].detail}`, /^w0: PRE_COPY -> RUNNING \(after the vendor call returned\)$/);
     for (const d of devs) assert.is(d.device.info().deviceState & 7, 1, `${d.name} RUNNING when saveDevices rejects`);
   } finally {
     for (const d of devs) d.destroy();

@@ -34,6 +34,8 @@ export const ErrorCode = {
   PEER_PROTOCOL: 'VFM_PEER_PROTOCOL',          // a vfio-user peer broke the protocol (wrong msg_id/cmd, bad sizes, stray fds)
   PEER_ERROR: 'VFM_PEER_ERROR',                // a vfio-user server answered a request with an error reply
   PEER_NO_MIGRATION: 'VFM_PEER_NO_MIGRATION',  // a vfio-user server offers no migration
+  DEVICE_BUSY: 'VFM_DEVICE_BUSY',              // the device belongs to another active migration or load
+  ROLLBACK_FAILED: 'VFM_ROLLBACK_FAILED',      // a source device is not RUNNING after rollback (reset and retry failed): report.rollback[i].error
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

@@ -39,7 +39,7 @@ bool parseFault(const std::string& s, Fault* out) {
       {"huge-data-offset", Fault::kHugeDataOffset}, {"bad-data-size", Fault::kBadDataSize}, {"stuck", Fault::kStuck},
       {"eio-on-chunk", Fault::kEioOnChunk}, {"bad-copied-pfns", Fault::kBadCopiedPfns},
       {"slow-chunk", Fault::kSlowChunk}, {"over-estimate", Fault::kOverEstimate},
-      {"upper-bound-pending", Fault::kUpperBoundPending}};
+      {"upper-bound-pending", Fault::kUpperBoundPending}, {"wedged", Fault::kWedged}};
   for (const auto& n : kNames)
     if (s == n.first) return *out = n.second, true;
   return false;
@@ -256,6 +256,7 @@ static bool arcAllowed(uint32_t from, uint32_t to) {
 }
 
 int Device::writeState(uint32_t v) {
+  if (wedged_) return fail(EIO, "injected fault: device wedged");
   if (res_.waiting) return fail(EIO, "data_size written but the data never followed");
   if ((v & ~kStateMask) != (reg_ & ~kStateMask))
     return fail(EINVAL, fmt("device_state: reserved bits 3..31 changed (0x%x -> 0x%x)", reg_, v));
@@ -299,6 +300,7 @@ void Device::startSave() {
 
 void Device::reset() {
   std::lock_guard<std::mutex> lk(mu_);
+  if (wedged_) throw NativeError(EIO, "injected fault: device wedged, VFIO_DEVICE_RESET failed");
   save_ = SaveSession();
   res_ = ResumeSession();
   bitmapPending_ = false;
@@ -372,6 +374,8 @@ uint64_t Device::readDataSize() {
 
 int Device::stage() {
   uint64_t idx = save_.k;
+  if (fault_ == Fault::kWedged && idx >= faultArg_) wedged_ = true;
+  if (wedged_) return fail(EIO, "injected fault: device wedged");
   if (fault_ == Fault::kEioOnChunk && idx == faultArg_)
     return fail(EIO, fmt("injected fault: staging chunk %llu failed", static_cast<unsigned long long>(idx)));
   if (fault_ == Fault::kSlowChunk) std::this_thread::sleep_for(std::chrono::microseconds(faultArg_));
@@ -671,6 +675,7 @@ void Device::setFault(Fault f, uint64_t arg) {
   fault_ = f;
   faultArg_ = arg;
   save_.frozen = false;
+  wedged_ = false;
 }
 
 void Device::readState(uint64_t off, uint8_t* dst, size_t len) {

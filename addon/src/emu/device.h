@@ -16,7 +16,7 @@ enum DataMode : uint32_t { kModeMmap = 0, kModeTrapped = 1, kModeMixed = 2 };
 enum OffsetPolicy : uint32_t { kFixed = 0, kMoving = 1 };
 enum class Fault {
   kNone, kFailTransition, kErrorOnTransition, kBadDataOffset, kHugeDataOffset, kBadDataSize, kStuck, kEioOnChunk,
-  kBadCopiedPfns, kSlowChunk, kOverEstimate, kUpperBoundPending
+  kBadCopiedPfns, kSlowChunk, kOverEstimate, kUpperBoundPending, kWedged
 };
 bool parseFault(const std::string& s, Fault* out);
 
@@ -140,6 +140,7 @@ class Device {
   uint64_t fillChunk(uint8_t* out, uint64_t cap);
   uint64_t estimate() const;
   bool stuckActive() const { return fault_ == Fault::kStuck && save_.k >= faultArg_; }
+  bool wedged_ = false;  // `wedged` fault fired: state writes, staging and reset fail EIO
   uint64_t slotOffset(uint64_t k) const;
   uint64_t trappedBytes(uint64_t lo, uint64_t hi) const;
   template <typename F> void forEachTrapped(uint64_t lo, uint64_t hi, F fn) const;

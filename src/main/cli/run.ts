@@ -5,6 +5,7 @@ import { runEmulated, saveDevices, loadStream } from '../api.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import type { MigrationReport } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
+import { RollbackOutcome, type RollbackResult } from '../engine/source-device.js';
 import type { LoadReport } from '../engine/load.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { EngineDevice } from '../engine/source-device.js';
@@ -234,10 +235,8 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
 
 /** "2 of 2 source device(s) RUNNING again, " from a failed save's rollback (empty when the save was not reached). */
 function rollbackText(e: unknown): string {
-  const rb = (e as { report?: { rollback?: string[] } }).report?.rollback;
+  const rb = (e as { report?: { rollback?: RollbackResult[] } }).report?.rollback;
   if (!Array.isArray(rb)) return '';
-  // Outcomes are strings today ("emu0: PRE_COPY -> RUNNING"); a typed outcome is read through its JSON.
-  const text = (x: unknown) => (typeof x === 'string' ? x : JSON.stringify(x));
-  const ok = rb.filter((x) => /RUNNING/.test(text(x)) && !/fail|deferred|pending/i.test(text(x))).length;
+  const ok = rb.filter((x) => x.outcome !== RollbackOutcome.FAILED && x.outcome !== RollbackOutcome.DEFERRED).length;
   return `${ok} of ${rb.length} source device(s) RUNNING again, `;
 }

@@ -29,6 +29,7 @@ import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
+import { DeviceClaims } from './claims.js';
 
 export interface LoadOptions {
   /** Called once every destination is RESUMING, before the first CHUNK is read (a receiver accepts the source here). */
@@ -39,7 +40,12 @@ export interface LoadOptions {
   makeDestination?: (e: DeviceTableEntry) => DeviceTransport | MigDevice;
   /** Compare each destination's digest with the source digest in the END record. */
   verify?: boolean;
-  /** Leave destinations RESUMING -> RUNNING (true, default) or stop after loading (false: RESUMING -> STOP). */
+  /**
+   * Each destination leaves RESUMING for STOP (the vendor validates the state it got), is verified there (its digest
+   * against the END record, where it has one), and only then starts: true (default) STOP -> RUNNING; false: it stays
+   * STOP, loaded, validated and verified but not running, for an embedder that starts devices itself when it resumes
+   * the guest (`Loader.start()`).
+   */
   start?: boolean;
   /** Refuse a device table whose devices' state adds up to more (default: this machine's memory). */
   maxStateBytes?: number;
@@ -184,6 +190,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
   /** Staging the load allocated (read slots and batch scratch), sized by the records it met. */
   get stagingBytes(): number { return this.slotPools.reduce((a, p) => a + p.allocatedBytes, 0); }
   private phase: LoadStatus['status'] = 'none';
+  private readonly claims = new DeviceClaims('load');
   private t0 = 0;
   private tEnd = 0;
   private reader?: RecordSource;
@@ -279,6 +286,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       signal?.removeEventListener('abort', onAbort);
       reader.close();
       release();
+      this.claims.release();
     }
     this.tEnd = performance.now();
     this.phase = !failure ? 'completed' : failure.name === 'AbortError' ? 'cancelled' : 'failed';
@@ -326,6 +334,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
     }
     for (const entry of table.devices) {
       const made = entry.profile === 'v2' && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry);
+      // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
+      this.claims.claimOne(made as DeviceTransport);
       const dev = seamDevice(made);
       if (dev) {
         await this.setupSeam(entry, dev);
@@ -498,7 +508,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
     return { bytes, size: Number(size), trailer: rest === 8 };
   }
 
-  /** Every stream complete: RESUMING -> RUNNING (the vendor validates), then verify digests. */
+  /**
+   * Every stream complete: leave RESUMING for STOP (the vendor validates what it was given), verify each destination
+   * while it is stopped, and only then start it (unless the embedder starts devices itself). No destination runs
+   * unverified. Without verification, RESUMING -> RUNNING directly, as QEMU does.
+   */
   private async finish(end: EndRecord): Promise<void> {
     if (this.o.signal?.aborted) throw abortError(this.o.signal, 'load cancelled before the destinations were started');
     if (this.o.verify !== false) {
@@ -547,6 +561,24 @@ export class Loader extends EventEmitter<LoaderEvents> {
       d.shared.lock.unlock();
     }
     this.setDestState(d, d.dev ? d.dev.state() : d.region.state());
+  }
+
+  /**
+   * Start destinations loaded with `start: false` (they wait in STOP, validated and verified), as a VMM does when it
+   * resumes the guest: P2P-capable ones pass RUNNING_P2P first, then each goes RUNNING. Only after a successful load;
+   * every device is attempted, the first failure is thrown.
+   */
+  async start(): Promise<void> {
+    if (this.phase !== 'completed') {
+      throw new MigError(ErrorCode.BAD_STATE, `cannot start destinations of a load that is ${this.phase}: only a completed, verified load starts`);
+    }
+    let first: MigError | undefined;
+    const attempt = async (d: Dest, to: 'RUNNING' | 'RUNNING_P2P') => {
+      try { await this.destSet(d, to, (m) => `destination refused to start: ${m}`); } catch (e) { first ??= e as MigError; }
+    };
+    for (const d of this.dests) if (d.dev?.caps.p2p) await attempt(d, 'RUNNING_P2P');
+    for (const d of this.dests) await attempt(d, 'RUNNING');
+    if (first) throw first;
   }
 
   /**

@@ -13,14 +13,15 @@ import { testHooks } from './test-hooks.js';
 import { Estimate, addDirtyTracking, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
-import { DEFAULT_STAGING_CHUNK, SourceDevice, seamDevice, type DeviceStats, type EngineDevice, type VendorAnomaly } from './source-device.js';
+import { DEFAULT_STAGING_CHUNK, RollbackOutcome, SourceDevice, seamDevice, type DeviceStats, type EngineDevice, type RollbackResult, type VendorAnomaly } from './source-device.js';
+import { DeviceClaims } from './claims.js';
 import type { VendorMode } from '../../workers/tasks.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
 
 /** Allowed phase arcs: [from] -> to[]. */
 export const PHASE_ARCS: Record<MigrationPhase, MigrationPhase[]> = {
-  idle: ['setup'],
+  idle: ['setup', 'failed'],
   setup: ['precopy', 'failed', 'cancelled'],
   precopy: ['stopcopy', 'failed', 'cancelled'],
   stopcopy: ['complete', 'failed', 'cancelled'],
@@ -91,8 +92,8 @@ export interface MigrationReport {
   /** Vendor behaviour tolerated in compatible mode (or retried in strict mode), one entry per device and kind. */
   anomalies: VendorAnomaly[];
   error?: Record<string, unknown>;
-  /** Per device after a failure or cancel: what rollback did ("deferred: ..." while a vendor call is in progress). */
-  rollback?: string[];
+  /** Per source device after a failure or cancel: how rollback ended (`deferred` while a vendor call is in progress). */
+  rollback?: RollbackResult[];
   /** Devices whose rollback waits for a vendor call to return; `Migration.settled` resolves when they are done. */
   rollbackPending?: string[];
 }
@@ -126,7 +127,7 @@ export interface MigrationEvents {
   /** A vendor anomaly (see MigrationOptions.vendorMode). */
   vendor: [VendorAnomaly];
   /** A rollback that waited for a vendor call (report.rollbackPending) is done: the device's final outcome. */
-  rollback: [{ device: string; index: number; outcome: string }];
+  rollback: [RollbackResult & { index: number }];
 }
 
 /** Like QEMU's query-migrate, for one migration; every time in ms, every size in bytes. */
@@ -156,6 +157,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
+  private readonly claims = new DeviceClaims('migration');
   private eld: IntervalHistogram = monitorEventLoopDelay({ resolution: 1 });
   private times = { start: 0, precopy: 0, stopcopy: 0, end: 0 };
   private bandwidth = 0; // bytes/ms, last round
@@ -165,14 +167,14 @@ export class Migration extends EventEmitter<MigrationEvents> {
   private readonly lastSample: { bytes: number; at: number }[];
   /** Aborted on cancel or failure: main-thread waits for a region lock end (a stalled vendor call may hold it). */
   private readonly stopWaits = new AbortController();
-  private settledP: Promise<string[]> = Promise.resolve([]);
+  private settledP: Promise<RollbackResult[]> = Promise.resolve([]);
 
   /**
    * Resolves when nothing of this migration runs any more: after a cancel or failure, once every worker has left
    * its vendor call, every deferred rollback is done and the stream is closed. Its value: each device's final
    * rollback outcome (empty after a success). run() itself settles without waiting for a stalled vendor.
    */
-  get settled(): Promise<string[]> { return this.settledP; }
+  get settled(): Promise<RollbackResult[]> { return this.settledP; }
 
   constructor(transports: EngineDevice[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
@@ -304,12 +306,26 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const release = keepAlive();
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let dirtyLoop: Promise<void> | undefined;
+    let dirtyError: unknown;
+    let deferClaims = false;
     let stopDirty = false;
     const every = this.o.progressIntervalMs;
     const sampler = every > 0 ? setInterval(() => {
       for (const d of this.devices) if (d.phase === 'precopy' || d.phase === 'stopcopy') this.progress(d, true);
     }, every) : undefined;
     sampler?.unref();
+    try {
+      // All devices or none, before any is touched: a refused migration never rolls back devices it did not take.
+      this.claims.claim(this.devices.map((d) => d.transport));
+    } catch (e) {
+      clearInterval(sampler);
+      release();
+      this.eld.disable();
+      this.o.signal?.removeEventListener('abort', onAbort);
+      try { await this.writer.sink.close(); } catch { /* nothing was written */ }
+      this.to('failed');
+      throw e;
+    }
     try {
       this.checkCancel();
       this.to('setup');
@@ -324,6 +340,9 @@ export class Migration extends EventEmitter<MigrationEvents> {
             if (!stopDirty) await this.dirty.queryAll(this.stopWaits.signal);
           }
         })();
+        // A failed query fails the migration now (not an unhandled rejection): the devices stop, and the query's
+        // error is the one reported.
+        dirtyLoop.catch((qe) => { dirtyError = qe; for (const d of this.devices) d.abort(); });
       }
       await this.precopy();
       stopDirty = true;
@@ -358,7 +377,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
       return this.report(true, t0, stopCopyMs);
     } catch (e) {
       stopDirty = true;
-      let err = toMigError(e);
+      const first = dirtyError !== undefined && (e as MigError)?.code === ErrorCode.CANCELLED ? dirtyError : e;
+      let err = toMigError(first);
       const cancelled = this.cancelled || err.code === ErrorCode.CANCELLED;
       // Cancelled by the caller's signal (not by another device's failure): an AbortError carrying the reason.
       if (this.o.signal?.aborted && err.code === ErrorCode.CANCELLED && err.name !== 'AbortError') {
@@ -370,8 +390,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.stopWaits.abort();
       await dirtyLoop?.catch(() => undefined);
       // Every device at once: one whose worker is stuck in a vendor call is deferred, not waited for.
-      const outcomes = await Promise.all(this.devices.map((d) => d.rollback()));
-      const rollback = this.devices.map((d, i) => `${d.name}: ${outcomes[i]}`);
+      const rollback: RollbackResult[] = await Promise.all(this.devices.map((d) => d.rollback()));
       const pending = this.devices.filter((d) => d.deferredRollback);
       this.dirty.stop();
       try {
@@ -380,13 +399,14 @@ export class Migration extends EventEmitter<MigrationEvents> {
       // The stream closes once no worker can write to it any more (a stalled one stops right after its vendor call).
       const closed = Promise.all(this.devices.map((d) => d.stopped)).then(() => this.writer.sink.close()).catch(() => undefined);
       if (pending.length) {
+        deferClaims = true; // a deferred rollback still touches its device: the claims last until settled
         const keep = keepAlive();
         this.settledP = Promise.all([closed, ...this.devices.map(async (d, i) => {
           if (!d.deferredRollback) return rollback[i];
-          const outcome = await d.deferredRollback;
-          this.emit('rollback', { device: d.name, index: d.index, outcome });
-          return `${d.name}: ${outcome}`;
-        })]).then(([, ...lines]) => lines as string[]).finally(keep);
+          const r = await d.deferredRollback;
+          this.emit('rollback', { ...r, index: d.index });
+          return r;
+        })]).then(([, ...rs]) => rs as RollbackResult[]).finally(() => { this.claims.release(); keep(); });
       } else {
         await closed;
         this.settledP = Promise.resolve(rollback);
@@ -396,9 +416,18 @@ export class Migration extends EventEmitter<MigrationEvents> {
       rep.error = err.toJSON();
       rep.rollback = rollback;
       if (pending.length) rep.rollbackPending = pending.map((d) => d.name);
+      // A source left not RUNNING is the embedder's most urgent problem: the error says so (its code stays the first
+      // failure's, which caused it); report.rollback has each device's typed outcome and VFM_ROLLBACK_FAILED error.
+      const stuck = rollback.filter((r) => r.outcome === RollbackOutcome.FAILED);
+      if (stuck.length) {
+        const first = err;
+        err = Object.assign(new MigError(first.code, `${first.message}; NOT RUNNING after rollback: ${stuck.map((r) => r.error?.message).join('; ')}`,
+          { cause: first }), { name: first.name, device: first.device, offset: first.offset, register: first.register, value: first.value, errno: first.errno });
+      }
       Object.assign(err, { report: rep });
       throw err;
     } finally {
+      if (!deferClaims) this.claims.release();
       clearInterval(sampler);
       release();
       this.eld.disable();
@@ -420,7 +449,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
         for (const x of this.devices) x.abort();
       }
       throw e;
-    })));
+    }).finally(() => trace('vfio_device_op_settled', { device: d.name, phase: d.phase }))));
     if (first !== undefined) throw first;
     return rs.map((r) => (r as PromiseFulfilledResult<T>).value);
   }

@@ -59,6 +59,31 @@ export interface VendorAnomaly {
   message: string;
 }
 
+/** How a source device's rollback ended (issue 7 §4.2). */
+export const RollbackOutcome = {
+  /** setup never opened the region: the device was not touched. */
+  NOT_OPENED: 'not-opened',
+  WAS_RUNNING: 'was-running',
+  /** Its state was set back to RUNNING. */
+  RESUMED: 'resumed',
+  /** Writing RUNNING failed or the device was in ERROR: reset, then RUNNING. */
+  RESET: 'reset',
+  /** Still not RUNNING after reset and retry: `error` (VFM_ROLLBACK_FAILED) says why. */
+  FAILED: 'failed',
+  /** A worker is inside a vendor call: rollback runs when it returns (Migration.settled, the `rollback` event). */
+  DEFERRED: 'deferred',
+} as const;
+export type RollbackOutcome = (typeof RollbackOutcome)[keyof typeof RollbackOutcome];
+
+export interface RollbackResult {
+  device: string;
+  outcome: RollbackOutcome;
+  /** The state rollback found (ERROR included), when it could read one. */
+  from?: string;
+  detail: string;
+  error?: MigError;
+}
+
 export interface SourceDeviceOptions {
   /** Worker lanes this device may use at once (when the sink takes positioned writes). */
   lanes?: number;
@@ -93,7 +118,7 @@ export class SourceDevice {
   /** Resolves once no worker of this device runs (a phase cut short by abort may leave one in a vendor call). */
   get stopped(): Promise<void> { return this.inflight; }
   /** Set when rollback had to wait for a worker stuck inside a vendor call: its final outcome. */
-  deferredRollback?: Promise<string>;
+  deferredRollback?: Promise<RollbackResult>;
 
   /** The device behind the seam (v2...), or null for a v1 transport (then `transport` is set). */
   readonly dev: MigDevice | null;
@@ -267,12 +292,14 @@ export class SourceDevice {
   }
 
   /**
-   * After a failure or cancel: back to RUNNING, resetting a device that reports ERROR. Never throws. A worker of the
-   * cut-short phase gets `graceMs` to stop (it stops at its next chunk); one still inside a vendor call then cannot be
-   * waited for: the rollback is deferred until the call returns (`deferredRollback` holds its outcome) and this
-   * returns at once saying so.
+   * After a failure or cancel: back to RUNNING. When writing RUNNING fails, or the device is (or lands) in ERROR, the
+   * device is reset (VFIO_DEVICE_RESET; QEMU's v1 hw_error()s here) and RUNNING is retried. Never throws: a device
+   * still not RUNNING comes back as outcome `failed` with a VFM_ROLLBACK_FAILED error. A worker of the cut-short
+   * phase gets `graceMs` to stop (it stops at its next chunk); one still inside a vendor call then cannot be waited
+   * for: the rollback is deferred until the call returns (`deferredRollback` holds its result) and this returns at
+   * once with outcome `deferred`.
    */
-  async rollback(graceMs = 100): Promise<string> {
+  async rollback(graceMs = 100): Promise<RollbackResult> {
     this.abort();
     const lock = this.shared.lock;
     while (!this.inflightDone) {
@@ -287,65 +314,70 @@ export class SourceDevice {
       if (stopped) break;
       if (owner === OWNER_WORKER && lock.owner === OWNER_WORKER && lock.holds === holds) {
         trace('vfio_rollback_deferred', { device: this.name });
-        this.deferredRollback = this.inflight.then(() => this.rollbackNow()).then((o) => `${o} (after the vendor call returned)`);
-        return 'deferred: a worker is inside a vendor call; the device returns to RUNNING when the call returns';
+        this.deferredRollback = this.inflight.then(() => this.rollbackNow()).then((r) => ({ ...r, detail: `${r.detail} (after the vendor call returned)` }));
+        return {
+          device: this.name, outcome: RollbackOutcome.DEFERRED,
+          detail: 'deferred: a worker is inside a vendor call; the device returns to RUNNING when the call returns',
+        };
       }
     }
     return this.rollbackNow();
   }
 
-  private async rollbackNow(): Promise<string> {
+  private async rollbackNow(): Promise<RollbackResult> {
     if (this.shared.lock.owner === OWNER_WORKER && !this.taskActive) this.shared.lock.forceRelease();
-    let outcome: string;
-    if (this.dev) {
-      const dev = this.dev;
-      outcome = await this.withLock(() => {
-        try {
-          const st = dev.state();
-          if (st === 'RUNNING') return 'was RUNNING';
-          if (st !== 'ERROR') {
-            this.devSet('RUNNING');
-            return `${st} -> RUNNING`;
-          }
-        } catch (e) {
-          trace('vfio_rollback_set_failed', { device: this.name, error: (e as Error).message });
-        }
-        // ERROR, or RUNNING refused: VFIO_DEVICE_RESET (QEMU's recovery), which always lands in RUNNING.
-        try {
-          dev.reset();
-          this.opts.onState?.('RUNNING');
-          return 'reset to RUNNING';
-        } catch (e) {
-          return `rollback failed: ${(e as Error).message}`;
-        }
-      });
-      this.setPhase('rolled-back');
-      return outcome;
+    let r: RollbackResult;
+    if (!this.region && !this.dev) r = { device: this.name, outcome: RollbackOutcome.NOT_OPENED, detail: 'the region was never opened: nothing changed' };
+    else {
+      try {
+        r = await this.withLock(() => this.backToRunning());
+      } catch (e) {
+        const err = new MigError(ErrorCode.ROLLBACK_FAILED, `not RUNNING after rollback (reset and retry failed): ${(e as Error).message}`,
+          { device: this.name, cause: e });
+        r = { device: this.name, outcome: RollbackOutcome.FAILED, detail: err.message, error: err };
+      }
     }
-    try {
-      if (!this.region) return 'not opened';
-      outcome = await this.withLock(() => {
-        let s: string;
-        try {
-          s = this.region.state();
-        } catch (e) {
-          if ((e as MigError).code !== ErrorCode.DEVICE_ERROR_STATE) throw e;
-          this.transport.reset();
-          trace('vfio_device_reset', { device: this.name });
-          s = this.region.state();
-          if (s !== 'RUNNING') this.region.setState('RUNNING');
-          this.opts.onState?.('RUNNING');
-          return 'reset from ERROR to RUNNING';
-        }
-        if (s === 'RUNNING') return 'was RUNNING';
-        this.setState('RUNNING');
-        return `${s} -> RUNNING`;
-      });
-    } catch (e) {
-      outcome = `rollback failed: ${(e as Error).message}`;
-    }
+    trace('vfio_device_rollback', { device: this.name, outcome: r.outcome, from: r.from });
     this.setPhase('rolled-back');
-    return outcome;
+    return r;
+  }
+
+  /** Under the lock. Throws if the device cannot be brought back to RUNNING. Seam (v2) devices and v1 regions alike. */
+  private backToRunning(): RollbackResult {
+    const dev = this.dev;
+    const read = (): string => {
+      if (dev) return dev.state();
+      try {
+        return this.region.state();
+      } catch (e) {
+        if ((e as MigError).code !== ErrorCode.DEVICE_ERROR_STATE) throw e;
+        return 'ERROR';
+      }
+    };
+    const running = () => { if (dev) this.devSet('RUNNING'); else this.setState('RUNNING'); };
+    const from = read();
+    if (from === 'RUNNING') return { device: this.name, outcome: RollbackOutcome.WAS_RUNNING, from, detail: 'was RUNNING' };
+    let first: MigError | undefined;
+    if (from !== 'ERROR') {
+      try {
+        running();
+        return { device: this.name, outcome: RollbackOutcome.RESUMED, from, detail: `${from} -> RUNNING` };
+      } catch (e) {
+        first = e as MigError;
+        trace('vfio_rollback_set_failed', { device: this.name, error: first.message });
+      }
+    }
+    // ERROR, or RUNNING refused: VFIO_DEVICE_RESET (QEMU's v1 hw_error()s here), then RUNNING again if need be.
+    if (dev) dev.reset(); else this.transport.reset();
+    trace('vfio_device_reset', { device: this.name, from, after: first?.code });
+    if (read() !== 'RUNNING') running();
+    const now = read();
+    if (now !== 'RUNNING') throw new MigError(ErrorCode.BAD_STATE, `device is ${now} after reset`, { device: this.name });
+    this.opts.onState?.('RUNNING');
+    return {
+      device: this.name, outcome: RollbackOutcome.RESET, from,
+      detail: first ? `writing RUNNING failed (${first.code ?? 'error'}): reset, then RUNNING` : 'in ERROR: reset, then RUNNING',
+    };
   }
 
   private slotSize(): number {

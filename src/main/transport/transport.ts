@@ -34,5 +34,7 @@ export interface DeviceTransport {
   /** Digest of the device's state, if the transport can produce one (the emulated device and the device server can). */
   digestTarget(): DigestTarget | null;
   geometry(): DeviceGeometry;
+  /** Identity of the device behind this transport (two transports of one device share it): one owner at a time. */
+  claimKey?(): string;
   close(): void;
 }

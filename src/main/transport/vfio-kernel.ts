@@ -32,7 +32,7 @@ export class VfioKernelTransport implements DeviceTransport {
    * Standalone: `groupPath` like /dev/vfio/42 (opened here, with a new container), `name` the PCI address like
    * 0000:65:00.1. Embedded: the VMM's `{ device, container }` fds; nothing is opened and close() leaves them open.
    */
-  constructor(groupPath: string | { device: number; container?: number }, readonly name: string, private readonly opts: VfioKernelOptions = {}) {
+  constructor(private readonly groupPath: string | { device: number; container?: number }, readonly name: string, private readonly opts: VfioKernelOptions = {}) {
     const n = native();
     const g = opts.guest;
     if (g && (!Number.isSafeInteger(g.iova) || !Number.isSafeInteger(g.size) || g.size <= 0 || g.iova % 4096 || g.size % 4096)) {
@@ -68,6 +68,11 @@ export class VfioKernelTransport implements DeviceTransport {
     }
     this.mig = found;
     this.profile = merged ? PROFILE_DEFS['linux-5.8'] : PROFILE_DEFS['draft-2019'];
+  }
+
+  /** Standalone: the group and device name; embedded: the device fd the VMM handed over. */
+  claimKey(): string {
+    return typeof this.groupPath === 'string' ? `vfio:${this.groupPath}:${this.name}` : `vfio-fd:${this.groupPath.device}`;
   }
 
   openRegion(): MigrationRegion {
