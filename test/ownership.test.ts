@@ -9,7 +9,9 @@ import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import { onTrace } from '../src/main/trace.js';
 import type { Loader } from '../src/main/engine/load.js';
-import type { MigrationReport } from '../src/main/engine/migration.js';
+import { Migration, type MigrationReport } from '../src/main/engine/migration.js';
+import { ContainerWriter } from '../src/main/container/writer.js';
+import type { Sink } from '../src/main/container/sink.js';
 import { RollbackOutcome } from '../src/main/engine/source-device.js';
 import { readRecords, writeRecords } from './craft.js';
 import { rejectsCode, rm, tmpFile } from './helpers.js';
@@ -134,30 +136,47 @@ test('rollback: a device still not RUNNING after reset and retry is a typed erro
 });
 
 test('rollback waits for every device\'s phase to settle before touching any device (deterministic)', async () => {
-  const f = tmpFile('wait');
-  // Cancelled 200 ms into stop-and-copy: wt0 (30 ms chunks) settles at once, wt1 is inside a 1 s chunk and settles
-  // when it ends. Rollback must not begin before that, whatever the timing of the first device.
-  const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `wt${i}`, ...small }));
-  devs[0].device.setFault('slow-chunk', 30_000);
-  devs[1].device.setFault('slow-chunk', 1_000_000);
-  const ac = new AbortController();
+  // wt1 finishes its stop-and-copy data and is held inside the write of its closing [END] (a sink the test gates);
+  // then wt0 fails. Rollback must not begin until wt1's phase has settled, which it can only do once the test opens
+  // the gate, 200 ms after wt0's phase settled: whatever the timing, every rollback trace must come after that.
+  const devs = [EmulatedTransport.create({ name: 'wt0', ...small, stateSize: 16 << 20 }), EmulatedTransport.create({ name: 'wt1', ...small })];
+  let open!: () => void;
+  const gate = new Promise<void>((r) => { open = r; });
+  let held = false;
+  const sink: Sink = {
+    bytes: 0,
+    async write(b: Uint8Array) {
+      const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+      // wt1's stop-and-copy [END]: a CHUNK record (type 2) of device 1 whose body is 8 bytes.
+      if (b.length === 40 && dv.getUint32(0, true) === 2 && dv.getUint32(8, true) === 1 && dv.getUint32(4, true) === 8 && !held) {
+        held = true;
+        const at = devs[0].device.info().chunksStaged;
+        devs[0].device.setFault('eio-on-chunk', at + 1); // wt0 is still draining 16 MiB: it fails at its next chunk
+        await gate;
+      }
+      (this as { bytes: number }).bytes += b.length;
+    },
+    async close() { /* nothing kept */ },
+  };
   const seen: string[] = [];
   const off = onTrace((ev, f) => {
-    if (ev === 'vfio_device_op_settled' || ev === 'vfio_device_rollback') seen.push(`${ev}:${String(f.device)}`);
+    if (ev === 'vfio_device_rollback' || (ev === 'vfio_device_op_settled' && f.phase === 'stopcopy')) seen.push(`${ev}:${String(f.device)}`);
+    if (ev === 'vfio_device_op_settled' && f.device === 'wt0' && f.phase === 'stopcopy' && held) setTimeout(() => { seen.push('gate'); open(); }, 200);
   });
   try {
-    await rejectsCode(saveDevices(devs, f, pool, { maxRounds: 0, signal: ac.signal }, (m) => m.on('phase', (_f, to) => {
-      if (to === 'stopcopy') setTimeout(() => ac.abort(), 200);
-    })), ErrorCode.CANCELLED);
+    const m = new Migration(devs, pool, new ContainerWriter(sink), { maxRounds: 0 });
+    await rejectsCode(m.run(), ErrorCode.NATIVE);
+    assert.ok(held, 'wt1 reached its [END] write while wt0 was still draining');
     const firstRollback = seen.findIndex((x) => x.startsWith('vfio_device_rollback'));
-    const settled = seen.lastIndexOf('vfio_device_op_settled:wt1');
-    assert.ok(firstRollback >= 0 && settled >= 0, seen.join(' '));
-    assert.ok(settled < firstRollback, `rollback began before wt1's stop-and-copy settled: ${seen.join(' ')}`);
+    const settled = seen.indexOf('vfio_device_op_settled:wt1');
+    const gateAt = seen.indexOf('gate');
+    assert.ok(firstRollback >= 0, seen.join(' '));
+    assert.ok(gateAt >= 0 && gateAt < settled && settled < firstRollback, `rollback began before wt1's stop-and-copy settled: ${seen.join(' ')}`);
     for (const d of devs) assert.ok(running(d));
   } finally {
     off();
+    open();
     for (const d of devs) d.destroy();
-    rm(f);
   }
 });
 
