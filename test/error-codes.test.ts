@@ -144,6 +144,17 @@ const SCENARIOS: Record<ErrorCode, () => Promise<MigError>> = {
   [ErrorCode.PEER_PROTOCOL]: () => connectError('version-huge'),
   [ErrorCode.PEER_ERROR]: () => connectError('version-error'),
   [ErrorCode.PEER_NO_MIGRATION]: () => connectError('no-migration'),
+  // The same device in two migrations at once (a second transport of one emulated device).
+  [ErrorCode.DEVICE_BUSY]: () => caught(async () => {
+    const ds = devices({}, 1);
+    try { await saveDevices([ds[0], new EmulatedTransport(ds[0].device)], f(`b${n++}.vfmig`), pool, { maxRounds: 0 }); } finally { ds[0].destroy(); }
+  }),
+  // A device wedged mid-save (reset fails too) stays stopped: its rollback result carries the typed error.
+  [ErrorCode.ROLLBACK_FAILED]: async () => {
+    const e = await saveError(['wedged', 1]);
+    const rb = (e as unknown as { report?: { rollback?: { error?: MigError }[] } }).report?.rollback ?? [];
+    return rb.find((r) => r.error)?.error ?? e;
+  },
   // An embedder's callback with a bug: still a coded error, flagged as a defect.
   [ErrorCode.INTERNAL]: () => caught(() => loadStream(GOOD, pool, { makeDestination: () => (null as unknown as { x: number }).x as never })),
 };
