@@ -29,13 +29,16 @@ export const ErrorCode = {
   OUTPUT_EXISTS: 'VFM_OUTPUT_EXISTS',          // the output file exists and --force (API: force) was not given
   OUTPUT_BUSY: 'VFM_OUTPUT_BUSY',              // another save is writing the same output path
   INTERNAL: 'VFM_INTERNAL',                    // a bug: an exception that is not a MigError reached the boundary
-  PEER_GONE: 'VFM_PEER_GONE',                  // a vfio-user server closed the connection or died
-  PEER_TIMEOUT: 'VFM_PEER_TIMEOUT',            // a vfio-user server did not answer within the per-request timeout
-  PEER_PROTOCOL: 'VFM_PEER_PROTOCOL',          // a vfio-user peer broke the protocol (wrong msg_id/cmd, bad sizes, stray fds)
+  PEER_GONE: 'VFM_PEER_GONE',                  // a peer (vfio-user server, live-migration peer) closed the connection or died
+  PEER_TIMEOUT: 'VFM_PEER_TIMEOUT',            // a peer did not answer within its timeout (vfio-user request, live migration)
+  PEER_PROTOCOL: 'VFM_PEER_PROTOCOL',          // a peer broke the protocol (vfio-user: wrong msg_id/cmd, bad sizes, stray fds; live: bad HELLO/frame, no common version)
   PEER_ERROR: 'VFM_PEER_ERROR',                // a vfio-user server answered a request with an error reply
   PEER_NO_MIGRATION: 'VFM_PEER_NO_MIGRATION',  // a vfio-user server offers no migration
   DEVICE_BUSY: 'VFM_DEVICE_BUSY',              // the device belongs to another active migration or load
   ROLLBACK_FAILED: 'VFM_ROLLBACK_FAILED',      // a source device is not RUNNING after rollback (reset and retry failed): report.rollback[i].error
+  PEER_REFUSED: 'VFM_PEER_REFUSED',            // the live destination refused the migration (reasons per device)
+  PEER_NOT_ALLOWED: 'VFM_PEER_NOT_ALLOWED',    // the peer's TLS identity is not on the allow list
+  TLS: 'VFM_TLS',                              // TLS setup or handshake failed (bad files, wrong CA, ...)
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

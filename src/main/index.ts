@@ -21,3 +21,7 @@ export { MigrationRegion } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
 export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
 export { saveDevices, loadStream, runEmulated, type RunOptions, type RunReport } from './api.js';
+export { send, Sender, type SendOptions, type SendReport } from './live/sender.js';
+export { receive, Receiver, type ReceiveOptions, type ReceiveReport } from './live/receiver.js';
+export type { LiveEvent, LiveState, Cause, RefusedDevice } from './live/events.js';
+export { parseUri, type MigUri } from './live/uri.js';

@@ -31,6 +31,7 @@ function outputOptions(c: Command): Command {
     .option('--events <file|->', 'write NDJSON events as they happen (QEMU MIGRATION / MIGRATION_PASS / VFIO_MIGRATION style; \'-\': stdout)')
     .option('--report <file.html>', 'write a self-contained HTML report with charts (opens offline)');
 }
+import { cmdReceive, cmdSend, type ReceiveFlags, type SendFlags } from './live.js';
 
 const VENDOR_MODES = ['compatible', 'strict'] as const;
 const VENDOR_MODE_HELP = 'compatible: QEMU behaviour, a chunk with data_size 0 while pending_bytes > 0 ends the round or the drain and is reported; '
@@ -86,6 +87,26 @@ export async function main(argv: string[]): Promise<void> {
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
     .option('--force', 'replace an existing stream, --report or --events file (never an input)')
     .action((o: DeviceFlags & { stream: string; force?: boolean }) => withSignals((signal) => cmdSave({ ...o, signal })));
+  deviceOptions(program.command('send').description('migrate emulated source devices live to a `vfio-mig receive` destination'))
+    .requiredOption('--to <uri>', 'destination: tcp:HOST:PORT, unix:PATH, fd:N (a connected socket) or file:PATH')
+    .option('--channels <n>', 'parallel connections (each device uses one)', (v) => parseIntIn('--channels', v, 1, 64), 1)
+    .option('--tls-dir <dir>', 'mutual TLS 1.3 over tcp: ca-cert.pem, client-cert.pem, client-key.pem')
+    .option('--timeout <ms>', 'the destination is declared gone after this long without a frame from it', (v) => parseIntIn('--timeout', v, 100, 3_600_000), 10_000)
+    .option('--avail-switchover-bandwidth <bytes/s>', 'bandwidth for the downtime estimate only', (v) => parseSize('--avail-switchover-bandwidth', v))
+    .option('--json', 'print the report as JSON')
+    .option('--quiet', 'no event lines on stderr')
+    .action((o: SendFlags) => withSignals((signal) => cmdSend({ ...o, signal })));
+  program.command('receive').description('receive one live migration: create destinations from the source\'s device table (or --device), load while it runs, verify')
+    .requiredOption('--listen <uri>', 'tcp:HOST:PORT (port 0: any; the address is printed), unix:PATH, fd:N (a connected socket) or file:PATH')
+    .option('--device <spec>', 'a destination device name=N,profile=P,size=S,chunk=C (repeat; matched by name, else order)', (v: string, acc: string[] = []) => [...acc, v])
+    .option('--tls-dir <dir>', 'mutual TLS 1.3 over tcp: ca-cert.pem, server-cert.pem, server-key.pem and the client allow list `allow`')
+    .option('--save <file>', 'also write the received stream as a container file (inspect, extract, load)')
+    .option('--timeout <ms>', 'the source is declared gone after this long without a byte from it', (v) => parseIntIn('--timeout', v, 100, 3_600_000), 10_000)
+    .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
+    .option('--no-verify', 'do not compare digests')
+    .option('--quiet', 'no event lines on stderr (the listening address still goes out)')
+    .option('--json', 'JSON output')
+    .action((o: ReceiveFlags) => withSignals((signal) => cmdReceive({ ...o, signal })));
   outputOptions(program.command('load').description('create destinations from a stream\'s device table, load them and verify digests')
     .argument('<file>', 'stream file')
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))

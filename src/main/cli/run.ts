@@ -31,7 +31,7 @@ export interface DeviceFlags extends ReachFlags, OutputFlags {
   memoryBudget?: number;
 }
 
-function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
+export function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
   if (o.size % 4096 || o.size < 8192) throw new MigError(ErrorCode.BAD_ARGUMENT, `--size: ${o.size} must be a multiple of 4096 and at least 8 KiB`);
   if (o.chunk % 4096 || o.chunk < 8192) throw new MigError(ErrorCode.BAD_ARGUMENT, `--chunk: ${o.chunk} must be a multiple of 4096 and at least 8 KiB`);
   return {
@@ -40,7 +40,7 @@ function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
   };
 }
 
-function migOpts(o: DeviceFlags) {
+export function migOpts(o: DeviceFlags) {
   return {
     downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
     roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget, allowWithoutP2P: o.allowNoP2p,

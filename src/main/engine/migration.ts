@@ -50,6 +50,11 @@ export interface MigrationOptions {
   /** Bounds of one pre-copy round per device, whatever pending_bytes says (default 2 GiB, 2000 ms). */
   roundBytes?: number;
   roundTimeMs?: number;
+  /**
+   * Switchover is allowed only once `ready()` (a live destination's switchover-ack): pre-copy goes on until then.
+   * `wait(ms)` resolves when ready or after ms.
+   */
+  switchoverGate?: { ready(): boolean; wait(ms: number): Promise<void> };
   /** strict mode: empty chunks in a row tolerated in a pre-copy round (default 64) and in stop-and-copy (default 256). */
   maxEmptyChunks?: number;
   maxNoProgress?: number;
@@ -153,7 +158,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -460,9 +465,14 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.checkCancel();
       const pend = await this.onAll((d) => d.pending());
       const total = pend.reduce((a, b) => a + b, 0);
-      if (total === 0) return;
-      if (round > this.o.maxRounds) return;
-      if (bandwidth > 0 && total <= bandwidth * this.o.downtimeLimitMs) return;
+      const stuck = total === 0 || round > this.o.maxRounds;
+      if (stuck || (bandwidth > 0 && total <= bandwidth * this.o.downtimeLimitMs)) {
+        const gate = this.o.switchoverGate;
+        if (!gate || gate.ready()) return;
+        // switchover-ack (QEMU 8.1+): the destination has not loaded every PRE_COPY device's initial data yet. Keep
+        // iterating; with nothing pending (or past max rounds) wait for the ack instead, re-checking as it comes.
+        if (stuck) { await gate.wait(50); round--; continue; }
+      }
       const r0 = performance.now();
       const res = await this.onAll(async (d) => {
         const t = performance.now();

@@ -1,0 +1,398 @@
+// The source of a live migration (`vfio-mig send`, send()): connect N channels, each with its own HELLO (session id
+// + channel number) and, over TCP, its own mutual-TLS handshake; run the ordinary Migration into a sink that frames
+// container records onto the channels (each device pinned to one channel, so its records keep their order; TCP
+// back-pressure paces the workers, no per-chunk acknowledgements). Switchover waits for the destination's
+// SWITCHOVER_ACK; success waits for its SHUT "completed" (after it verified every device). Any failure on either side
+// returns every source device to RUNNING and both sides report the same cause.
+import { EventEmitter } from 'node:events';
+import crypto from 'node:crypto';
+import type { Duplex } from 'node:stream';
+import { ContainerWriter } from '../container/writer.js';
+import { FileSink, type Sink } from '../container/sink.js';
+import { RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type RecordHeader } from '../container/format.js';
+import { ErrorCode, MigError } from '../errors.js';
+import { EnginePool } from '../engine/pool.js';
+import { Migration, type MigrationOptions, type MigrationReport } from '../engine/migration.js';
+import type { DeviceTransport } from '../transport/transport.js';
+import { trace } from '../trace.js';
+import { connect, loadTlsDir, type TlsConfig } from './conn.js';
+import type { LiveEvent, LiveState } from './events.js';
+import { parseUri, type MigUri } from './uri.js';
+import {
+  F_ACCEPT, F_DEVICE_ERROR, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK,
+  FRAME_NAMES, HELLO_OK, HELLO_SIZE, HELLO_STATUS_NAMES, HELLO_NOT_ALLOWED, HELLO_VERSION, MAX_CHANNELS, SocketReader,
+  WIRE_MIN_VERSION, WIRE_VERSION, decodeFrameBody, decodeFrameHeader, decodeReply, encodeFrame, encodeHello, writeAll,
+  type Cause, type RefusedDevice, type ShutBody,
+} from './wire.js';
+
+export interface SendOptions extends MigrationOptions {
+  /** tcp:HOST:PORT, unix:PATH, fd:N (a connected socket) or file:PATH (write a container file). */
+  to: string;
+  /** Parallel connections (QEMU multifd channels); each device's records use one of them. */
+  channels?: number;
+  tlsDir?: string;
+  pool?: EnginePool;
+  threads?: number;
+  /** The destination is declared gone after this long without a frame from it (default 10 s). */
+  timeoutMs?: number;
+  /** PING period; also the TCP keepalive delay (default 1 s). */
+  keepaliveMs?: number;
+  /** Bytes/s the link can take during switchover, for the downtime estimate only (QEMU avail-switchover-bandwidth). */
+  availSwitchoverBandwidth?: number;
+  onEvent?: (e: LiveEvent) => void;
+  /** Called with the Migration before it runs (progress, status()). */
+  onMigration?: (m: Migration) => void;
+}
+
+export interface SendReport {
+  ok: boolean;
+  state: LiveState;
+  uri: string;
+  session?: string;
+  version?: number;
+  channels: number;
+  tls: boolean;
+  save?: MigrationReport;
+  /** End to end: the first source device stopped -> the destination reported every device loaded (this clock). */
+  downtimeMs?: number;
+  /** The destination's part: SWITCHOVER received -> every device loaded (its clock). */
+  destinationDowntimeMs?: number;
+  /** Pre-copy wait for SWITCHOVER_ACK, ms after pre-copy began. */
+  switchoverAckMs?: number;
+  /** Expected downtime from the last round's pending bytes and the switchover bandwidth. */
+  expectedDowntimeMs?: number;
+  bytesSent: number;
+  totalMs: number;
+  refused?: RefusedDevice[];
+  cause?: Cause;
+  destination?: ShutBody['devices'];
+  rollback?: string[];
+}
+
+interface Chan { index: number; sock: Duplex; reader: SocketReader }
+
+/** Container records onto channels: the header, the table and END/ABORT on channel 0, CHUNKs by device. */
+class ChannelSink implements Sink {
+  bytes = 0;
+  private first = true;
+  constructor(private readonly chans: Chan[], private readonly afterTable: () => Promise<void>) {}
+
+  async write(b: Uint8Array): Promise<void> {
+    this.bytes += b.length;
+    if (this.first) {
+      this.first = false;
+      return writeAll(this.chans[0].sock, b, 'channel 0');
+    }
+    const dv = new DataView(b.buffer, b.byteOffset, 12);
+    const type = dv.getUint32(0, true);
+    if (type === REC_CHUNK) {
+      const c = this.chans[dv.getUint32(8, true) % this.chans.length];
+      return writeAll(c.sock, b, `channel ${c.index}`);
+    }
+    if (type === REC_END || type === REC_ABORT) {
+      // Data channels end first: the destination takes END only once every channel has delivered everything.
+      for (const c of this.chans.slice(1)) c.sock.end();
+    }
+    await writeAll(this.chans[0].sock, b, 'channel 0');
+    if (type === REC_DEVICE_TABLE) await this.afterTable();
+  }
+
+  async close(): Promise<void> { /* the session closes the connections */ }
+}
+
+export class Sender extends EventEmitter<{ event: [LiveEvent] }> {
+  state: LiveState = 'setup';
+  migration: Migration | undefined;
+  private chans: Chan[] = [];
+  private readonly uri: MigUri;
+  private readonly tlsc: TlsConfig | undefined;
+  private readonly nChannels: number;
+  private readonly timeoutMs: number;
+  private readonly keepaliveMs: number;
+  private readonly session = crypto.randomBytes(16);
+  private version = 0;
+  private accepted: { resolve: () => void; reject: (e: MigError) => void } | undefined;
+  private acceptedP: Promise<void>;
+  private ack = false;
+  private ackWaiters: (() => void)[] = [];
+  private tPrecopy = 0;
+  private tAck = 0;
+  private tStop = 0;
+  private tLoaded = 0;
+  private destinationMs: number | undefined;
+  private loadedWait: (() => void) | undefined;
+  private shut: ShutBody | undefined;
+  private shutWait: ((s: ShutBody) => void) | undefined;
+  private remote: Cause | undefined;
+  private refused: RefusedDevice[] | undefined;
+  private internal = new AbortController();
+  private lastRx = performance.now();
+  private pingId = 0;
+
+  constructor(private readonly sources: DeviceTransport[], private readonly o: SendOptions) {
+    super();
+    this.uri = parseUri(o.to, '--to');
+    this.nChannels = o.channels ?? 1;
+    this.timeoutMs = o.timeoutMs ?? 10_000;
+    this.keepaliveMs = o.keepaliveMs ?? 1000;
+    if (!Number.isInteger(this.nChannels) || this.nChannels < 1 || this.nChannels > MAX_CHANNELS) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels: ${this.nChannels} is out of range 1..${MAX_CHANNELS}`);
+    }
+    if (this.nChannels > 1 && (this.uri.kind === 'fd' || this.uri.kind === 'file')) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels ${this.nChannels}: ${this.uri.kind}: URIs carry one channel`);
+    }
+    if (!(this.timeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `timeout ${this.timeoutMs} ms is invalid`);
+    if (o.tlsDir && this.uri.kind !== 'tcp') throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls-dir is for tcp: URIs only (${this.uri.text})`);
+    this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'client') : undefined;
+    this.acceptedP = new Promise<void>((resolve, reject) => { this.accepted = { resolve, reject }; });
+    this.acceptedP.catch(() => undefined);
+  }
+
+  private event(e: LiveEvent): void {
+    this.o.onEvent?.(e);
+    this.emit('event', e);
+  }
+
+  private setState(s: LiveState): void {
+    if (this.state === s) return;
+    this.state = s;
+    trace('live_state', { side: 'source', state: s });
+    this.event({ type: 'state', side: 'source', state: s });
+  }
+
+  /** Fail whatever waits on the destination, and stop the migration (its devices go back to RUNNING). */
+  private fail(e: MigError, cause?: Cause): void {
+    if (cause) this.remote ??= cause;
+    this.accepted?.reject(e);
+    for (const c of this.chans) c.reader.fail(e);
+    this.loadedWait?.();
+    this.shutWait?.({ status: 'failed', cause: this.remote ?? { code: e.code, message: e.message, side: 'network' } });
+    for (const w of this.ackWaiters.splice(0)) w();
+    if (!this.internal.signal.aborted) this.internal.abort(e);
+  }
+
+  private async openChannel(index: number): Promise<Chan> {
+    const what = `channel ${index}`;
+    const sock = await connect(this.uri, this.tlsc, this.timeoutMs, this.keepaliveMs, what);
+    sock.on('error', () => undefined);
+    const reader = new SocketReader(sock, what);
+    const c: Chan = { index, sock, reader };
+    this.chans[index] = c;
+    await writeAll(sock, encodeHello({ minVersion: WIRE_MIN_VERSION, maxVersion: WIRE_VERSION, session: this.session, channel: index, channels: this.nChannels, flags: 0 }), what);
+    const t = setTimeout(() => reader.fail(new MigError(ErrorCode.PEER_TIMEOUT, `${what}: no HELLO_REPLY within ${this.timeoutMs} ms`)), this.timeoutMs);
+    let r;
+    try {
+      r = decodeReply((await reader.read(HELLO_SIZE, 'HELLO_REPLY'))!);
+    } finally {
+      clearTimeout(t);
+    }
+    if (r.status !== HELLO_OK) {
+      const code = r.status === HELLO_NOT_ALLOWED ? ErrorCode.PEER_NOT_ALLOWED : r.status === HELLO_VERSION ? ErrorCode.PEER_PROTOCOL : ErrorCode.PEER_REFUSED;
+      const extra = r.status === HELLO_VERSION ? ` (destination speaks ${r.serverMin}..${r.serverMax}, source ${WIRE_MIN_VERSION}..${WIRE_VERSION})` : '';
+      throw new MigError(code, `${what}: the destination refused the connection: ${HELLO_STATUS_NAMES[r.status] ?? `status ${r.status}`}${extra}`);
+    }
+    if (!r.session.equals(this.session) || r.channel !== index) throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: HELLO_REPLY for another session or channel`);
+    this.version = r.version;
+    this.event({ type: 'connected', side: 'source', channel: index, channels: this.nChannels, peer: this.uri.text, version: r.version });
+    return c;
+  }
+
+  /** The return path: frames from the destination on channel 0. */
+  private async returnPath(c: Chan): Promise<void> {
+    let at = HELLO_SIZE;
+    for (;;) {
+      const hb = await c.reader.read(RECORD_HEADER_SIZE, 'return path', true);
+      if (!hb) {
+        if (this.shut) return;
+        throw new MigError(ErrorCode.PEER_GONE, 'the destination closed the connection before reporting the outcome');
+      }
+      const h: RecordHeader = decodeFrameHeader(hb, at);
+      const body = (await c.reader.read(h.length, `return path ${FRAME_NAMES[h.type]}`))!;
+      const msg = decodeFrameBody<Record<string, unknown>>(hb, body, h, at);
+      at += RECORD_HEADER_SIZE + h.length;
+      this.lastRx = performance.now();
+      this.onReturn(h.type, msg, at);
+    }
+  }
+
+  private onReturn(type: number, msg: Record<string, unknown>, at: number): void {
+    switch (type) {
+      case F_ACCEPT:
+        this.event({ type: 'accepted', devices: (msg.devices as { index: number; name: string }[]) ?? [] });
+        this.accepted?.resolve();
+        return;
+      case F_REFUSE: {
+        const devs = (Array.isArray(msg.devices) ? msg.devices : []) as RefusedDevice[];
+        this.refused = devs.map((d) => ({ index: Number(d.index), name: String(d.name), code: String(d.code), reason: String(d.reason) }));
+        this.event({ type: 'refused', devices: this.refused });
+        const text = this.refused.map((d) => `${d.name}: ${d.reason}`).join('; ') || 'no reason given';
+        const e = new MigError(ErrorCode.PEER_REFUSED, `the destination refused: ${text}`, { device: this.refused[0]?.name });
+        this.fail(e, { code: e.code, message: e.message, device: e.device, side: 'destination' });
+        return;
+      }
+      case F_PONG: return;
+      case F_PROGRESS:
+        this.event({ type: 'progress', side: 'destination', devices: (msg.devices as { index: number; name: string; bytes: number }[]) ?? [] });
+        return;
+      case F_SWITCHOVER_ACK:
+        this.ack = true;
+        this.tAck = performance.now();
+        this.event({ type: 'switchover-ack' });
+        for (const w of this.ackWaiters.splice(0)) w();
+        return;
+      case F_DEVICE_ERROR:
+        this.remote ??= { ...(msg as unknown as Cause), side: 'destination' };
+        this.event({ type: 'device-error', side: 'destination', cause: this.remote });
+        return;
+      case F_LOADED:
+        this.tLoaded = performance.now();
+        this.destinationMs = typeof msg.destinationMs === 'number' ? msg.destinationMs : undefined;
+        this.loadedWait?.();
+        return;
+      case F_SHUT: {
+        const s = msg as unknown as ShutBody;
+        this.shut = s;
+        if (s.status !== 'completed') {
+          const cause: Cause = { code: String(s.cause?.code ?? ErrorCode.PEER_GONE), message: String(s.cause?.message ?? 'the destination failed'), device: s.cause?.device, side: s.cause?.side ?? 'destination' };
+          this.fail(new MigError(cause.code as MigError['code'], cause.message, { device: cause.device }), cause);
+        }
+        this.shutWait?.(s);
+        return;
+      }
+      default:
+        this.fail(new MigError(ErrorCode.PEER_PROTOCOL, `the destination sent ${FRAME_NAMES[type]}, a source-to-destination frame`, { offset: at }));
+    }
+  }
+
+  private control(type: number, body: unknown): void {
+    const c = this.chans[0];
+    if (c) writeAll(c.sock, encodeFrame(type, body), `channel 0 ${FRAME_NAMES[type]}`).catch(() => undefined);
+  }
+
+  private until<T>(p: Promise<T>, what: string): Promise<T> {
+    let timer: NodeJS.Timeout;
+    return Promise.race([p, new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new MigError(ErrorCode.PEER_TIMEOUT, `${what}: nothing from the destination within ${this.timeoutMs} ms`)), this.timeoutMs);
+    })]).finally(() => clearTimeout(timer));
+  }
+
+  async run(): Promise<SendReport> {
+    const t0 = performance.now();
+    const rep: SendReport = { ok: false, state: 'setup', uri: this.uri.text, channels: this.nChannels, tls: !!this.tlsc, bytesSent: 0, totalMs: 0 };
+    const pool = this.o.pool ?? new EnginePool({ threads: this.o.threads });
+    const onAbort = () => {
+      this.setState('cancelling');
+      this.fail(new MigError(ErrorCode.CANCELLED, 'migration cancelled on the source', { cause: this.o.signal?.reason }),
+        { code: ErrorCode.CANCELLED, message: 'migration cancelled on the source', side: 'source' });
+    };
+    this.o.signal?.addEventListener('abort', onAbort, { once: true });
+    let timers: NodeJS.Timeout | undefined;
+    let sink: Sink | undefined;
+    try {
+      this.setState('setup');
+      if (this.o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'migration cancelled on the source');
+      if (this.uri.kind === 'file') {
+        sink = FileSink.open(this.uri.path);
+      } else {
+        const c0 = await this.openChannel(0);
+        rep.session = this.session.toString('hex');
+        const rp = this.returnPath(c0);
+        rp.catch((e: MigError) => this.fail(e, this.shut ? undefined : { code: e.code, message: e.message, side: 'network' }));
+        await Promise.all(Array.from({ length: this.nChannels - 1 }, (_, i) => this.openChannel(i + 1)));
+        rep.version = this.version;
+        timers = setInterval(() => {
+          this.control(F_PING, { id: ++this.pingId });
+          if (performance.now() - this.lastRx > this.timeoutMs) {
+            const e = new MigError(ErrorCode.PEER_TIMEOUT, `the destination answered nothing for ${this.timeoutMs} ms`);
+            this.fail(e, { code: e.code, message: e.message, side: 'network' });
+          }
+        }, this.keepaliveMs);
+        sink = new ChannelSink(this.chans, () => this.until(this.acceptedP, 'ACCEPT'));
+      }
+      const live = this.uri.kind !== 'file';
+      const m = new Migration(this.sources, pool, new ContainerWriter(sink), {
+        ...this.o, signal: this.internalSignal(),
+        switchoverGate: live ? {
+          ready: () => this.ack,
+          wait: (ms) => new Promise<void>((r) => { const t = setTimeout(r, ms); this.ackWaiters.push(() => { clearTimeout(t); r(); }); }),
+        } : undefined,
+      });
+      this.migration = m;
+      this.o.onMigration?.(m);
+      m.on('phase', (_from, to) => {
+        if (to === 'precopy') { this.tPrecopy = performance.now(); this.setState('active'); }
+        if (to === 'stopcopy') {
+          this.tStop = performance.now();
+          if (live) this.control(F_SWITCHOVER, {});
+          this.event({ type: 'switchover', side: 'source' });
+          this.setState('device');
+        }
+      });
+      const save = await m.run();
+      rep.save = save;
+      if (this.tAck && this.tPrecopy) rep.switchoverAckMs = Math.max(0, this.tAck - this.tPrecopy);
+      const last = save.rounds.at(-1);
+      const bw = this.o.availSwitchoverBandwidth ?? (last ? last.bandwidth : 0);
+      if (bw > 0) rep.expectedDowntimeMs = (save.stopCopyBytes / bw) * 1000;
+      if (live) {
+        if (!this.tLoaded) await this.until(new Promise<void>((r) => { this.loadedWait = r; }), 'LOADED');
+        if (this.remote || !this.tLoaded) throw new MigError((this.remote?.code ?? ErrorCode.PEER_GONE) as MigError['code'], this.remote?.message ?? 'no LOADED');
+        rep.downtimeMs = this.tLoaded - this.tStop;
+        rep.destinationDowntimeMs = this.destinationMs;
+        this.control(F_DONE, { downtimeMs: rep.downtimeMs });
+        this.event({ type: 'downtime', side: 'source', downtimeMs: rep.downtimeMs });
+        const shut = this.shut ?? await this.until(new Promise<ShutBody>((r) => { this.shutWait = r; }), 'SHUT');
+        if (shut.status !== 'completed') {
+          throw new MigError((shut.cause?.code ?? ErrorCode.PEER_GONE) as MigError['code'], shut.cause?.message ?? 'the destination failed');
+        }
+        rep.destination = shut.devices;
+      }
+      rep.ok = true;
+      this.setState('completed');
+    } catch (e) {
+      let err = e instanceof MigError ? e : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
+      const inner = err as MigError & { report?: MigrationReport };
+      if (inner.report) rep.save = inner.report;
+      // The migration itself rolled its devices back; after a completed save (the destination failed at the end)
+      // they are stopped: resume them here.
+      if (this.migration && this.migration.phase === 'done') {
+        rep.rollback = [];
+        for (const d of this.migration.devices) rep.rollback.push(`${d.name}: ${await d.rollback()}`);
+      } else if (inner.report?.rollback) rep.rollback = inner.report.rollback;
+      const cause: Cause = this.remote ?? { code: err.code, message: err.message, device: err.device, side: 'source' };
+      rep.cause = cause;
+      rep.refused = this.refused;
+      if (cause.side !== 'source') {
+        err = new MigError(cause.code as MigError['code'], `${cause.side}: ${cause.message}`, { device: cause.device, cause: err });
+      }
+      const cancelled = cause.code === ErrorCode.CANCELLED;
+      this.setState(cancelled ? 'cancelled' : 'failed');
+      trace('live_failed', { side: 'source', code: cause.code, message: cause.message });
+      rep.state = this.state;
+      rep.bytesSent = sink?.bytes ?? 0;
+      rep.totalMs = performance.now() - t0;
+      Object.assign(err, { report: rep });
+      throw err;
+    } finally {
+      clearInterval(timers);
+      this.o.signal?.removeEventListener('abort', onAbort);
+      for (const c of this.chans) { c.sock.end(); setTimeout(() => c.sock.destroy(), 1000).unref(); }
+      await sink?.close().catch(() => undefined);
+      if (!this.o.pool) await pool.close();
+    }
+    rep.state = this.state;
+    rep.bytesSent = sink?.bytes ?? 0;
+    rep.totalMs = performance.now() - t0;
+    return rep;
+  }
+
+  private internalSignal(): AbortSignal {
+    return this.internal.signal;
+  }
+}
+
+/** Migrate `sources` live to a destination (or into file:PATH). Rejects with a MigError carrying the report. */
+export function send(sources: DeviceTransport[], o: SendOptions): Promise<SendReport> {
+  return new Sender(sources, o).run();
+}
+
