@@ -1,4 +1,6 @@
 // Events and reports shared by both sides of a live migration. States follow QEMU's query-migrate names.
+import { EventEmitter } from 'node:events';
+import { trace } from '../trace.js';
 import type { Cause, RefusedDevice } from './wire.js';
 
 export type LiveState = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelling' | 'cancelled';
@@ -19,3 +21,23 @@ export type LiveEvent =
   | { type: 'downtime'; side: Side; downtimeMs: number };
 
 export type { Cause, RefusedDevice };
+
+/** What both ends share: QEMU-style state with a trace point and an event at every change, and the event fan-out. */
+export class LiveEndpoint extends EventEmitter<{ event: [LiveEvent] }> {
+  state: LiveState = 'setup';
+  constructor(protected readonly side: Side, private readonly onEvent?: (e: LiveEvent) => void) {
+    super();
+  }
+
+  protected event(e: LiveEvent): void {
+    this.onEvent?.(e);
+    this.emit('event', e);
+  }
+
+  protected setState(s: LiveState): void {
+    if (this.state === s) return;
+    this.state = s;
+    trace('live_state', { side: this.side, state: s });
+    this.event({ type: 'state', side: this.side, state: s });
+  }
+}

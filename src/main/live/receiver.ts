@@ -3,7 +3,6 @@
 // through the same Loader as a file, applying pre-copy data as it arrives. The return path on channel 0 carries
 // ACCEPT/REFUSE, PONG, PROGRESS, SWITCHOVER_ACK, DEVICE_ERROR, LOADED and SHUT. A library never exits the process:
 // every outcome is a report (and, for failures, a MigError carrying it).
-import { EventEmitter } from 'node:events';
 import os from 'node:os';
 import type { Duplex } from 'node:stream';
 import { FileSink } from '../container/sink.js';
@@ -16,7 +15,7 @@ import type { EmulatedTransport } from '../transport/emulated.js';
 import type { DeviceTransport } from '../transport/transport.js';
 import { trace } from '../trace.js';
 import { allowed, listen, loadTlsDir, type Listener, type TlsConfig } from './conn.js';
-import type { LiveEvent, LiveState } from './events.js';
+import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
 import { LiveSource } from './source.js';
 import { parseUri, type MigUri } from './uri.js';
 import {
@@ -83,8 +82,7 @@ function causeOf(e: MigError, side: Cause['side']): Cause {
   return { code: e.code, message: e.message, device: e.device, side };
 }
 
-export class Receiver extends EventEmitter<{ event: [LiveEvent] }> {
-  state: LiveState = 'setup';
+export class Receiver extends LiveEndpoint {
   /** Destinations in device-table order (valid once admitted). */
   destinations: DeviceTransport[] = [];
   private created = new Set<DeviceTransport>();
@@ -113,25 +111,13 @@ export class Receiver extends EventEmitter<{ event: [LiveEvent] }> {
   private readonly tlsc: TlsConfig | undefined;
 
   constructor(private readonly o: ReceiveOptions) {
-    super();
+    super('destination', o.onEvent);
     this.uri = parseUri(o.listen, '--listen');
     this.timeoutMs = o.timeoutMs ?? 10_000;
     this.keepaliveMs = o.keepaliveMs ?? 1000;
     if (!(this.timeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `timeout ${this.timeoutMs} ms is invalid`);
     if (this.o.tlsDir && this.uri.kind !== 'tcp') throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls-dir is for tcp: URIs only (${this.uri.text})`);
     this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'server') : undefined;
-  }
-
-  private event(e: LiveEvent): void {
-    this.o.onEvent?.(e);
-    this.emit('event', e);
-  }
-
-  private setState(s: LiveState): void {
-    if (this.state === s) return;
-    this.state = s;
-    trace('live_state', { side: 'destination', state: s });
-    this.event({ type: 'state', side: 'destination', state: s });
   }
 
   /** The bound address (tcp: with the real port when 0 was asked for), once listening. */

@@ -4,7 +4,6 @@
 // back-pressure paces the workers, no per-chunk acknowledgements). Switchover waits for the destination's
 // SWITCHOVER_ACK; success waits for its SHUT "completed" (after it verified every device). Any failure on either side
 // returns every source device to RUNNING and both sides report the same cause.
-import { EventEmitter } from 'node:events';
 import crypto from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { ContainerWriter } from '../container/writer.js';
@@ -16,7 +15,7 @@ import { Migration, type MigrationOptions, type MigrationReport } from '../engin
 import type { DeviceTransport } from '../transport/transport.js';
 import { trace } from '../trace.js';
 import { connect, loadTlsDir, type TlsConfig } from './conn.js';
-import type { LiveEvent, LiveState } from './events.js';
+import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
 import { parseUri, type MigUri } from './uri.js';
 import {
   F_ACCEPT, F_DEVICE_ERROR, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK,
@@ -100,8 +99,7 @@ class ChannelSink implements Sink {
   async close(): Promise<void> { /* the session closes the connections */ }
 }
 
-export class Sender extends EventEmitter<{ event: [LiveEvent] }> {
-  state: LiveState = 'setup';
+export class Sender extends LiveEndpoint {
   migration: Migration | undefined;
   private chans: Chan[] = [];
   private readonly uri: MigUri;
@@ -130,7 +128,7 @@ export class Sender extends EventEmitter<{ event: [LiveEvent] }> {
   private pingId = 0;
 
   constructor(private readonly sources: DeviceTransport[], private readonly o: SendOptions) {
-    super();
+    super('source', o.onEvent);
     this.uri = parseUri(o.to, '--to');
     this.nChannels = o.channels ?? 1;
     this.timeoutMs = o.timeoutMs ?? 10_000;
@@ -146,18 +144,6 @@ export class Sender extends EventEmitter<{ event: [LiveEvent] }> {
     this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'client') : undefined;
     this.acceptedP = new Promise<void>((resolve, reject) => { this.accepted = { resolve, reject }; });
     this.acceptedP.catch(() => undefined);
-  }
-
-  private event(e: LiveEvent): void {
-    this.o.onEvent?.(e);
-    this.emit('event', e);
-  }
-
-  private setState(s: LiveState): void {
-    if (this.state === s) return;
-    this.state = s;
-    trace('live_state', { side: 'source', state: s });
-    this.event({ type: 'state', side: 'source', state: s });
   }
 
   /** Fail whatever waits on the destination, and stop the migration (its devices go back to RUNNING). */
