@@ -20,6 +20,9 @@ import { readRecords, writeRecords, type Rec } from './craft.js';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { Receiver, type ReceiveOptions } from '../src/main/live/receiver.js';
+import { send, type SendOptions } from '../src/main/live/sender.js';
+import { makePki, type Pki } from './tls-pki.js';
 
 const pool = new EnginePool({ threads: 2 });
 const DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-codes-'));
@@ -90,6 +93,25 @@ const connectError = (mode: string) => hostilePeer(mode, (s) => VfioUserTranspor
 const firstData = (recs: Rec[]) => recs.find((r) => r.type === 2 && r.body.length > 64 && getBe64(r.body, 0) === FLAG_DEV_DATA_STATE)!;
 const lastChunk = (recs: Rec[], dev: number) => [...recs].reverse().find((r) => r.type === 2 && r.device === dev)!;
 
+let pki: Pki | undefined;
+/** A live destination on loopback that turns the source away; the source's error. */
+async function liveError(ro: Partial<ReceiveOptions>, so: Partial<SendOptions>): Promise<MigError> {
+  const ac = new AbortController();
+  const rx = new Receiver({ listen: 'tcp:127.0.0.1:0', pool, signal: ac.signal, ...ro });
+  const listening = new Promise<string>((r) => rx.on('event', (e) => { if (e.type === 'listening') r(e.address); }));
+  const done = rx.run().catch(() => undefined);
+  const ds = devices();
+  try {
+    const to = await listening;
+    return await caught(() => send(ds, { to, pool, timeoutMs: 3000, ...so }));
+  } finally {
+    ac.abort();
+    await done;
+    for (const d of [...ds, ...((ro.destinations ?? []) as EmulatedTransport[])]) d.destroy();
+  }
+}
+const tls = () => (pki ??= makePki());
+
 const SCENARIOS: Record<ErrorCode, () => Promise<MigError>> = {
   [ErrorCode.BAD_ARGUMENT]: () => saveError(undefined, { maxRounds: -1 }),
   [ErrorCode.NATIVE]: () => saveError(['eio-on-chunk', 3]),
@@ -156,6 +178,10 @@ const SCENARIOS: Record<ErrorCode, () => Promise<MigError>> = {
     return rb.find((r) => r.error)?.error ?? e;
   },
   // An embedder's callback with a bug: still a coded error, flagged as a defect.
+  // A live destination whose device speaks another profile refuses it (and says why).
+  [ErrorCode.PEER_REFUSED]: () => liveError({ destinations: devices({ profile: 'draft-2019' }) }, {}),
+  [ErrorCode.PEER_NOT_ALLOWED]: () => liveError({ tlsDir: tls().server }, { tlsDir: tls().intruder }),
+  [ErrorCode.TLS]: () => liveError({ tlsDir: tls().server }, { tlsDir: tls().wrongCa }),
   [ErrorCode.INTERNAL]: () => caught(() => loadStream(GOOD, pool, { makeDestination: () => (null as unknown as { x: number }).x as never })),
 };
 
@@ -164,7 +190,11 @@ test.before(async () => {
   try { assert.ok((await saveDevices(ds, GOOD, pool, { maxRounds: 1 })).ok); } finally { for (const d of ds) d.destroy(); }
   fs.writeFileSync(GOOD + '.exists', 'x');
 });
-test.after(async () => { fs.rmSync(DIR, { recursive: true, force: true }); await pool.close(); });
+test.after(async () => {
+  fs.rmSync(DIR, { recursive: true, force: true });
+  if (pki) fs.rmSync(pki.root, { recursive: true, force: true });
+  await pool.close();
+});
 
 test('every ErrorCode has a scenario, and each scenario yields a MigError with exactly that code', async () => {
   const codes = Object.values(ErrorCode);

@@ -169,6 +169,14 @@ export class Sender extends LiveEndpoint {
     let r;
     try {
       r = decodeReply((await reader.read(HELLO_SIZE, 'HELLO_REPLY'))!);
+    } catch (e) {
+      // TLS 1.3: our handshake completes before the destination has judged our certificate. A connection that
+      // closes before HELLO_REPLY was refused by the destination's TLS layer (its explicit reply is the proof).
+      if (this.tlsc && (e as MigError).code === ErrorCode.PEER_GONE) {
+        throw new MigError(ErrorCode.TLS, `${what}: the destination closed the TLS connection without accepting it: it refused this `
+          + `source's certificate (signed by a CA it does not trust?): ${(e as Error).message}`, { cause: e });
+      }
+      throw e;
     } finally {
       clearTimeout(t);
     }

@@ -9,6 +9,7 @@ import {
   type RecordHeader,
 } from '../container/format.js';
 import { ErrorCode, MigError } from '../errors.js';
+import { socketError } from './conn.js';
 
 /** Wire protocol versions this build speaks (the destination accepts the current one and the previous one). */
 export const WIRE_VERSION = 1;
@@ -179,9 +180,7 @@ export class SocketReader {
     });
     sock.on('end', () => { this.ended = true; this.wake(); });
     sock.on('close', () => { this.ended = true; this.wake(); });
-    sock.on('error', (e: NodeJS.ErrnoException) => {
-      this.fail(new MigError(ErrorCode.PEER_GONE, `${what}: connection failed: ${e.code ?? ''} ${e.message}`.trim(), { cause: e }));
-    });
+    sock.on('error', (e: NodeJS.ErrnoException) => this.fail(socketError(e, `${what}: connection failed`)));
   }
 
   /** True while the socket is paused because the consumer is behind (not the peer's fault). */
