@@ -351,8 +351,8 @@ export class Sender extends LiveEndpoint {
       // they are stopped: resume them here.
       if (this.migration && this.migration.phase === 'done') {
         rep.rollback = [];
-        for (const d of this.migration.devices) rep.rollback.push(`${d.name}: ${await d.rollback()}`);
-      } else if (inner.report?.rollback) rep.rollback = inner.report.rollback;
+        for (const d of this.migration.devices) { const r = await d.rollback(); rep.rollback.push(`${d.name}: ${r.detail ?? r.outcome}`); }
+      } else if (inner.report?.rollback) rep.rollback = inner.report.rollback.map((r) => `${r.device}: ${r.detail ?? r.outcome}`);
       const cause: Cause = this.remote ?? { code: err.code, message: err.message, device: err.device, side: 'source' };
       rep.cause = cause;
       rep.refused = this.refused;
