@@ -38,7 +38,7 @@ const validate = ajv.compile(JSON.parse(fs.readFileSync(path.join(ROOT, 'docs/vf
 const COUNTS = new Set(['schemaVersion', 'devices', 'round', 'rounds', 'precopyChunks', 'stopCopyChunks', 'queries', 'count', 'pagesDirtied',
   'dataPackets', 'emptyDataPackets', 'records', 'sections', 'index', 'device', 'iteration', 'iterations', 'migrations', 'chunks', 'failures',
   'seed', 'maxRounds', 'threads', 'version', 'DEVICE_TABLE', 'CHUNK', 'END', 'ABORT', 'dirtyPagesPerSecond', 'dmaPagesPerSecond', 'seconds',
-  'guestPages', 'replay', 'pass', 'offset', 'errno', 'interruptedAt']);
+  'guestPages', 'replay', 'pass', 'channels', 'offset', 'errno', 'interruptedAt']);
 const UNIT = /(Bytes|bytes|Ms|ms|PerSecond|Seconds)$/;
 function unitless(v: unknown, at: string, out: string[]): void {
   if (Array.isArray(v)) { v.forEach((x, i) => unitless(x, `${at}[${i}]`, out)); return; }
@@ -116,6 +116,69 @@ function events(text: string): { timestamp: { seconds: number; microseconds: num
   const lines = text.split('\n').filter(Boolean);
   return lines.map((l, i) => { try { return JSON.parse(l); } catch { assert.unreachable(`line ${i + 1} is not JSON: ${l}`); } });
 }
+
+/** `vfio-mig receive` in one child, `vfio-mig send` in another, over a UNIX socket (receive announces its address first). */
+async function livePair(sendArgs: string[], recvArgs: string[]): Promise<{ send: Result; receive: Result }> {
+  const sock = path.join(TMP, `live-${process.hrtime.bigint()}.sock`);
+  const child = spawn(process.execPath, [BIN, 'receive', '--listen', `unix:${sock}`, ...recvArgs], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d) => { stdout += d; });
+  const closed = new Promise<Result>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  await new Promise<void>((resolve, reject) => {
+    child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; if (stderr.includes('listening on')) resolve(); });
+    void closed.then((r) => reject(new Error(`receive ended before listening: ${r.stderr}`)));
+  });
+  const send = await cli(['send', '--to', `unix:${sock}`, ...sendArgs]);
+  const receive = await closed;
+  clearTimeout(timer);
+  return { send, receive };
+}
+
+test('send and receive (two processes, UNIX socket): --json validates, --events and --report work on both ends', async () => {
+  const E = path.join(TMP, 'live-events.ndjson');
+  const R = path.join(TMP, 'live-send.html');
+  const { send, receive } = await livePair([...SMALL, '--channels', '2', '--json', '--report', R], ['--json', '--events', E]);
+  assert.is(send.code, 0, send.stderr);
+  assert.is(receive.code, 0, receive.stderr);
+  const s = doc(send, 'send');
+  const r = doc(receive, 'receive');
+  assert.is(s.command, 'send');
+  assert.is(r.command, 'receive');
+  assert.is(s.ok && r.ok, true);
+  assert.is(s.result.channels, 2);
+  assert.is(r.result.channels, 2);
+  assert.is(s.result.tls, false);
+  assert.is(s.result.session, r.result.session, 'one session seen from both ends');
+  assert.ok(s.result.downtimeMs > 0 && s.result.downtimeMs >= s.result.destinationDowntimeMs, 'end-to-end downtime covers the destination part');
+  assert.is(r.result.downtimeMs, s.result.downtimeMs, 'the destination reports the source\'s end-to-end figure');
+  assert.ok(s.result.bytes > 2 * (2 << 20) && r.result.bytes >= s.result.bytes, 'bytes on the wire');
+  assert.equal(s.result.devices.map((d: any) => [d.name, d.verified]), [['emu0', true], ['emu1', true]], 'per-device verified (source side)');
+  assert.equal(r.result.devices.map((d: any) => [d.name, d.verified]), [['emu0', true], ['emu1', true]], 'per-device verified (destination)');
+  assert.is(s.result.verified && r.result.verified, true);
+  assert.equal(r.result.load.devices.map((d: any) => d.digest), s.result.save.devices.map((d: any) => d.digest), 'digests match end to end');
+  const ev = events(fs.readFileSync(E, 'utf8'));
+  assert.is(ev[0].event, 'VFIO_MIG_START');
+  assert.is(ev[0].data.command, 'receive');
+  assert.is(ev[ev.length - 1].event, 'VFIO_MIG_END');
+  assert.is(ev[ev.length - 1].data.ok, true);
+  assert.ok(ev.some((e) => e.event === 'VFIO_MIGRATION' && e.data['device-state'] === 'resuming'), 'the receiver\'s Loader drives the events');
+  assert.ok(ev.some((e) => e.event === 'VFIO_MIG_PROGRESS' && e.data.side === 'destination'), 'destination progress events');
+  const html = fs.readFileSync(R, 'utf8');
+  assert.match(html, /<html/i);
+  assert.match(html, /emu1/, 'the report draws the sender\'s devices');
+  // --quiet: the human summary is gone, the verdict line stays (and receive still announces where it listens).
+  const q = await livePair([...SMALL, '--quiet'], ['--quiet']);
+  assert.is(q.send.code, 0, q.send.stderr);
+  assert.is(q.send.stdout, 'verified: true\n');
+  assert.is(q.receive.stdout, 'verified: true\n');
+  // Without --json the human text is the one it always was.
+  const h = await livePair(SMALL, []);
+  assert.match(h.send.stdout, /^send: unix:.*, 1 channel\(s\), .* in \d+ ms$/m);
+  assert.match(h.send.stdout, /^downtime: [\d.]+ ms end to end/m);
+  assert.match(h.receive.stdout, /^emu1: RUNNING, verified: true$/m);
+});
 
 test('--events FILE: QMP-shaped MIGRATION / MIGRATION_PASS / VFIO_MIGRATION events in order, START first and END last', async () => {
   const E = path.join(TMP, 'ev.ndjson');

@@ -7,8 +7,8 @@ import { receive, type ReceiveReport } from '../live/receiver.js';
 import type { LiveEvent } from '../live/events.js';
 import { fmtBytes, parseSize } from './args.js';
 import { deviceOpts, loadText, migOpts, saveText, type DeviceFlags } from './run.js';
-
-function out(s: string): void { process.stdout.write(s + '\n'); }
+import { CommandOutput, type OutputFlags } from './output.js';
+import { receiveJson, sendJson } from '../report/json.js';
 
 /** One stderr line per event worth a human's attention (progress is left to --json consumers and the report). */
 function eventLine(side: string, e: LiveEvent): string | null {
@@ -34,7 +34,7 @@ function logger(side: string, quiet: boolean) {
   };
 }
 
-export interface SendFlags extends DeviceFlags { signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; availSwitchoverBandwidth?: number; quiet?: boolean }
+export interface SendFlags extends DeviceFlags { signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; availSwitchoverBandwidth?: number }
 
 export function sendText(r: SendReport): string {
   const lines: string[] = [];
@@ -49,15 +49,17 @@ export function sendText(r: SendReport): string {
 
 export async function cmdSend(o: SendFlags): Promise<void> {
   const dev = deviceOpts(o);
+  const cmd = new CommandOutput('send', o, o);
   const sources: EmulatedTransport[] = [];
   try {
     for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
     const r = await send(sources, {
       ...migOpts(o), to: o.to, channels: o.channels, tlsDir: o.tlsDir, timeoutMs: o.timeout, threads: o.threads,
       availSwitchoverBandwidth: o.availSwitchoverBandwidth, signal: o.signal, onEvent: logger('send', !!o.json || !!o.quiet),
+      onMigration: (m) => { cmd.attachMigration(m); },
     });
-    if (o.json) out(JSON.stringify({ ok: r.ok, send: r }, null, 2));
-    else out(sendText(r));
+    const j = sendJson(r);
+    cmd.done(j, sendText(r), r.ok, `verified: ${j.verified}`);
   } finally {
     for (const s of sources) s.destroy();
   }
@@ -84,7 +86,7 @@ export function parseDeviceSpec(spec: string): EmulatedTransport {
   return EmulatedTransport.create({ name, profile, stateSize, maxChunk, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
 }
 
-export interface ReceiveFlags { signal?: AbortSignal; listen: string; device?: string[]; tlsDir?: string; save?: string; timeout: number; threads?: number; verify: boolean; json?: boolean; quiet?: boolean }
+export interface ReceiveFlags extends OutputFlags { signal?: AbortSignal; listen: string; device?: string[]; tlsDir?: string; save?: string; timeout: number; threads?: number; verify: boolean; force?: boolean }
 
 export function receiveText(r: ReceiveReport): string {
   const lines: string[] = [];
@@ -97,16 +99,17 @@ export function receiveText(r: ReceiveReport): string {
 }
 
 export async function cmdReceive(o: ReceiveFlags): Promise<void> {
+  const cmd = new CommandOutput('receive', o, o);
   const dests = (o.device ?? []).map(parseDeviceSpec);
   try {
     const r = await receive({
       listen: o.listen, destinations: dests.length ? dests : undefined, tlsDir: o.tlsDir, save: o.save, timeoutMs: o.timeout,
       threads: o.threads, verify: o.verify, signal: o.signal, onEvent: logger('receive', !!o.json || !!o.quiet),
+      onLoader: (l) => { cmd.attachLoader(l); },
     });
     const ok = r.ok && r.devices.every((d) => d.verified !== false);
-    if (o.json) out(JSON.stringify({ ok, receive: r }, null, 2));
-    else out(receiveText(r));
-    if (!ok) process.exitCode = 1;
+    const j = receiveJson(r);
+    cmd.done(j, receiveText(r), ok, `verified: ${j.verified}`);
   } finally {
     for (const d of dests) d.destroy();
   }

@@ -7,13 +7,15 @@ import type { MigrationReport } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import { RollbackOutcome, type RollbackResult } from '../engine/source-device.js';
 import type { LoadReport } from '../engine/load.js';
+import type { SendReport } from '../live/sender.js';
+import type { ReceiveReport } from '../live/receiver.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
 import { table } from './args.js';
 import { fmtBytes, fmtRate } from '../report/units.js';
-import { inspectJson, loadJson, saveJson } from '../report/json.js';
+import { inspectJson, loadJson, receiveJson, saveJson, sendJson } from '../report/json.js';
 import { CommandOutput, type OutputFlags } from './output.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { printable as p } from '../text.js';
@@ -167,6 +169,9 @@ export function partialReport(command: string, params: Record<string, unknown>, 
       const { seconds, ...rest } = r as unknown as { seconds: number };
       return { result: { ...rest, durationMs: seconds * 1000 }, text };
     }
+    // The live report rides on the error (send/receive): the same result as on success, with the cause.
+    case 'send': return { result: 'bytesSent' in r ? sendJson(r as SendReport) : null, text };
+    case 'receive': return { result: 'bytesReceived' in r ? receiveJson(r as ReceiveReport) : null, text };
     default: return { result: null, text };
   }
 }

@@ -48,6 +48,8 @@ export interface ReceiveOptions {
   /** Keep the destinations this receiver created (emulated, from the table) after success; default: destroy them. */
   keepDestinations?: boolean;
   onEvent?: (e: LiveEvent) => void;
+  /** Called with the Loader before it runs (progress, status()). */
+  onLoader?: (l: Loader) => void;
 }
 
 export interface ReceiveReport {
@@ -209,6 +211,7 @@ export class Receiver extends LiveEndpoint {
         this.event({ type: 'progress', side: 'destination', devices });
         void this.send(F_PROGRESS, { devices }).catch(() => undefined);
       }, 250);
+      this.o.onLoader?.(loader);
       const lr = await loader.run();
       rep.load = lr;
       rep.downtimeMs = this.sourceDowntime;
@@ -270,6 +273,7 @@ export class Receiver extends LiveEndpoint {
       makeDestination: this.o.makeDestination, verify: this.o.verify ?? true, start: this.o.start, maxStateBytes: this.o.maxStateBytes,
       signal: this.o.signal,
     });
+    this.o.onLoader?.(loader);
     try {
       this.setState('active');
       rep.load = await loader.run();

@@ -3,6 +3,8 @@
 import fs from 'node:fs';
 import type { MigrationReport } from '../engine/migration.js';
 import type { LoadReport } from '../engine/load.js';
+import type { SendReport } from '../live/sender.js';
+import type { ReceiveReport } from '../live/receiver.js';
 
 export const RESULT_SCHEMA = 'vfio-mig.result';
 export const EVENTS_SCHEMA = 'vfio-mig.events';
@@ -37,7 +39,7 @@ export interface ResultDocument {
 /** Flag names -> parameter names that carry their unit. */
 const PARAM_UNITS: Record<string, string> = {
   size: 'sizeBytes', chunk: 'chunkBytes', downtime: 'downtimeLimitMs', bandwidth: 'bandwidthBytesPerSecond',
-  dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond', roundTime: 'roundTimeMs', roundBytes: 'roundBytes',
+  timeout: 'timeoutMs', availSwitchoverBandwidth: 'availSwitchoverBandwidthBytesPerSecond', dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond', roundTime: 'roundTimeMs', roundBytes: 'roundBytes',
 };
 
 export function paramsJson(o: object): Record<string, unknown> {
@@ -98,6 +100,32 @@ export function loadJson(r: LoadReport): Record<string, unknown> {
       expectedDigest: d.expectedDigest ?? null, verified: d.verified,
     })),
     verified: r.devices.length > 0 && r.devices.every((d) => d.verified === true),
+  };
+}
+
+const ms = (v: number | undefined) => v ?? null;
+const verifiedAll = (ds: { verified: boolean | null }[] | undefined) => !!ds && ds.length > 0 && ds.every((d) => d.verified === true);
+const causeJson = (c: SendReport['cause']) => (c ? { ...errorJson(c), side: c.side } : null);
+
+/** send: the live migration as the source saw it; `downtimeMs` is end to end (first source device stopped -> every destination device loaded). */
+export function sendJson(r: SendReport): Record<string, unknown> {
+  return {
+    to: r.uri, state: r.state, session: r.session ?? null, version: r.version ?? null, channels: r.channels, tls: r.tls,
+    bytes: r.bytesSent, totalMs: r.totalMs, downtimeMs: ms(r.downtimeMs), destinationDowntimeMs: ms(r.destinationDowntimeMs),
+    expectedDowntimeMs: ms(r.expectedDowntimeMs), switchoverAckMs: ms(r.switchoverAckMs), save: r.save ? saveJson(r.save) : null,
+    devices: (r.destination ?? []).map((d) => ({ name: d.name, state: d.state, verified: d.verified })),
+    verified: verifiedAll(r.destination), refused: r.refused ?? [], cause: causeJson(r.cause), rollback: r.rollback ?? null,
+  };
+}
+
+/** receive: the same migration as the destination saw it (`downtimeMs` as the source measured it, end to end). */
+export function receiveJson(r: ReceiveReport): Record<string, unknown> {
+  return {
+    listen: r.uri, address: r.address ?? null, state: r.state, session: r.session ?? null, version: r.version ?? null,
+    channels: r.channels, tls: r.tls, peer: r.peer ?? null, peerIdentity: r.peerIdentity ?? null, bytes: r.bytesReceived,
+    channelBytes: r.channelBytes ?? null, totalMs: r.totalMs, downtimeMs: ms(r.downtimeMs), destinationDowntimeMs: ms(r.destinationDowntimeMs),
+    load: r.load ? loadJson(r.load) : null, devices: r.devices.map((d) => ({ name: d.name, state: d.state, verified: d.verified })),
+    verified: verifiedAll(r.devices), saved: r.saved ?? null, refused: r.refused ?? [], cause: causeJson(r.cause),
   };
 }
 
