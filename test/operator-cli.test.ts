@@ -173,6 +173,13 @@ test('send and receive (two processes, UNIX socket): --json validates, --events 
   assert.is(q.send.code, 0, q.send.stderr);
   assert.is(q.send.stdout, 'verified: true\n');
   assert.is(q.receive.stdout, 'verified: true\n');
+  // A failed send: the same envelope, the live report (state, cause) as its result.
+  const gone = await cli(['send', '--to', `unix:${path.join(TMP, 'nobody.sock')}`, ...SMALL, '--json']);
+  assert.is(gone.code, 1);
+  const g = doc(gone, 'send to nobody');
+  assert.is(g.error.code, 'VFM_PEER_GONE');
+  assert.is(g.result.state, 'failed');
+  assert.is(g.result.cause.side, 'source');
   // Without --json the human text is the one it always was.
   const h = await livePair(SMALL, []);
   assert.match(h.send.stdout, /^send: unix:.*, 1 channel\(s\), .* in \d+ ms$/m);
