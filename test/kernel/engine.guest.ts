@@ -95,7 +95,7 @@ test('CLI: vfio-mig save --device vfio:<sysfs> x2, then load --device vfio:<sysf
     eq(save.status, 0, `save exit (${save.stderr})`);
     const load = cli(['load', file, '--device', `vfio:${paths[2]}`, '--device', `vfio:${paths[3]}`, '--json']);
     eq(load.status, 0, `load exit (${load.stderr}${load.stdout.slice(0, 400)})`);
-    eq(JSON.parse(load.stdout).load.devices.map((d: { state: string }) => d.state), ['RUNNING', 'RUNNING'], 'loaded and started');
+    eq(JSON.parse(load.stdout).result.load.devices.map((d: { state: string }) => d.state), ['RUNNING', 'RUNNING'], 'loaded and started');
     const got = paths.slice(2).map((p) => { const d = kernelDevice(p); try { return readPorts(opsOf(d), 2); } finally { d.close(); } });
     eq(got, want, 'destination registers and FIFOs');
     const bad = cli(['save', '--device', 'vfio:/sys/bus/mdev/devices/00000000-0000-0000-0000-000000000000', '--stream', tmp('none')]);
