@@ -299,6 +299,8 @@ export class Sender extends LiveEndpoint {
           if (performance.now() - this.lastRx > this.timeoutMs) {
             const e = new MigError(ErrorCode.PEER_TIMEOUT, `the destination answered nothing for ${this.timeoutMs} ms`);
             this.fail(e, { code: e.code, message: e.message, side: 'network' });
+            // Writes to a peer that stopped reading never complete: break them so the migration can roll back.
+            for (const c of this.chans) c.sock.destroy();
           }
         }, this.keepaliveMs);
         sink = new ChannelSink(this.chans, () => this.until(this.acceptedP, 'ACCEPT'));

@@ -180,7 +180,10 @@ export class LiveSource implements RecordSource {
         const c = this.chans[(this.rr + k) % n];
         if (this.ready(c)) { this.rr = (c.index + 1) % n; return this.take(c); }
       }
-      if (this.chans.every((c) => c.ended && c.queue.length === 0)) return null;
+      if (this.chans.every((c) => c.ended && c.queue.length === 0)) {
+        // A live stream ends with END (or ABORT): a connection closed before it is a lost source, not a short file.
+        throw new MigError(ErrorCode.PEER_GONE, `the source closed the connection before END (after ${this.bytesReceived} bytes)`, { offset: this.offset });
+      }
       // Nothing can go next although every channel is ended or full: the sender skipped or reordered a record.
       // Hand over the first head anyway; the loader names the sequence error.
       if (this.chans.every((c) => c.ended || c.space !== null)) {

@@ -1,0 +1,182 @@
+// Live migration between processes through the CLI: kill -9 of the source, then of the destination, at random
+// points (a bounded count, seeded), a destination that stops answering (SIGSTOP), inherited connected fds (fd:N),
+// and two hosts: two network namespaces joined by a veth pair (skipped with a message only where namespaces
+// cannot be made). Every child is bounded by a timeout and killed at the end.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = path.join(ROOT, 'bin/vfio-mig.js');
+const children = new Set<ChildProcess>();
+test.after(() => { for (const c of children) c.kill('SIGKILL'); });
+
+interface Run { child: ChildProcess; out: Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> }
+
+function run(args: string[], o: { prefix?: string[]; stdio?: unknown[]; limitMs?: number } = {}): Run {
+  const cmd = o.prefix ? o.prefix[0] : process.execPath;
+  const argv = o.prefix ? [...o.prefix.slice(1), process.execPath, BIN, ...args] : [BIN, ...args];
+  const child = spawn(cmd, argv, { stdio: (o.stdio ?? ['ignore', 'pipe', 'pipe']) as never, env: { ...process.env, VFIO_MIG_THREADS: '2' } });
+  children.add(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.on('data', (d) => { stdout += d; });
+  child.stderr?.on('data', (d) => { stderr += d; });
+  const limit = setTimeout(() => child.kill('SIGKILL'), o.limitMs ?? 60_000);
+  const out = new Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }>((resolve) => {
+    child.on('close', (code, signal) => { clearTimeout(limit); children.delete(child); resolve({ code, signal, stdout, stderr }); });
+  });
+  return { child, out };
+}
+
+/** Resolves with the first stderr line matching `re` (bounded). */
+function waitLine(r: Run, re: RegExp, ms = 20_000): Promise<RegExpExecArray> {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const t = setTimeout(() => reject(new Error(`no line ${re} within ${ms} ms: ${buf}`)), ms);
+    r.child.stderr!.on('data', (d) => {
+      buf += d;
+      const m = re.exec(buf);
+      if (m) { clearTimeout(t); resolve(m); }
+    });
+  });
+}
+
+function json(s: string): Record<string, any> { // eslint-disable-line @typescript-eslint/no-explicit-any
+  const i = s.indexOf('{');
+  assert.ok(i >= 0, `no JSON in: ${s.slice(0, 300)}`);
+  return JSON.parse(s.slice(i));
+}
+
+// A small PRNG so a failing kill point can be reproduced from the printed seed.
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x / 2 ** 32; };
+}
+const SEED = Number(process.env.VFIO_MIG_KILL_SEED ?? Date.now() % 100000);
+
+const SEND = ['--devices', '2', '--size', '32MiB', '--chunk', '256KiB', '--bandwidth', '48MiB', '--max-rounds', '3', '--threads', '2', '--json'];
+
+async function startReceiver(extra: string[] = []): Promise<{ r: Run; to: string }> {
+  const r = run(['receive', '--listen', 'tcp:127.0.0.1:0', '--json', '--threads', '2', '--timeout', '4000', ...extra]);
+  const m = await waitLine(r, /listening on (tcp:[0-9.]+:\d+)/);
+  return { r, to: m[1] };
+}
+
+test(`kill -9 of the source at random points (seed ${SEED}): the destination reports the lost source, no device of it runs, all released`, async () => {
+  const rand = rng(SEED);
+  for (let i = 0; i < 3; i++) {
+    const { r, to } = await startReceiver();
+    const s = run(['send', '--to', to, ...SEND]);
+    await new Promise((res) => setTimeout(res, 400));
+    await new Promise((res) => setTimeout(res, 50 + rand() * 600));
+    s.child.kill('SIGKILL');
+    const rx = await r.out;
+    await s.out;
+    const j = json(rx.stdout);
+    assert.is(rx.code, 1, `seed ${SEED} kill ${i}: ${rx.stderr}`);
+    assert.ok(['VFM_PEER_GONE', 'VFM_PEER_TIMEOUT'].includes(j.error.code), `seed ${SEED}: ${j.error.code}: ${j.error.message}`);
+    assert.is(j.result.cause.side, 'network');
+    const states: string[] = j.result.devices.map((d: { state: string }) => d.state);
+    assert.ok(states.every((st) => /reset, released$/.test(st) && !st.startsWith('RUNNING')), `seed ${SEED}: ${states.join(' | ')}`);
+  }
+});
+
+test(`kill -9 of the destination at random points (seed ${SEED}): the source reports it and every source device is RUNNING again`, async () => {
+  const rand = rng(SEED + 1);
+  for (let i = 0; i < 3; i++) {
+    const { r, to } = await startReceiver();
+    const s = run(['send', '--to', to, ...SEND]);
+    await new Promise((res) => setTimeout(res, 400));
+    await new Promise((res) => setTimeout(res, 50 + rand() * 600));
+    r.child.kill('SIGKILL');
+    const tx = await s.out;
+    await r.out;
+    const j = json(tx.stdout);
+    assert.is(tx.code, 1, `seed ${SEED} kill ${i}: ${tx.stderr}`);
+    assert.ok(['VFM_PEER_GONE', 'VFM_PEER_TIMEOUT'].includes(j.error.code), `seed ${SEED}: ${j.error.code}: ${j.error.message}`);
+    const rb: string[] = j.result.rollback ?? [];
+    assert.is(rb.length, 2, `seed ${SEED}: rollback ${JSON.stringify(j.result)}`.slice(0, 400));
+    assert.ok(rb.every((x) => /RUNNING/.test(x) && !/failed/.test(x)), rb.join(' | '));
+  }
+});
+
+test('a destination that stops answering (SIGSTOP): the source notices within its timeout and resumes its devices', async () => {
+  const { r, to } = await startReceiver();
+  const s = run(['send', '--to', to, '--timeout', '1500', ...SEND]);
+  await new Promise((res) => setTimeout(res, 600));
+  r.child.kill('SIGSTOP');
+  const t0 = Date.now();
+  const tx = await s.out;
+  const waited = Date.now() - t0;
+  r.child.kill('SIGKILL');
+  await r.out;
+  const j = json(tx.stdout);
+  assert.is(j.error.code, 'VFM_PEER_TIMEOUT', j.error.message);
+  assert.ok(waited < 15_000, `noticed after ${waited} ms`);
+  assert.ok((j.result.rollback as string[]).every((x) => /RUNNING/.test(x)));
+});
+
+test('fd:N: both sides get an already connected socket from their parent', async () => {
+  const server = net.createServer();
+  await new Promise<void>((res) => server.listen(0, '127.0.0.1', res));
+  const accepted = new Promise<net.Socket>((res) => server.once('connection', res));
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await new Promise<void>((res) => client.once('connect', res));
+  const srv = await accepted;
+  const r = run(['receive', '--listen', 'fd:3', '--json', '--threads', '2'], { stdio: ['ignore', 'pipe', 'pipe', srv] });
+  const s = run(['send', '--to', 'fd:3', ...SEND.filter((x, i, a) => x !== '--bandwidth' && a[i - 1] !== '--bandwidth')], { stdio: ['ignore', 'pipe', 'pipe', client] });
+  srv.destroy();
+  client.destroy();
+  server.close();
+  const [rx, tx] = await Promise.all([r.out, s.out]);
+  assert.is(rx.code, 0, rx.stderr);
+  assert.is(tx.code, 0, tx.stderr);
+  assert.equal(json(rx.stdout).result.devices.map((d: { verified: boolean }) => d.verified), [true, true]);
+});
+
+test('two hosts: source and destination in two network namespaces joined by a veth pair, 2 channels', async () => {
+  const tag = `${process.pid % 10000}`;
+  const a = `vfmA${tag}`;
+  const b = `vfmB${tag}`;
+  const ip = (...args: string[]) => spawnSync('ip', args, { encoding: 'utf8' });
+  const mk = ip('netns', 'add', a);
+  if (mk.status !== 0) {
+    console.log(`  skipped: cannot create network namespaces here (${(mk.stderr || mk.error?.message || '').trim()})`);
+    return;
+  }
+  const net3 = 10 + (process.pid % 200);
+  try {
+    for (const cmd of [
+      ['netns', 'add', b],
+      ['link', 'add', `va${tag}`, 'type', 'veth', 'peer', 'name', `vb${tag}`],
+      ['link', 'set', `va${tag}`, 'netns', a],
+      ['link', 'set', `vb${tag}`, 'netns', b],
+      ['-n', a, 'addr', 'add', `10.213.${net3}.1/24`, 'dev', `va${tag}`],
+      ['-n', b, 'addr', 'add', `10.213.${net3}.2/24`, 'dev', `vb${tag}`],
+      ['-n', a, 'link', 'set', `va${tag}`, 'up'], ['-n', b, 'link', 'set', `vb${tag}`, 'up'],
+      ['-n', a, 'link', 'set', 'lo', 'up'], ['-n', b, 'link', 'set', 'lo', 'up'],
+    ]) {
+      const x = ip(...cmd);
+      assert.is(x.status, 0, `ip ${cmd.join(' ')}: ${x.stderr}`);
+    }
+    const dst = `10.213.${net3}.2`;
+    const r = run(['receive', '--listen', `tcp:${dst}:0`, '--json', '--threads', '2'], { prefix: ['ip', 'netns', 'exec', b] });
+    const m = await waitLine(r, /listening on (tcp:[0-9.]+:\d+)/);
+    const s = run(['send', '--to', m[1], '--channels', '2', '--devices', '2', '--size', '16MiB', '--json', '--threads', '2'], { prefix: ['ip', 'netns', 'exec', a] });
+    const [rx, tx] = await Promise.all([r.out, s.out]);
+    assert.is(tx.code, 0, tx.stderr);
+    assert.is(rx.code, 0, rx.stderr);
+    const jr = json(rx.stdout).result;
+    assert.match(jr.peer, new RegExp(`^10\\.213\\.${net3}\\.1:`), 'the destination saw the source\'s namespace address');
+    assert.equal(jr.devices.map((d: { verified: boolean }) => d.verified), [true, true]);
+  } finally {
+    ip('netns', 'del', a);
+    ip('netns', 'del', b);
+  }
+});
+
+test.run();
