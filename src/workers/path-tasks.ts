@@ -4,15 +4,15 @@ import { openDataPath } from '../main/device/registry.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
 import { OWNER_WORKER } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
-import { ErrorCode, type MigError } from '../main/errors.js';
+import type { MigError } from '../main/errors.js';
 import {
   DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_DEV_INIT_DATA_SENT, FLAG_END_OF_STATE, parsePackets, putBe64,
 } from '../main/protocol/qemu-stream.js';
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
-import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, verifyRecord, writeRecordHeader } from '../main/container/format.js';
-import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
-import { crc32c } from '../main/container/checksum.js';
+import { RECORD_HEADER_SIZE, decodeRecordHeader, verifyRecord } from '../main/container/format.js';
+import { reservePosition } from '../main/container/sink.js';
 import { restoreConfig, type ConfigTarget } from '../main/transport/config.js';
+import { emitRecord } from './emit-record.js';
 import type { LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
 
 export async function savePath(t: SavePathTask): Promise<SaveResult> {
@@ -81,14 +81,7 @@ export async function savePath(t: SavePathTask): Promise<SaveResult> {
           if (init) { initPending = false; r.initSent = true; }
           putBe64(view, p, init ? FLAG_DEV_INIT_DATA_SENT : FLAG_END_OF_STATE);
         }
-        const body = view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen);
-        writeRecordHeader(view, REC_CHUNK, t.deviceIndex, rec.seq, rec.offset, body, crc32c(body));
-        if (t.direct) {
-          try { writeAt(t.direct, view, RECORD_HEADER_SIZE + bodyLen, pos); } catch (e) {
-            fillHole(t.direct, pos, RECORD_HEADER_SIZE + bodyLen, ErrorCode.IO);
-            throw e;
-          }
-        } else ring.publish(RECORD_HEADER_SIZE + bodyLen);
+        emitRecord(view, t.deviceIndex, rec, bodyLen, t.direct, pos, ring);
         if (n > 0) { r.chunks++; r.bytes += n; }
       }
       if (status !== 'data') break;

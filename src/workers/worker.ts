@@ -11,13 +11,14 @@ import {
   DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_END_OF_STATE, acceptData, parsePackets, putBe64,
 } from '../main/protocol/qemu-stream.js';
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
-import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc, verifyRecord, writeRecordHeader } from '../main/container/format.js';
+import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc, verifyRecord } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
-import { fillHole, reservePosition, writeAt } from '../main/container/sink.js';
+import { fillHole, reservePosition } from '../main/container/sink.js';
 import { crc32c } from '../main/container/checksum.js';
 import { restoreConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
 import { loadPath, savePath } from './path-tasks.js';
+import { emitRecord } from './emit-record.js';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
 
@@ -124,15 +125,7 @@ function save(t: SaveTask): SaveResult {
         putBe64(view, RECORD_HEADER_SIZE, FLAG_DEV_DATA_STATE);
         putBe64(view, RECORD_HEADER_SIZE + 8, BigInt(info.size));
         if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
-        const body = view.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + bodyLen);
-        writeRecordHeader(view, REC_CHUNK, t.deviceIndex, rec.seq, rec.offset, body, crc32c(body));
-        if (t.direct) {
-          try { writeAt(t.direct, view, RECORD_HEADER_SIZE + bodyLen, pos); } catch (e) {
-            fillHole(t.direct, pos, RECORD_HEADER_SIZE + bodyLen, ErrorCode.IO);
-            throw e;
-          }
-        }
-        else ring.publish(RECORD_HEADER_SIZE + bodyLen);
+        emitRecord(view, t.deviceIndex, rec, bodyLen, t.direct, pos, ring);
       }
       if (info.size > 0) { r.chunks++; r.bytes += info.size; }
       if (info.pending === 0n || r.endedEmpty) break;
