@@ -1,4 +1,6 @@
-// `npm run bench` (`-- --quick` for a one-minute smoke run, `-- --json` for JSON only). Every figure is a ratio
+// `npm run bench` (`-- --quick` for a one-minute smoke run, `-- --json` for JSON only, `-- --only k` or
+// `--only a,g` for some sections: a copy limit, b sequential, d responsiveness, e memory, f scaling, g load,
+// h many devices, i vfio-user, j v2, k live). Every figure is a ratio
 // against a baseline measured in this same run on this machine: the native copy loop through the same region path,
 // or the seed's sequential algorithm implemented natively. Each measurement: 1 warm-up, then N repeats, min / median
 // / max reported; ratios use medians.
@@ -16,10 +18,16 @@ import type { EmulatedDeviceOptions } from '../src/main/emulated/device.js';
 import type { Loader } from '../src/main/engine/load.js';
 import { benchVfioUser } from './vfio-user.js';
 import { benchV2 } from './v2.js';
+import { benchLive } from './live.js';
 
 const quick = process.argv.includes('--quick');
 const jsonOnly = process.argv.includes('--json');
 const REPEATS = quick ? 2 : 3;
+const onlyAt = process.argv.indexOf('--only');
+const sections = onlyAt > 0 ? new Set((process.argv[onlyAt + 1] ?? '').split(',').map((x) => x.trim()).filter(Boolean)) : null;
+if (sections && !sections.size) throw new Error('--only needs section letters, e.g. --only k');
+/** Is section `s` selected (all are, without --only)? */
+const want = (s: string) => !sections || sections.has(s);
 const MiB = 1 << 20;
 const CHUNK = MiB;
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-bench-'));
@@ -121,9 +129,11 @@ async function main() {
   const row = (what: string, value: string, baseline: string, ratio: string, target: string) => rows.push([what, value, baseline, ratio, target]);
   const pool = new EnginePool({ threads: 2 });
   try {
-    // ---- a. copy limit ------------------------------------------------------------------------------------
-    log('a. copy limit');
     const SZ = (quick ? 128 : 256) * MiB;
+    const per = (quick ? 32 : 64) * MiB;
+    // ---- a. copy limit ------------------------------------------------------------------------------------
+    if (want('a')) {
+    log('a. copy limit');
     const one = devices(1, SZ);
     const two = devices(2, SZ);
     const limit = () => { const r = baselineOnce(one, '/dev/null'); return gbps(r.bytes, r.ms); };
@@ -158,10 +168,11 @@ async function main() {
     row('engine save, 1 device -> /dev/null', `${eng1null.engine.median.toFixed(2)} GB/s`, `${eng1null.base.median.toFixed(2)} GB/s native loop`, pr(eng1null.ratio), '>= 0.85');
     row('engine save, 1 device -> file', `${eng1file.engine.median.toFixed(2)} GB/s`, `${eng1file.base.median.toFixed(2)} GB/s native loop`, pr(eng1file.ratio), '>= 0.85');
     row('engine save, 1 trapped device (pread) -> /dev/null', `${engT.engine.median.toFixed(2)} GB/s`, `${engT.base.median.toFixed(2)} GB/s native loop (trapped)`, pr(engT.ratio), '>= 0.85');
+    }
 
     // ---- b/c. sequential baseline and downtime ---------------------------------------------------------------
+    if (want('b')) {
     log('b/c. engine vs the sequential baseline');
-    const per = (quick ? 32 : 64) * MiB;
     const seq: Record<string, unknown> = {};
     for (const out of [file, '/dev/null']) {
       for (const n of [1, 2, 4, 8]) {
@@ -175,8 +186,10 @@ async function main() {
       }
     }
     results.sequential = seq;
+    }
 
     // ---- d. main-thread responsiveness -------------------------------------------------------------------------
+    if (want('d')) {
     log('d. bitmap query latency while 4 devices save');
     {
       const ds = devices(4, (quick ? 64 : 128) * MiB, { profile: 'draft-2019', guestPages: 4096, dmaRate: 20000 });
@@ -197,8 +210,10 @@ async function main() {
       row(`bitmap query latency, 4 devices saving (${lat.count} queries)`, `p50 ${lat.p50.toFixed(3)} / p99 ${lat.p99.toFixed(3)} / max ${lat.max.toFixed(2)} ms`, '', '', 'p99 < 1 ms');
       row('event-loop delay during that run', `p50 ${rep.eventLoopDelayMs.p50.toFixed(2)} / p99 ${rep.eventLoopDelayMs.p99.toFixed(2)} / max ${rep.eventLoopDelayMs.max.toFixed(2)} ms`, '', '', '');
     }
+    }
 
     // ---- e. memory -------------------------------------------------------------------------------------------
+    if (want('e')) {
     log('e. memory');
     const mem: Record<string, unknown> = {};
     for (const total of quick ? [256 * MiB, 1024 * MiB] : [1024 * MiB, 4096 * MiB]) {
@@ -222,8 +237,10 @@ async function main() {
       row(`memory: ${total / MiB} MiB of state to a file`, `+${((peak - before) / MiB).toFixed(0)} MiB peak anon RSS (staging ${(staging / MiB).toFixed(0)} MiB)`, `${(before / MiB).toFixed(0)} MiB before`, '', '< 200 MiB, flat');
     }
     results.memory = mem;
+    }
 
     // ---- f. scaling --------------------------------------------------------------------------------------------
+    if (want('f')) {
     log('f. scaling');
     const scale: Record<string, unknown> = {};
     const each = (quick ? 16 : 64) * MiB;
@@ -237,8 +254,10 @@ async function main() {
       row(`scaling: ${n} device(s) x ${each / MiB} MiB`, `${s.median.toFixed(0)} ms/GiB`, `${one1.toFixed(0)} ms/GiB (1 device)`, (s.median / one1).toFixed(2), '<= 1.2');
     }
     results.scaling = scale;
+    }
 
     // ---- g. load path ------------------------------------------------------------------------------------------
+    if (want('g')) {
     log('g. load');
     {
       const ds = devices(4, per);
@@ -266,8 +285,10 @@ async function main() {
         `${lp.ratio.median.toFixed(2)} (${lp.ratio.min.toFixed(2)}-${lp.ratio.max.toFixed(2)})`, '>= 0.8');
       row('load parallel speedup (2 threads vs 1)', `${l2.median.toFixed(2)} vs ${l1.median.toFixed(2)} GB/s`, '', `${(l2.median / l1.median).toFixed(2)}x`, '');
     }
+    }
 
     // ---- h. many small devices ---------------------------------------------------------------------------------
+    if (want('h')) {
     // `vfio-mig run --devices N --size 8KiB` (default workload: dirty 2000, DMA 1000 pages/s) in a fresh process, its
     // peak RSS (anonymous + device memory) and thread count sampled from /proc; the cost per device is the growth
     // over the same run with one device.
@@ -280,12 +301,16 @@ async function main() {
       row('1024 devices x 8 KiB, `vfio-mig run` (peak RSS, threads)', `${(many.peakRss / MiB).toFixed(0)} MiB, ${many.threads} threads, ${(many.ms / 1000).toFixed(1)} s, ok ${many.ok}`,
         `1 device: ${(one.peakRss / MiB).toFixed(0)} MiB, ${one.threads} threads`, `${(perDevice / MiB).toFixed(3)} MiB per device`, '< 0.5 MiB per device, < 64 threads');
     }
+    }
 
     // ---- i. vfio-user: the cost of the socket (bench/vfio-user.ts) ------------------------------------------------
-    results.vfioUser = await benchVfioUser({ pool, dir, quick, row, measure, measurePair, log });
+    if (want('i')) results.vfioUser = await benchVfioUser({ pool, dir, quick, row, measure, measurePair, log });
 
     // ---- j. VFIO migration v2: data fd beside the region, and pre-copy's effect on downtime (bench/v2.ts) ---------
-    results.v2 = await benchV2({ pool, dir, quick, row, measure, measurePair, log });
+    if (want('j')) results.v2 = await benchV2({ pool, dir, quick, row, measure, measurePair, log });
+
+    // ---- k. live migration between two processes: channels, file path, mutual TLS (bench/live.ts) ---------------
+    if (want('k')) results.live = await benchLive({ pool, dir, quick, row, log });
   } finally {
     await pool.close();
     fs.rmSync(dir, { recursive: true, force: true });
