@@ -26,6 +26,7 @@ import {
   type MigrationOptions, type MigrationReport, type MigrationProgress, type MigrationStatus, type DeviceStateEvent,
   type DirtyQueryEvent, type RoundStats, type LoadOptions, type LoadReport, type LoadedDevice, type LoadProgress,
   type LoadStatus, type Migration, type Loader, type DeviceTransport, type EnginePoolOptions, type EmulatedDeviceOptions,
+  RollbackOutcome, type RollbackResult, type VendorMode, type VendorAnomaly, type DeviceStats, type SaveOptions,
 } from 'vfio-mig';
 
 export async function embed(signal: AbortSignal): Promise<boolean> {
@@ -36,7 +37,8 @@ export async function embed(signal: AbortSignal): Promise<boolean> {
   const t: DeviceTransport = dev;
   const statuses: MigrationStatus[] = [];
   const seen: (MigrationProgress | DeviceStateEvent | DirtyQueryEvent | RoundStats)[] = [];
-  const mo: MigrationOptions = { maxRounds: 2, signal };
+  const mode: VendorMode = 'compatible';
+  const mo: SaveOptions & MigrationOptions = { maxRounds: 2, signal, vendorMode: mode };
   try {
     const rep: MigrationReport = await saveDevices([t], process.argv[2], pool, mo, (m: Migration) => {
       m.on('progress', (p) => { seen.push(p); statuses.push(m.status()); });
@@ -53,6 +55,11 @@ export async function embed(signal: AbortSignal): Promise<boolean> {
     const ls: LoadStatus = loader.status();
     return rep.ok && one.verified === true && ls.status === 'completed' && statuses.length > 0 && progress.length > 0;
   } catch (e) {
+    const rep = (e as { report?: MigrationReport }).report;
+    const rolled: RollbackResult[] = rep?.rollback ?? [];
+    const odd: VendorAnomaly[] = rep?.anomalies ?? [];
+    const stats: DeviceStats[] = rep?.devices ?? [];
+    if (rolled.some((r) => r.outcome === RollbackOutcome.FAILED) || odd.length > stats.length * 8) return false;
     if (isMigError(e) && e.name === 'AbortError') return e.code === ErrorCode.CANCELLED;
     throw e instanceof MigError ? e : new Error(String(e));
   }

@@ -84,7 +84,12 @@ test('lock OFF (test-only switch): concurrent bitmap queries corrupt chunks and 
     if (r.corrupted) detected = r;
   }
   assert.ok(detected, 'lock off never corrupted a chunk in 5 attempts');
-  assert.instance(detected!.error ?? new MigError(ErrorCode.VERIFY_FAILED, 'digest'), MigError);
+  // Detected means refused: the load failed with a MigError (its code checked in race()) naming one of the two
+  // devices, and stream damage names its byte offset. A load that merely reported verified: false would not do.
+  const err = detected!.error;
+  assert.instance(err, MigError, 'the destination refused the corrupted stream');
+  assert.ok(['r0', 'r1'].includes(err!.device ?? ''), `the error names the device: ${err!.device} (${err!.message})`);
+  if (err!.code !== ErrorCode.VERIFY_FAILED) assert.type(err!.offset, 'number', `${err!.code} names the offset`);
 });
 
 test('lock ON: >= 100,000 chunks with concurrent bitmap queries, zero corruption', async () => {

@@ -2,17 +2,22 @@
 export { MigError, ErrorCode, isMigError } from './errors.js';
 export { onTrace } from './trace.js';
 export { EnginePool, type EnginePoolOptions } from './engine/pool.js';
+export type { LatencySummary } from './engine/histogram.js';
 export {
   Migration, PHASE_ARCS, type MigrationOptions, type MigrationReport, type MigrationPhase, type MigrationEvents, type MigrationProgress,
   type MigrationStatus, type DeviceStateEvent, type DirtyQueryEvent, type RoundStats,
 } from './engine/migration.js';
+// What a report or an event hands back: per-device statistics, vendor anomalies, typed rollback outcomes.
+export { RollbackOutcome, type RollbackResult, type DeviceStats, type VendorAnomaly, type EngineDevice } from './engine/source-device.js';
+export type { VendorMode } from '../workers/tasks.js';
+export type { MigDevice } from './device/seam.js';
 export {
   Loader, emulatedDestination, type LoadOptions, type LoadReport, type LoadedDevice, type LoadProgress, type LoadStatus, type LoaderEvents,
 } from './engine/load.js';
 export { ContainerWriter } from './container/writer.js';
 export { ContainerReader } from './container/reader.js';
 export { FileSink, type Sink } from './container/sink.js';
-export { EmulatedDevice, emulatedDigest, type EmulatedDeviceOptions } from './emulated/device.js';
+export { EmulatedDevice, emulatedDigest, type EmulatedDeviceOptions, type DataMode, type OffsetPolicy } from './emulated/device.js';
 export { EmulatedTransport } from './transport/emulated.js';
 export { VfioKernelTransport } from './transport/vfio-kernel.js';
 export { KernelVfioDevice, kernelDevice, type KernelHandles, type KernelDeviceOptions, type OpenOptions as KernelOpenOptions } from './reach/kernel/index.js';
@@ -20,7 +25,7 @@ export type { DeviceTransport } from './transport/transport.js';
 export { MigrationRegion } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
 export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
-export { saveDevices, loadStream, runEmulated, type RunOptions, type RunReport } from './api.js';
+export { saveDevices, loadStream, runEmulated, type SaveOptions, type RunOptions, type RunReport } from './api.js';
 export { send, Sender, type SendOptions, type SendReport } from './live/sender.js';
 export { receive, Receiver, type ReceiveOptions, type ReceiveReport } from './live/receiver.js';
 export type { LiveEvent, LiveState, Cause, RefusedDevice } from './live/events.js';

@@ -205,7 +205,6 @@ std::vector<std::pair<const char*, double>> layout() {
       {"capIdSparseMmap", VFIO_REGION_INFO_CAP_SPARSE_MMAP},
       {"capIdType", VFIO_REGION_INFO_CAP_TYPE},
       {"regionTypeMigration", VFIO_REGION_TYPE_MIGRATION_DEPRECATED},
-      {"regionTypeMigrationDraft", 2},
       {"regionSubtypeMigration", VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED},
       {"pciNumRegions", VFIO_PCI_NUM_REGIONS},
       {"deviceInfoSize", sizeof(vfio_device_info)},

@@ -9,6 +9,7 @@ import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTable, EndRecord } from '../container/format.js';
 import { digestTask } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
+import type { LatencySummary } from './histogram.js';
 import { testHooks } from './test-hooks.js';
 import { Estimate, addDirtyTracking, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
@@ -91,7 +92,7 @@ export interface MigrationReport {
   totalMs: number;
   streamBytes: number;
   throughputMBps: number;
-  dirty: { queries: number; latencyMs: ReturnType<DirtyTracker['latencyMs']['summary']>; lockWaitMs: ReturnType<DirtyTracker['latencyMs']['summary']>; pages: number[] };
+  dirty: { queries: number; latencyMs: LatencySummary; lockWaitMs: LatencySummary; pages: number[] };
   /** Main-thread responsiveness during the migration (perf_hooks.monitorEventLoopDelay). */
   eventLoopDelayMs: { p50: number; p99: number; max: number };
   /** Vendor behaviour tolerated in compatible mode (or retried in strict mode), one entry per device and kind. */
