@@ -15,7 +15,7 @@ import ts from 'typescript';
 import { rm, tmpFile } from './helpers.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const TEST_ONLY = /testExitAfterChunks|setDisabled|disableRegionLock|withTestHooks|TEST_HOOKS/;
+const TEST_ONLY = /testExitAfterChunks|setDisabled|disableRegionLock|withTestHooks|TEST_HOOKS|noSse42|simulateNoSse42/;
 
 test('the package exposes one entry point, whose exports and types carry no test switch', () => {
   const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8'));

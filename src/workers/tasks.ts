@@ -75,6 +75,8 @@ export interface LoadPathTask extends Omit<LoadTask, 'op' | 'region'> {
 export interface SaveResult {
   chunks: number;
   bytes: number;
+  /** Chunks written straight from the device's data area to the file (zero-copy; v1 region path only). */
+  zeroCopyChunks?: number;
   /** Chunks that came back with data_size 0 while pending_bytes > 0. */
   emptyChunks: number;
   /** compatible: the phase ended on such a chunk. */

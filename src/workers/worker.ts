@@ -14,7 +14,8 @@ import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc, verifyRecord } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition } from '../main/container/sink.js';
-import { crc32c } from '../main/container/checksum.js';
+import { crc32c, nativeCrcAvailable, simulateNoSse42 } from '../main/container/checksum.js';
+import { workerData } from 'node:worker_threads';
 import { restoreConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
 import { loadPath, savePath } from './path-tasks.js';
@@ -26,6 +27,11 @@ function now(): bigint { return process.hrtime.bigint(); }
 
 // Bulk data threads run below the main thread, which answers dirty-bitmap queries and drives the state machine: on
 // a machine with as many workers as cores, the main thread then gets the CPU as soon as it wakes.
+// The test entry point's noSse42 pool (engine/test-hooks.ts): checksums and data paths as without SSE4.2.
+if ((workerData as { noSse42?: boolean } | undefined)?.noSse42) simulateNoSse42();
+/** The zero-copy record write and read need the addon's SSE4.2 CRC32C (they sum while they move the bytes). */
+const zeroCopy = nativeCrcAvailable();
+
 try { native().lowerThreadPriority(Number(process.env.VFIO_MIG_WORKER_NICE ?? 5)); } catch { /* best effort */ }
 
 function save(t: SaveTask): SaveResult {
@@ -36,7 +42,7 @@ function save(t: SaveTask): SaveResult {
   const iterate = t.phase === 'iterate';
   const trailer = iterate ? 8 : 0;
   const payloadAt = RECORD_HEADER_SIZE + DATA_PREFIX;
-  const r: SaveResult = { chunks: 0, bytes: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
+  const r: SaveResult = { chunks: 0, bytes: 0, zeroCopyChunks: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
   const compatible = t.vendorMode === 'compatible';
   const maxEmpty = iterate ? t.maxEmptyChunks : t.maxNoProgress;
   let empty = 0;
@@ -88,7 +94,7 @@ function save(t: SaveTask): SaveResult {
         }
         if (info.size > 0) {
           frame(view, info.size, iterate);
-          if (t.direct) {
+          if (t.direct && zeroCopy) {
             // Zero-copy: data area -> file in one pwritev, checksummed on the way (the lock covers the write, since
             // the bytes are read from the device's data area).
             fillRecordHeader(view, REC_CHUNK, t.deviceIndex, rec.seq, rec.offset, bodyLen);
@@ -127,7 +133,7 @@ function save(t: SaveTask): SaveResult {
         if (iterate) putBe64(view, payloadAt + info.size, FLAG_END_OF_STATE);
         emitRecord(view, t.deviceIndex, rec, bodyLen, t.direct, pos, ring);
       }
-      if (info.size > 0) { r.chunks++; r.bytes += info.size; }
+      if (info.size > 0) { r.chunks++; r.bytes += info.size; if (written) r.zeroCopyChunks!++; }
       if (info.pending === 0n || r.endedEmpty) break;
     }
     if (!r.aborted && !ring.aborted && r.pending !== 0 && t.lane === 0) {

@@ -14,6 +14,9 @@ export function nativeCrcAvailable(): boolean {
   return useNative;
 }
 
+/** Test entry point (engine/test-hooks.ts noSse42): this thread computes as on a CPU without SSE4.2. */
+export function simulateNoSse42(): void { useNative = false; }
+
 export function crc32c(buf: Uint8Array, init = 0): number {
   if (nativeCrcAvailable() && buf.length >= 64) return native().crc32cNative(buf, init);
   return libCrc32c(buf as Buffer, init);

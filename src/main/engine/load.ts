@@ -29,6 +29,7 @@ import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
+import { noSse42 } from './test-hooks.js';
 import { DeviceClaims } from './claims.js';
 
 export interface LoadOptions {
@@ -146,6 +147,8 @@ export interface Dest {
   stats: LoadedDevice;
   /** Its whole stream has been applied (onDeviceLoaded was called). */
   loaded: boolean;
+  /** File offset just past this device's last CHUNK record so far: where a stream that stops early ends. */
+  streamEnd?: number;
 }
 
 /**
@@ -270,7 +273,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       await Promise.all(this.dests.map((d) => d.chain));
       dataMs = performance.now() - d0;
       for (const d of this.dests) {
-        checkStreamEnd(d.parse, d.entry.name, reader.offset);
+        checkStreamEnd(d.parse, d.entry.name, d.streamEnd ?? reader.offset);
         if (d.parse.v2) d.stats.initDataSent = (d.parse.initDataSent ?? 0) > 0;
       }
       await this.finish(end);
@@ -421,6 +424,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }
       d.nextSeq++;
       d.nextOffset += BigInt(r.h.length);
+      d.streamEnd = r.at + RECORD_HEADER_SIZE + r.h.length;
       // A record that is exactly one data packet ([DATA][size][data], optionally [END]) is loaded zero-copy: the
       // worker reads the data from the file straight into the device's data area. Consecutive ones of a device go
       // in one task (a batch stays open until its task starts), which hides the per-task round trip.
@@ -495,7 +499,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
 
   /** The record's header + [DATA][size] if it is exactly one data packet the zero-copy path can take. */
   private dataPacketHead(r: RecordRef, d: Dest) {
-    if (!nativeCrcAvailable() || r.h.length < DATA_PREFIX + 1) return null;
+    if (!nativeCrcAvailable() || noSse42(this.pool) || r.h.length < DATA_PREFIX + 1) return null;
     if (r.peek.length < DATA_PREFIX) return null;
     const bytes = new Uint8Array(RECORD_HEADER_SIZE + DATA_PREFIX);
     bytes.set(r.header, 0);

@@ -5,6 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { ErrorCode, MigError, toMigError } from '../errors.js';
 import { RingPool } from './staging.js';
+import { markNoSse42, testHooks } from './test-hooks.js';
 import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadPathTask, LoadResult, LoadTask, SavePathTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
 
 export interface EnginePoolOptions {
@@ -31,7 +32,10 @@ export class EnginePool {
     const slots = o.ringSlots ?? 3;
     if (!Number.isInteger(slots) || slots < 2 || slots > 64) throw new MigError(ErrorCode.BAD_ARGUMENT, `ring slots must be 2..64, got ${slots}`);
     this.rings = new RingPool(slots);
+    const noSse42 = testHooks(o)?.noSse42 === true;
+    if (noSse42) markNoSse42(this);
     this.piscina = new Piscina({
+      workerData: noSse42 ? { noSse42 } : undefined,
       filename: fileURLToPath(new URL('../../workers/worker.js', import.meta.url)),
       minThreads: this.threads,
       maxThreads: this.threads,

@@ -8,6 +8,11 @@ const TEST_HOOKS = Symbol('vfio-mig test hooks');
 export interface TestHooks {
   /** The worker saving this device exits while holding its region lock after this many chunks (a thread death). */
   exitAfterChunks?: { device: number; chunks: number };
+  /**
+   * EnginePool: its workers and the loads it runs behave as on a CPU without SSE4.2 (library CRC32C, no zero-copy
+   * record write or read: every chunk goes through a staging slot), so that path is tested where SSE4.2 exists.
+   */
+  noSse42?: boolean;
 }
 
 /** `opts` plus test hooks (for saveDevices / new Migration). */
@@ -19,6 +24,14 @@ export function withTestHooks<T extends object>(opts: T, hooks: TestHooks): T {
 export function testHooks(opts: object): TestHooks | undefined {
   return (opts as { [TEST_HOOKS]?: TestHooks })[TEST_HOOKS];
 }
+
+const noSse42Pools = new WeakSet<object>();
+
+/** Mark a pool created with the noSse42 hook (the loader then never plans zero-copy loads on it). */
+export function markNoSse42(pool: object): void { noSse42Pools.add(pool); }
+
+/** Whether `pool` was created with the noSse42 hook. */
+export function noSse42(pool: object): boolean { return noSse42Pools.has(pool); }
 
 /** Run `lock` without mutual exclusion, to show the corruption it prevents (test/lock.test.ts). */
 export function disableRegionLock(lock: RegionLock, off: boolean): void {
