@@ -241,6 +241,8 @@ BIND(emuSetFault, "id", "kind", "arg") {
   emu::Fault f;
   std::string kind = info[1].As<Napi::String>().Utf8Value();
   if (!emu::parseFault(kind, &f)) throw ArgError("unknown fault kind '" + kind + "'");
+  if (d->config().profile == emu::kV2 && !emu::v2Implements(f))
+    throw ArgError("fault kind '" + kind + "' is a v1 register/estimate fault: the v2 vendor does not implement it");
   d->setFault(f, info[2].IsUndefined() ? 0 : u64(info[2], "arg"));
   return info.Env().Undefined();
 } END_BIND

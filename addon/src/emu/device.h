@@ -19,6 +19,8 @@ enum class Fault {
   kBadCopiedPfns, kSlowChunk, kOverEstimate, kUpperBoundPending, kWedged
 };
 bool parseFault(const std::string& s, Fault* out);
+// The faults the v2 vendor implements (v2.cc); the others name v1 registers or v1 estimates and mean nothing there.
+bool v2Implements(Fault f);
 
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kDataStart = 4096;       // data area starts at region offset 4096

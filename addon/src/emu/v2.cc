@@ -62,6 +62,20 @@ static const char* v2Name(uint32_t s) {
                                                     "PRE_COPY", "PRE_COPY_P2P"};
   return s < u::kNumStates ? kNames[s] : "?";
 }
+bool v2Implements(Fault f) {
+  switch (f) {
+    case Fault::kNone:
+    case Fault::kFailTransition:     // v2Arc: the arc to state `arg` fails, state kept
+    case Fault::kErrorOnTransition:  // v2Arc: the arc to state `arg` puts the device in ERROR
+    case Fault::kStuck:              // v2Fill: after `arg` chunks nothing more, and no end of stream
+    case Fault::kEioOnChunk:         // v2Fill: chunk `arg` cuts the stream (premature EOF)
+    case Fault::kSlowChunk:          // v2Fill: `arg` us per chunk
+      return true;
+    default:
+      return false;
+  }
+}
+
 static bool savingGroup(uint32_t s) { return s == u::kStateStopCopy || s == u::kStatePreCopy || s == u::kStatePreCopyP2P; }
 static bool preCopy(uint32_t s) { return s == u::kStatePreCopy || s == u::kStatePreCopyP2P; }
 
