@@ -132,8 +132,8 @@ function sourceStream(o: EmulatedDeviceOptions): Saved & { state: Uint8Array } {
   });
 }
 
-function loadAll(r: MigrationRegion, chunks: Uint8Array[], cap: number): number[] {
-  return chunks.map((c) => r.loadChunk(c, 0, c.length, cap));
+function loadAll(r: MigrationRegion, chunks: Uint8Array[]): number[] {
+  return chunks.map((c) => r.loadChunk(c, 0, c.length));
 }
 
 function bit(b: Uint8Array, i: number): boolean { return (b[i >> 3] & (1 << (i & 7))) !== 0; }
@@ -488,10 +488,10 @@ for (const profile of PROFILES) {
     await withDevAsync({ profile, ...RESUME, zeroFill: true, dirtyRate: 4000 }, async (d) => {
       d.r.setState('RESUMING');
       const w0 = native().emuInfo(d.id).workloadWrites;
-      errnoOf(() => d.r.loadChunk(bad[0], 0, bad[0].length, RESUME.maxChunk), EINVAL, 'bad magic chunk');
+      errnoOf(() => d.r.loadChunk(bad[0], 0, bad[0].length), EINVAL, 'bad magic chunk');
       assert.match(lastError(d), /chunk 0 record 0: bad magic/);
       // Poisoned: even a correct chunk is refused now, and the device cannot run or stop.
-      errnoOf(() => d.r.loadChunk(bad[1], 0, bad[1].length, RESUME.maxChunk), EINVAL, 'after poison');
+      errnoOf(() => d.r.loadChunk(bad[1], 0, bad[1].length), EINVAL, 'after poison');
       const e = migErr(() => d.r.setState('RUNNING'), ErrorCode.TRANSITION_FAILED, 'RESUMING -> RUNNING');
       assert.is(e.errno, EINVAL);
       migErr(() => d.r.setState('STOP'), ErrorCode.TRANSITION_FAILED, 'RESUMING -> STOP');
@@ -507,7 +507,7 @@ for (const profile of PROFILES) {
     const src = sourceStream({ profile, ...RESUME });
     withDev({ profile, ...RESUME, stateSize: RESUME.stateSize * 2, zeroFill: true }, (d) => {
       d.r.setState('RESUMING');
-      errnoOf(() => d.r.loadChunk(src.chunks[0], 0, src.chunks[0].length, RESUME.maxChunk), EINVAL, 'geometry');
+      errnoOf(() => d.r.loadChunk(src.chunks[0], 0, src.chunks[0].length), EINVAL, 'geometry');
       assert.match(lastError(d), /state size 262144, this device has 524288/);
       migErr(() => d.r.setState('RUNNING'), ErrorCode.TRANSITION_FAILED, 'RESUMING -> RUNNING');
       assert.is(d.r.state(), 'RESUMING');
@@ -520,14 +520,14 @@ for (const profile of PROFILES) {
     assert.ok(src.chunks.length >= 3, `${src.chunks.length} chunks`);
     withDev({ profile, ...RESUME, zeroFill: true }, (d) => {
       d.r.setState('RESUMING');
-      loadAll(d.r, src.chunks.slice(0, -1), RESUME.maxChunk);
+      loadAll(d.r, src.chunks.slice(0, -1));
       const e = migErr(() => d.r.setState('RUNNING'), ErrorCode.TRANSITION_FAILED, 'RESUMING -> RUNNING');
       assert.is(e.errno, EINVAL);
       assert.is(d.r.state(), 'RESUMING');
       assert.match(lastError(d), /no END/);
       // A refused transition does not poison the session.
       const last = src.chunks[src.chunks.length - 1];
-      d.r.loadChunk(last, 0, last.length, RESUME.maxChunk);
+      d.r.loadChunk(last, 0, last.length);
       d.r.setState('RUNNING');
       assert.ok(Buffer.from(readState(d.id, RESUME.stateSize)).equals(src.state));
     });
@@ -537,8 +537,8 @@ for (const profile of PROFILES) {
     const src = sourceStream({ profile, ...RESUME });
     withDev({ profile, ...RESUME, zeroFill: true }, (d) => {
       d.r.setState('RESUMING');
-      d.r.loadChunk(src.chunks[0], 0, src.chunks[0].length, RESUME.maxChunk);
-      errnoOf(() => d.r.loadChunk(src.chunks[2], 0, src.chunks[2].length, RESUME.maxChunk), EINVAL, 'chunk 2 before 1');
+      d.r.loadChunk(src.chunks[0], 0, src.chunks[0].length);
+      errnoOf(() => d.r.loadChunk(src.chunks[2], 0, src.chunks[2].length), EINVAL, 'chunk 2 before 1');
       assert.match(lastError(d), /chunk 1 record 0: seq \d+, expected \d+/);
       migErr(() => d.r.setState('RUNNING'), ErrorCode.TRANSITION_FAILED, 'RESUMING -> RUNNING');
     });
@@ -557,7 +557,7 @@ for (const profile of PROFILES) {
       withDev({ ...o, zeroFill: true }, (d) => {
         assert.not.ok(Buffer.from(readState(d.id, o.stateSize)).equals(src.state), 'destination starts different');
         d.r.setState('RESUMING');
-        const offs = loadAll(d.r, src.chunks, o.maxChunk);
+        const offs = loadAll(d.r, src.chunks);
         assert.equal(offs, src.offsets, `${g.dataMode}/${g.offsetPolicy}: resume offsets follow the save policy`);
         d.r.setState('RUNNING');
         const info = native().emuInfo(d.id);
@@ -566,6 +566,50 @@ for (const profile of PROFILES) {
         assert.ok(Buffer.from(readState(d.id, o.stateSize)).equals(src.state), `${g.dataMode}/${g.offsetPolicy}: identical state`);
       });
     }
+  });
+}
+
+for (const profile of PROFILES) {
+  test(`${profile}: records split anywhere across data_size writes (1 byte, inside a head, mid-payload) are reassembled`, () => {
+    const o = { profile, ...RESUME, dataMode: 'mixed' as const, maxChunk: 96 << 10 };
+    const src = sourceStream(o);
+    const all = Buffer.concat(src.chunks);
+    const cuts = [1, 5, 24, 47, 4099, 13, 48, 70001];
+    const pieces = (stream: Uint8Array, fn: (at: number, n: number, i: number) => void) => {
+      for (let at = 0, i = 0; at < stream.length; i++) {
+        const n = Math.min(cuts[i % cuts.length], stream.length - at);
+        fn(at, n, i);
+        at += n;
+      }
+    };
+    withDev({ ...o, zeroFill: true }, (d) => {
+      d.r.setState('RESUMING');
+      let writes = 0;
+      pieces(all, (at, n) => { d.r.loadChunk(all, at, n); writes++; });
+      assert.is(native().emuInfo(d.id).chunksConsumed, writes, 'one vendor write per piece');
+      d.r.setState('RUNNING');
+      assert.ok(Buffer.from(readState(d.id, o.stateSize)).equals(src.state), 'identical state');
+    });
+    // Damage inside the HEADER's payload is found by the write that completes the head (the 4th piece, at byte 77).
+    const bad = Uint8Array.from(all);
+    bad[24] ^= 1;
+    withDev({ ...o, zeroFill: true }, (d) => {
+      d.r.setState('RESUMING');
+      let failedAt = -1;
+      pieces(bad, (at, n, i) => {
+        if (failedAt >= 0) return;
+        try { d.r.loadChunk(bad, at, n); } catch { failedAt = i; }
+      });
+      assert.is(failedAt, 3);
+      assert.match(lastError(d), /chunk 3 record 0: bad magic/);
+    });
+    // A stream cut inside a record never completes: the device cannot leave RESUMING.
+    withDev({ ...o, zeroFill: true }, (d) => {
+      d.r.setState('RESUMING');
+      d.r.loadChunk(all, 0, all.length - 30);
+      migErr(() => d.r.setState('STOP'), ErrorCode.TRANSITION_FAILED, 'cut short');
+      assert.match(lastError(d), /no END record loaded \(record \d+ cut short\)/);
+    });
   });
 }
 
@@ -618,7 +662,7 @@ for (const dataMode of ['trapped', 'mixed'] as const) {
       // Not poisoned: once the trapped bytes arrive the chunk is consumed and the resume completes.
       d.r.copyIn(off, c0.length, c0, 0, COPY_TRAPPED);
       assert.is(native().emuInfo(d.id).chunksConsumed, 1);
-      loadAll(d.r, src.chunks.slice(1), o.maxChunk);
+      loadAll(d.r, src.chunks.slice(1));
       d.r.setState('RUNNING');
       assert.ok(Buffer.from(readState(d.id, o.stateSize)).equals(src.state), 'identical state');
     });

@@ -177,6 +177,9 @@ BIND(emuCreate, "cfg") {
   c.reservedBits = u32(field(o, "reservedBits"), "reservedBits");
   Napi::Value mf = field(o, "migFlags");
   c.migFlags = mf.IsUndefined() ? 7u : static_cast<uint32_t>(integer(mf, "migFlags", 0, 7));
+  Napi::Value da = field(o, "dataArea");
+  c.dataArea = da.IsUndefined() ? 0 : integer(da, "dataArea", 0, 1073741824.0);
+  if (c.dataArea % 4096 || (c.dataArea && c.profile == emu::kV2)) throw ArgError("'dataArea' must be a multiple of 4096 (v1 profiles only)");
   if (c.profile == emu::kV2 && !(c.migFlags & v2uapi::kMigStopCopy)) throw ArgError("'migFlags' must include STOP_COPY (1)");
   if (c.stateSize % 4096 || c.maxChunk % 4096) throw ArgError("'stateSize' and 'maxChunk' must be multiples of 4096");
   if (c.dirtyRate < 0 || c.dirtyRate > 1e7 || c.dmaRate < 0 || c.dmaRate > 1e7)

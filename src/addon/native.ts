@@ -30,6 +30,7 @@ export interface EmuConfig {
   dmaRate: number;          // guest pages/s written while RUNNING (0 = none)
   reservedBits: number;     // initial value of device_state bits 3..31 (a write that changes them fails)
   migFlags?: number;        // v2: VFIO_MIGRATION_* flags advertised (default 7 = STOP_COPY|P2P|PRE_COPY)
+  dataArea?: number;        // v1: data area bytes, multiple of 4096 up to 1 GiB (0/absent: round_up(2 x maxChunk))
 }
 
 export interface EmuInfo {

@@ -164,7 +164,7 @@ function load(t: LoadTask): LoadResult {
     if (e.kind === 'data' && e.size > 0) {
       lock.lockSync(OWNER_WORKER);
       try {
-        region.loadChunk(slot, e.dataAt, e.size, t.limits.maxData);
+        region.loadChunk(slot, e.dataAt, e.size);
       } catch (err) {
         throw rejected(err, region.device, e.at);
       } finally {
@@ -212,7 +212,7 @@ function loadDataItem(t: LoadDataTask, it: DataItem, region: MigrationRegion, lo
   }
   lock.lockSync(OWNER_WORKER);
   try {
-    return region.loadFromFile(t.fd, bodyAt + DATA_PREFIX, it.size, scratch, crc32c(prefix), t.limits.maxData, (crc) => {
+    return region.loadFromFile(t.fd, bodyAt + DATA_PREFIX, it.size, scratch, crc32c(prefix), (crc) => {
       const body = tail ? crc32c(tail, crc) : crc;
       if (headerCrc(header, body) !== h.crc) {
         throw new MigError(ErrorCode.STREAM_CHECKSUM, 'CHUNK record checksum mismatch', { offset: it.recordAt, device: region.device });

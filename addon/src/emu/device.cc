@@ -107,7 +107,12 @@ static uint8_t* mapMemfd(const char* name, uint64_t size, int* fdOut, uint64_t l
 Device::Device(uint32_t id, const Config& cfg) : id_(id), cfg_(cfg) {
   pages_ = cfg.stateSize / kPage;
   uint64_t bitmapBytes = (cfg.guestPages + 63) / 64 * 8;
-  dataAreaSize_ = (std::max(2 * cfg.maxChunk, bitmapBytes) + kPage - 1) / kPage * kPage;
+  if (cfg.dataArea && (cfg.profile == kV2 || cfg.dataArea % kPage || cfg.dataArea > (1ull << 30)))
+    throw NativeError(EINVAL, fmt("data area %llu: a v1 device's data area is a multiple of 4096 up to 1 GiB",
+                                  static_cast<unsigned long long>(cfg.dataArea)));
+  // An explicit data area may be smaller than the bitmap: a dirty query then reports it in several steps.
+  dataAreaSize_ = cfg.dataArea ? cfg.dataArea : (std::max(2 * cfg.maxChunk, bitmapBytes) + kPage - 1) / kPage * kPage;
+  chunk_ = std::min(cfg.maxChunk, dataAreaSize_);
   regionSize_ = kDataStart + dataAreaSize_;
   hdrEnd_ = cfg.profile == kDraft2019 ? 64 : 32;
   if (cfg.dataMode == kModeMmap) {
@@ -274,7 +279,9 @@ int Device::writeState(uint32_t v) {
   if (cur == kResuming) {  // the device never runs with partial state
     if (res_.poisoned) return fail(EINVAL, "resume failed earlier: " + res_.reason);
     if (!res_.sawHeader) return fail(EINVAL, "resume incomplete: no HEADER record loaded");
-    if (!res_.sawEnd) return fail(EINVAL, "resume incomplete: no END record loaded");
+    if (!res_.sawEnd)
+      return fail(EINVAL, res_.headLen || res_.payLeft ? fmt("resume incomplete: no END record loaded (record %u cut short)", res_.seq - (res_.payLeft ? 1 : 0))
+                                                       : std::string("resume incomplete: no END record loaded"));
     res_ = ResumeSession();
   }
   if ((nw & kSaving) && !(cur & kSaving)) startSave();
@@ -337,7 +344,7 @@ uint64_t Device::readPending() {
 
 uint64_t Device::slotOffset(uint64_t k) const {
   if (cfg_.offsetPolicy == kFixed) return kDataStart;
-  uint64_t slots = (dataAreaSize_ - cfg_.maxChunk) / kPage + 1;
+  uint64_t slots = (dataAreaSize_ - chunk_) / kPage + 1;
   return kDataStart + ((k * 37) % slots) * kPage;
 }
 
@@ -379,8 +386,11 @@ int Device::stage() {
   if (fault_ == Fault::kEioOnChunk && idx == faultArg_)
     return fail(EIO, fmt("injected fault: staging chunk %llu failed", static_cast<unsigned long long>(idx)));
   if (fault_ == Fault::kSlowChunk) std::this_thread::sleep_for(std::chrono::microseconds(faultArg_));
+  if (chunk_ < sf::kHeaderRec + sf::kRecHdr + kPage)
+    return fail(ENOSPC, fmt("a %llu-byte data area cannot hold a page record: this device can resume but not save",
+                            static_cast<unsigned long long>(dataAreaSize_)));
   uint64_t off = slotOffset(idx);
-  uint64_t n = stuckActive() ? 0 : fillChunk(data_ + (off - kDataStart), cfg_.maxChunk);
+  uint64_t n = stuckActive() ? 0 : fillChunk(data_ + (off - kDataStart), chunk_);
   save_.staged = true;
   save_.consumed = false;
   save_.stagedOff = off;
@@ -525,7 +535,12 @@ bool Device::storePages(uint64_t off, const uint8_t* src, uint64_t len) {
   return true;
 }
 
+// Incremental: a data_size write may end anywhere inside a record (QEMU's vfio_load_buffer splits a packet that is
+// larger than this device's data area), so the head of the record in progress is kept in res_.head and a PAGES
+// payload is stored as its bytes arrive. Whole-record writes take the same path: the head copy is at most 48 bytes a
+// record, the payload goes straight to the state.
 int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
+  static_assert(sizeof(ResumeSession::head) == sf::kHeaderRec, "record head buffer");
   uint64_t pos = 0, rec = 0;
   auto bad = [&](const std::string& why) {
     res_.poisoned = true;
@@ -533,19 +548,38 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
     return fail(EINVAL, res_.reason);
   };
   using ull = unsigned long long;
-  for (; pos < size; rec++) {
-    if (size - pos < sf::kRecHdr) return bad(fmt("truncated record header (%llu bytes left)", static_cast<ull>(size - pos)));
+  ResumeSession& r = res_;
+  while (pos < size) {
+    if (r.payLeft > 0) {  // the rest of a PAGES payload
+      uint64_t n = std::min(r.payLeft, size - pos);
+      // Through the memfd rather than the mapping: shmem allocates whole pages for a full-page write without
+      // zeroing them first and without a fault per 4 KiB page (the mapping sees the same pages).
+      if (!storePages(r.payAt, p + pos, n)) memcpy(state_ + r.payAt, p + pos, n);
+      r.payAt += n;
+      r.payLeft -= n;
+      pos += n;
+      if (r.payLeft == 0) rec++;
+      continue;
+    }
+    if (r.sawEnd) return bad("record after END");
+    // Gather the record's head: 24 bytes, 48 for HEADER.
+    uint64_t take = std::min<uint64_t>(sf::kRecHdr > r.headLen ? sf::kRecHdr - r.headLen : 0, size - pos);
+    memcpy(r.head + r.headLen, p + pos, take);
+    r.headLen += take;
+    pos += take;
+    if (r.headLen < sf::kRecHdr) break;  // the head continues in the next write
     sf::RecHdr h;
-    memcpy(&h, p + pos, sizeof h);
-    const uint8_t* body = p + pos + sf::kRecHdr;
-    uint64_t left = size - pos - sf::kRecHdr;
-    if (h.seq != res_.seq) return bad(fmt("seq %u, expected %u (stale or reordered chunk)", h.seq, res_.seq));
-    if (res_.sawEnd) return bad("record after END");
-    if (!res_.sawHeader && h.tag != sf::kTagHeader) return bad(fmt("first record has tag 0x%08x, not HEADER", h.tag));
-    uint64_t len = sf::kRecHdr;
+    memcpy(&h, r.head, sizeof h);
+    if (h.seq != r.seq) return bad(fmt("seq %u, expected %u (stale or reordered chunk)", h.seq, r.seq));
+    if (!r.sawHeader && h.tag != sf::kTagHeader) return bad(fmt("first record has tag 0x%08x, not HEADER", h.tag));
     if (h.tag == sf::kTagHeader) {
-      if (res_.sawHeader) return bad("duplicate HEADER");
-      if (left < sf::kHeaderPayload) return bad("truncated HEADER");
+      if (r.sawHeader) return bad("duplicate HEADER");
+      take = std::min(sf::kHeaderRec - r.headLen, size - pos);
+      memcpy(r.head + r.headLen, p + pos, take);
+      r.headLen += take;
+      pos += take;
+      if (r.headLen < sf::kHeaderRec) break;
+      const uint8_t* body = r.head + sf::kRecHdr;
       uint64_t magic;
       memcpy(&magic, body, 8);
       if (magic != sf::kMagic) return bad(fmt("bad magic 0x%016llx", static_cast<ull>(magic)));
@@ -553,38 +587,36 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
       if ((h.b & 0xffffffffu) != sf::kPageSize) return bad(fmt("page size %llu, expected 4096", static_cast<ull>(h.b & 0xffffffffu)));
       if (h.a != cfg_.stateSize)
         return bad(fmt("state size %llu, this device has %llu", static_cast<ull>(h.a), static_cast<ull>(cfg_.stateSize)));
-      // The rest of the header is geometry or reserved: a driver that ignored it would accept damage silently.
+      // The rest of the header is geometry or reserved: a driver that ignored it would accept damage silently. The
+      // source's chunk size is its own (a destination with a smaller data area takes its records in pieces), but it
+      // must be one the device could have.
       uint32_t maxChunk, flags;
       uint64_t reserved;
       memcpy(&maxChunk, body + 8, 4);
       memcpy(&flags, body + 12, 4);
       memcpy(&reserved, body + 16, 8);
-      if (maxChunk != cfg_.maxChunk)
-        return bad(fmt("chunk size %u, this device has %llu", maxChunk, static_cast<ull>(cfg_.maxChunk)));
+      if (maxChunk < 2 * kPage || maxChunk > (64u << 20) || maxChunk % kPage)
+        return bad(fmt("chunk size %u is not a multiple of 4096 between 8 KiB and 64 MiB", maxChunk));
       if (flags != 0 || reserved != 0) return bad(fmt("reserved header fields set (flags 0x%x, 0x%llx)", flags, static_cast<ull>(reserved)));
-      res_.sawHeader = true;
-      len += sf::kHeaderPayload;
+      r.sawHeader = true;
     } else if (h.tag == sf::kTagPages) {
       if (h.b == 0 || h.a >= pages_ || h.b > pages_ - h.a)
         return bad(fmt("PAGES %llu+%llu outside the %llu-page state", static_cast<ull>(h.a), static_cast<ull>(h.b), static_cast<ull>(pages_)));
-      if (h.b > left / kPage) return bad(fmt("PAGES payload of %llu pages exceeds data_size", static_cast<ull>(h.b)));
-      // Through the memfd rather than the mapping: shmem allocates whole pages for a full-page write without
-      // zeroing them first and without a fault per 4 KiB page (the mapping sees the same pages).
-      if (!storePages(h.a * kPage, body, h.b * kPage)) memcpy(state_ + h.a * kPage, body, h.b * kPage);
-      res_.pages += h.b;
+      r.payAt = h.a * kPage;
+      r.payLeft = h.b * kPage;
+      r.pages += h.b;
       pagesLoaded_ += h.b;
-      len += h.b * kPage;
     } else if (h.tag == sf::kTagEnd) {
-      if (h.a != res_.seq || h.b != res_.pages)
+      if (h.a != r.seq || h.b != r.pages)
         return bad(fmt("END counts (%llu records, %llu pages) do not match the loaded (%u, %llu)", static_cast<ull>(h.a),
-                       static_cast<ull>(h.b), res_.seq, static_cast<ull>(res_.pages)));
-      if (left != 0) return bad("END is not the last record");
-      res_.sawEnd = true;
+                       static_cast<ull>(h.b), r.seq, static_cast<ull>(r.pages)));
+      r.sawEnd = true;
     } else {
       return bad(fmt("unknown tag 0x%08x", h.tag));
     }
-    res_.seq++;
-    pos += len;
+    r.seq++;
+    r.headLen = 0;
+    if (r.payLeft == 0) rec++;
   }
   return 0;
 }

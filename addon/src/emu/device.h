@@ -43,6 +43,7 @@ struct Config {
   double dmaRate;
   uint32_t reservedBits;
   uint32_t migFlags;  // kV2: VFIO_MIGRATION_* flags advertised (STOP_COPY required)
+  uint64_t dataArea;  // v1: data area bytes (page multiple); 0 = round_up(2 x maxChunk). Chunks are at most this big.
 };
 
 struct Area { uint64_t offset, size; };
@@ -120,6 +121,11 @@ class Device {
     bool active = false, sawHeader = false, sawEnd = false, poisoned = false, waiting = false;
     uint32_t seq = 0;
     uint64_t k = 0, pages = 0, waitOff = 0, waitSize = 0, trapped = 0, coveredBytes = 0;
+    // The record in progress across data_size writes (a user may split a record anywhere, as QEMU's
+    // vfio_load_buffer does when the destination's data area is smaller than the source's): its head so far, and the
+    // PAGES payload bytes still to come with the state offset they go to.
+    uint8_t head[48] = {};
+    uint64_t headLen = 0, payLeft = 0, payAt = 0;
     std::map<uint64_t, uint64_t> covered;  // trapped byte ranges of the waiting chunk written so far
     std::string reason;
   };
@@ -173,6 +179,7 @@ class Device {
   const uint32_t id_;
   const Config cfg_;
   uint64_t pages_ = 0, dataAreaSize_ = 0, regionSize_ = 0, hdrEnd_ = 0;
+  uint64_t chunk_ = 0;  // largest chunk staged: maxChunk, or the data area if that is smaller
   std::vector<Area> areas_;
   int stateFd_ = -1, dataFd_ = -1;
   uint8_t* state_ = nullptr;  // stateSize bytes

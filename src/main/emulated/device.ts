@@ -24,11 +24,17 @@ export interface EmulatedDeviceOptions {
   guestPages?: number;
   dmaRate?: number;
   reservedBits?: number;
+  /**
+   * v1: size of the data area in bytes (a multiple of 4096, up to 1 GiB). Default: round_up(2 x maxChunk). A smaller
+   * one stages chunks of at most its size (a device that can save needs 8 KiB) and, as a destination, takes a bigger
+   * source's data packets in several writes.
+   */
+  dataArea?: number;
 }
 
 export const EMU_DEFAULTS = {
   profile: 'linux-5.8' as ProfileName | 'v2', migFlags: 7, stateSize: 64 << 20, seed: 1, maxChunk: 1 << 20, dataMode: 'mmap' as DataMode,
-  offsetPolicy: 'fixed' as OffsetPolicy, dirtyRate: 2000, guestPages: 4096, dmaRate: 1000, reservedBits: 0,
+  offsetPolicy: 'fixed' as OffsetPolicy, dirtyRate: 2000, guestPages: 4096, dmaRate: 1000, reservedBits: 0, dataArea: 0,
 };
 
 let nameCounter = 0;
@@ -59,12 +65,16 @@ export class EmulatedDevice {
     if (!Number.isInteger(opts.migFlags) || opts.migFlags < 1 || opts.migFlags > 7 || !(opts.migFlags & 1)) {
       throw bad(`migFlags ${opts.migFlags} must include STOP_COPY (1) and be at most 7`);
     }
+    if (!Number.isSafeInteger(opts.dataArea) || opts.dataArea < 0 || opts.dataArea > 2 ** 30 || opts.dataArea % 4096 || (opts.dataArea && opts.profile === 'v2')) {
+      throw bad(`data area ${opts.dataArea} must be a multiple of 4096 up to 1 GiB (v1 profiles only; 0 = 2 x chunk size)`);
+    }
     if (!Number.isSafeInteger(opts.guestPages) || opts.guestPages < 1 || opts.guestPages > 1 << 24) throw bad(`guestPages ${opts.guestPages} out of range`);
     this.opts = opts as EmulatedDevice['opts'];
     this.id = native().emuCreate({
       profile: NATIVE_PROFILE[opts.profile], stateSize: opts.stateSize, seed: opts.seed >>> 0, zeroFill: opts.zeroFill,
       maxChunk: opts.maxChunk, dataMode: NATIVE_DATA_MODE[opts.dataMode], offsetPolicy: NATIVE_OFFSET_POLICY[opts.offsetPolicy],
       dirtyRate: opts.dirtyRate, guestPages: opts.guestPages, dmaRate: opts.dmaRate, reservedBits: opts.reservedBits >>> 0, migFlags: opts.migFlags,
+      dataArea: opts.dataArea,
     });
   }
 

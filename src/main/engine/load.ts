@@ -117,6 +117,16 @@ export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
   });
 }
 
+/**
+ * Largest v1 data packet a load takes: one the source's own data area could stage (its region minus the header),
+ * bounded as the admission estimate's read slots are (twice the chunk size, at least 1 MiB, plus a page). Not the
+ * destination's area: a packet larger than that is written in pieces (MigrationRegion.loadChunk, as QEMU's
+ * vfio_load_buffer), so a too-large packet is the stream's fault, never the destination vendor's.
+ */
+function v1PacketLimit(e: DeviceTableEntry, headerSize: number): number {
+  return Math.max(0, Math.min(e.geometry.regionSize, 2 * Math.max(e.geometry.maxChunk || 0, 1 << 20) + 4096) - headerSize);
+}
+
 /** Largest data packet a seam destination takes (a v2 packet is one source read of its staging chunk). */
 const MAX_SEAM_PACKET = 64 << 20;
 
@@ -350,7 +360,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }
       const region = transport.openRegion();
       const shared = DeviceShared.create();
-      const maxData = region.size - region.profile.headerSize;
+      const maxData = v1PacketLimit(entry, region.profile.headerSize);
       const d: Dest = {
         entry, dev: null, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
         chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,

@@ -1,7 +1,9 @@
 // Access to one device's migration region: registers at their exact size and offset, state changes by
 // read-modify-write through the state table, and every vendor-reported offset/size validated before any copy.
 // Used on the main thread and in workers (it holds only a native region handle, which is process-global).
+import fs from 'node:fs';
 import { native, COPY_ALL, COPY_MMAP, COPY_TRAPPED } from '../../addon/native.js';
+import { crc32c } from '../container/checksum.js';
 import { ErrorCode, MigError, accessErrorCode } from '../errors.js';
 import { trace } from '../trace.js';
 import { DIRTY_PFNS_ALL, DIRTY_PFNS_NONE, type ProfileDef, type RegName } from './profiles.js';
@@ -174,40 +176,79 @@ export class MigrationRegion {
     }
   }
 
-  /**
-   * One resume step in the profile's order: 5.8 writes the data then data_size; the 2019 drafts write mmap'd pieces,
-   * then data_size, then the trapped pieces (QEMU v4 09/13). Caller holds the region lock.
-   */
-  loadChunk(src: Uint8Array, srcOff: number, size: number, capacity: number): number {
+  /** data_offset in RESUMING, validated: the vendor's data area starts there and runs to the region end. */
+  private resumeOffset(): number {
     const dataOffset = this.read('data_offset');
-    const { off } = this.checkData(dataOffset, BigInt(size), capacity);
-    if (this.profile.resumeOrder === 'data-then-size') {
-      this.copyIn(off, size, src, srcOff, COPY_ALL);
-      this.write('data_size', BigInt(size));
-    } else {
-      this.copyIn(off, size, src, srcOff, COPY_MMAP);
-      this.write('data_size', BigInt(size));
-      this.copyIn(off, size, src, srcOff, COPY_TRAPPED);
+    return this.checkData(dataOffset, 0n, 0).off;
+  }
+
+  /**
+   * Resume one data packet (QEMU's vfio_load_buffer): a packet larger than the room the vendor gives after its own
+   * data_offset (to the region end) goes in several writes, each re-reading data_offset, writing at most that room
+   * and then data_size, so a destination with a smaller data area than the source's takes the source's packets.
+   * Each write in the profile's order: 5.8 writes the data then data_size; the 2019 drafts write mmap'd pieces, then
+   * data_size, then the trapped pieces (QEMU v4 09/13). Caller holds the region lock. Returns the first data_offset.
+   */
+  loadChunk(src: Uint8Array, srcOff: number, size: number): number {
+    return this.loadPieces(src, srcOff, size, this.resumeOffset());
+  }
+
+  /** loadChunk's loop, the first data_offset already read. */
+  private loadPieces(src: Uint8Array, srcOff: number, size: number, first: number): number {
+    let off = first;
+    for (let done = 0; ;) {
+      const n = Math.min(size - done, this.size - off);
+      if (this.profile.resumeOrder === 'data-then-size') {
+        this.copyIn(off, n, src, srcOff + done, COPY_ALL);
+        this.write('data_size', BigInt(n));
+      } else {
+        this.copyIn(off, n, src, srcOff + done, COPY_MMAP);
+        this.write('data_size', BigInt(n));
+        this.copyIn(off, n, src, srcOff + done, COPY_TRAPPED);
+      }
+      done += n;
+      if (done === size) return first;
+      off = this.resumeOffset();
     }
-    return off;
   }
 
   /**
    * Zero-copy resume step: the packet's `size` data bytes at file position `pos` go straight into the data area
-   * (trapped pieces through `scratch`), `verify` checks the record checksum before the vendor is told, then the
-   * profile's order as in loadChunk. Returns false (nothing done) if the addon cannot (no SSE4.2).
+   * (trapped pieces through `scratch`, which holds `size` bytes), `verify` checks the record checksum before the
+   * vendor is told, then the profile's order as in loadChunk. A packet larger than the vendor's room is read whole
+   * into `scratch`, verified, and written in pieces as loadChunk does. Returns false (nothing done) if the addon
+   * cannot (no SSE4.2).
    */
-  loadFromFile(fd: number, pos: number, size: number, scratch: Uint8Array, crcInit: number, capacity: number,
-    verify: (crc: number) => void): boolean {
-    const dataOffset = this.read('data_offset');
-    const { off } = this.checkData(dataOffset, BigInt(size), Math.min(capacity, scratch.length));
+  loadFromFile(fd: number, pos: number, size: number, scratch: Uint8Array, crcInit: number, verify: (crc: number) => void): boolean {
+    if (size > scratch.length) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `a ${size}-byte data packet does not fit the ${scratch.length}-byte scratch`, { device: this.device, offset: pos });
+    }
+    const off = this.resumeOffset();
+    const truncated = (e: unknown) => {
+      const ne = e as { errno?: number; message?: string };
+      return new MigError(ErrorCode.STREAM_TRUNCATED, `reading a ${size}-byte data packet: ${ne?.message ?? String(e)}`,
+        { device: this.device, offset: pos, errno: ne?.errno, cause: e });
+    };
+    if (size > this.size - off) {
+      let got = 0;
+      try {
+        while (got < size) {
+          const n = fs.readSync(fd, scratch, got, size - got, pos + got);
+          if (n === 0) throw new Error(`stream ends at ${pos + got} inside a data packet`);
+          got += n;
+        }
+      } catch (e) {
+        throw truncated(e);
+      }
+      verify(crc32c(scratch.subarray(0, size), crcInit));
+      this.loadPieces(scratch, 0, size, off);
+      return true;
+    }
     let crc: number;
     try {
       crc = native().regionRecvData(this.handle, off, size, fd, pos, scratch, crcInit);
     } catch (e) {
-      const ne = e as { errno?: number; message?: string };
-      throw new MigError(ErrorCode.STREAM_TRUNCATED, `reading a ${size}-byte data packet: ${ne?.message ?? String(e)}`,
-        { device: this.device, offset: pos, errno: ne?.errno, cause: e });
+      throw truncated(e);
     }
     if (crc < 0) return false;
     verify(crc);

@@ -198,7 +198,7 @@ export function acceptData(st: QemuParseState, size: bigint, at: number, sizeAt:
   if (!st.sawSetup) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE before DEV_SETUP_STATE', { device, offset: at });
   if (st.sawConfig) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'DEV_DATA_STATE after the config state', { device, offset: at });
   if (size > BigInt(limits.maxData)) {
-    throw new MigError(ErrorCode.STREAM_TOO_LARGE, `data packet of ${size} bytes exceeds the destination's data area (${limits.maxData})`,
+    throw new MigError(ErrorCode.STREAM_TOO_LARGE, `data packet of ${size} bytes exceeds the largest this load takes (${limits.maxData} bytes: what the source's data area could stage)`,
       { device, offset: sizeAt, value: size });
   }
   st.inSection = true; st.dataPackets++; st.dataBytes += Number(size);
