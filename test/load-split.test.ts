@@ -53,14 +53,16 @@ async function save(profile: ProfileName, dataMode: DataMode, seed: number): Pro
   }
 }
 
-type Geo = { dataMode: DataMode; offsetPolicy: OffsetPolicy; dataArea: number; maxChunk: number };
-// A 4 KiB area (data_offset 4096, not the region start); a moving data_offset in a 64 KiB area, so the room after it
-// varies and is less than the region size minus the header; 192 KiB of 64 KiB mapped / trapped stripes.
+type Geo = { dataMode: DataMode; offsetPolicy: OffsetPolicy; dataArea: number };
+// The destination has the source's device model (chunk size) but a small data area: 4 KiB (data_offset 4096, not the
+// region start: the room is less than the region size minus the header); a data_offset that moves with every write
+// in 64 KiB (so each piece needs a fresh data_offset read, and the room after it varies); 192 KiB of 64 KiB mapped /
+// trapped stripes at moving offsets (pieces straddle mapped and trapped ranges).
 const GEOS: Geo[] = [
-  { dataMode: 'mmap', offsetPolicy: 'fixed', dataArea: 4096, maxChunk: 8192 },
-  { dataMode: 'trapped', offsetPolicy: 'fixed', dataArea: 4096, maxChunk: 8192 },
-  { dataMode: 'trapped', offsetPolicy: 'moving', dataArea: 64 << 10, maxChunk: 8192 },
-  { dataMode: 'mixed', offsetPolicy: 'moving', dataArea: 192 << 10, maxChunk: 8192 },
+  { dataMode: 'mmap', offsetPolicy: 'fixed', dataArea: 4096 },
+  { dataMode: 'trapped', offsetPolicy: 'fixed', dataArea: 4096 },
+  { dataMode: 'trapped', offsetPolicy: 'moving', dataArea: 64 << 10 },
+  { dataMode: 'mixed', offsetPolicy: 'moving', dataArea: 192 << 10 },
 ];
 
 async function loadInto(file: string, o: (e: DeviceTableEntry) => EmulatedDeviceOptions, slotPath: boolean):
@@ -68,7 +70,9 @@ async function loadInto(file: string, o: (e: DeviceTableEntry) => EmulatedDevice
   let dst: EmulatedTransport | undefined;
   const loader = new Loader(slotPath ? withoutDescriptor(file) : file, pool, {
     verify: true,
-    makeDestination: (e) => (dst = EmulatedTransport.create({ name: e.name, stateSize: e.geometry.stateSize, zeroFill: true, ...IDLE, ...o(e) })),
+    makeDestination: (e) => (dst = EmulatedTransport.create({
+      name: e.name, stateSize: e.geometry.stateSize, maxChunk: e.geometry.maxChunk, zeroFill: true, ...IDLE, ...o(e),
+    })),
   });
   try {
     return { report: await loader.run(), dst: dst! };
@@ -111,7 +115,7 @@ test('linux-5.8: a vfio-user destination with a 4 KiB data area takes 256 KiB pa
   for (const dataMode of ['mmap', 'trapped'] as const) {
     const { file } = await save('linux-5.8', dataMode, 31);
     const socket = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-split-')), 'dst.sock');
-    const srv = DeviceServer.start({ socket, stateSize: SRC.stateSize, maxChunk: 8192, dataArea: 4096, dataMode, zeroFill: true, ...IDLE });
+    const srv = DeviceServer.start({ socket, stateSize: SRC.stateSize, maxChunk: SRC.maxChunk, dataArea: 4096, dataMode, zeroFill: true, ...IDLE });
     const d = await VfioUserTransport.connect(socket);
     try {
       const report = await new Loader(file, pool, { verify: true, makeDestination: () => d }).run();
@@ -133,7 +137,7 @@ test('a packet beyond what the source could stage is the stream\'s fault (VFM_ST
     t.devices[0].geometry.regionSize = 64 << 10;
     recs[0].body = new Uint8Array(Buffer.from(JSON.stringify(t)));
     writeRecords(bad, header, recs);
-    const dst = EmulatedTransport.create({ profile: 'linux-5.8', stateSize: SRC.stateSize, maxChunk: 8192, dataArea: 4096, zeroFill: true, ...IDLE });
+    const dst = EmulatedTransport.create({ profile: 'linux-5.8', stateSize: SRC.stateSize, maxChunk: SRC.maxChunk, dataArea: 4096, zeroFill: true, ...IDLE });
     try {
       const e = await rejectsCode(new Loader(bad, pool, { makeDestination: () => dst }).run(), ErrorCode.STREAM_TOO_LARGE);
       assert.match(e.message, /(CHUNK|data packet) of \d+ bytes exceeds/, e.message);

@@ -344,7 +344,10 @@ uint64_t Device::readPending() {
 
 uint64_t Device::slotOffset(uint64_t k) const {
   if (cfg_.offsetPolicy == kFixed) return kDataStart;
-  uint64_t slots = (dataAreaSize_ - chunk_) / kPage + 1;
+  // The last slot leaves a whole chunk of room, or (a data area smaller than twice the chunk) half the area and at
+  // least 8 KiB: a chunk staged there is cut to the room, and a resuming user splits what does not fit.
+  uint64_t keep = std::min(dataAreaSize_, std::min(chunk_, std::max(dataAreaSize_ / 2, 2 * kPage)));
+  uint64_t slots = (dataAreaSize_ - keep) / kPage + 1;
   return kDataStart + ((k * 37) % slots) * kPage;
 }
 
@@ -386,11 +389,11 @@ int Device::stage() {
   if (fault_ == Fault::kEioOnChunk && idx == faultArg_)
     return fail(EIO, fmt("injected fault: staging chunk %llu failed", static_cast<unsigned long long>(idx)));
   if (fault_ == Fault::kSlowChunk) std::this_thread::sleep_for(std::chrono::microseconds(faultArg_));
-  if (chunk_ < sf::kHeaderRec + sf::kRecHdr + kPage)
+  uint64_t off = slotOffset(idx), cap = std::min(chunk_, regionSize_ - off);
+  if (cap < sf::kHeaderRec + sf::kRecHdr + kPage)
     return fail(ENOSPC, fmt("a %llu-byte data area cannot hold a page record: this device can resume but not save",
                             static_cast<unsigned long long>(dataAreaSize_)));
-  uint64_t off = slotOffset(idx);
-  uint64_t n = stuckActive() ? 0 : fillChunk(data_ + (off - kDataStart), chunk_);
+  uint64_t n = stuckActive() ? 0 : fillChunk(data_ + (off - kDataStart), cap);
   save_.staged = true;
   save_.consumed = false;
   save_.stagedOff = off;
@@ -588,15 +591,15 @@ int Device::parseChunk(const uint8_t* p, uint64_t size, uint64_t chunk) {
       if (h.a != cfg_.stateSize)
         return bad(fmt("state size %llu, this device has %llu", static_cast<ull>(h.a), static_cast<ull>(cfg_.stateSize)));
       // The rest of the header is geometry or reserved: a driver that ignored it would accept damage silently. The
-      // source's chunk size is its own (a destination with a smaller data area takes its records in pieces), but it
-      // must be one the device could have.
+      // chunk size is the device model's (like the state size), not its data area: a destination with a smaller
+      // area takes the same records in pieces.
       uint32_t maxChunk, flags;
       uint64_t reserved;
       memcpy(&maxChunk, body + 8, 4);
       memcpy(&flags, body + 12, 4);
       memcpy(&reserved, body + 16, 8);
-      if (maxChunk < 2 * kPage || maxChunk > (64u << 20) || maxChunk % kPage)
-        return bad(fmt("chunk size %u is not a multiple of 4096 between 8 KiB and 64 MiB", maxChunk));
+      if (maxChunk != cfg_.maxChunk)
+        return bad(fmt("chunk size %u, this device has %llu", maxChunk, static_cast<ull>(cfg_.maxChunk)));
       if (flags != 0 || reserved != 0) return bad(fmt("reserved header fields set (flags 0x%x, 0x%llx)", flags, static_cast<ull>(reserved)));
       r.sawHeader = true;
     } else if (h.tag == sf::kTagPages) {
