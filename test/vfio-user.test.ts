@@ -4,11 +4,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn, type ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { EnginePool } from '../src/main/engine/pool.js';
 import { saveDevices, loadStream } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
@@ -18,46 +15,11 @@ import { CMD } from '../src/main/reach/vfio-user/protocol.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import type { MigrationReport } from '../src/main/engine/migration.js';
 import { rejectsCode, rm } from './helpers.js';
+import { BIN, TMP, fdServer, fdsOn, hostile, kill, killAll, serverProcess, sockPath } from './vfu-procs.js';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const BIN = path.join(ROOT, 'bin/vfio-mig.js');
-const HOSTILE = path.join(ROOT, 'dist/test/fixtures/vfu-hostile-server.js');
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-vfu-'));
-let seq = 0;
-const sockPath = (tag: string) => path.join(TMP, `${tag}-${seq++}.sock`);
 const GUEST = { iova: 0, size: 4096 * 4096 };
 
 const pool = new EnginePool({ threads: 2 });
-const children = new Set<ChildProcess>();
-
-/** A `vfio-mig device-server` process; resolves once it is listening. */
-function serverProcess(args: string[], tag = 'srv'): Promise<{ child: ChildProcess; socket: string }> {
-  const socket = sockPath(tag);
-  return childReady(spawn(process.execPath, [BIN, 'device-server', '--socket', socket, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] }), socket);
-}
-
-function hostile(mode: string): Promise<{ child: ChildProcess; socket: string }> {
-  const socket = sockPath(mode);
-  return childReady(spawn(process.execPath, [HOSTILE, socket, mode], { stdio: ['ignore', 'pipe', 'pipe'] }), socket);
-}
-
-function childReady(child: ChildProcess, socket: string): Promise<{ child: ChildProcess; socket: string }> {
-  children.add(child);
-  child.on('exit', () => children.delete(child));
-  return new Promise((resolve, reject) => {
-    let out = '';
-    let err = '';
-    const t = setTimeout(() => reject(new Error(`server did not start: ${out} ${err}`)), 20_000);
-    child.stderr!.on('data', (d) => { err += d; });
-    child.stdout!.on('data', (d) => {
-      out += d;
-      if (out.includes('ready')) { clearTimeout(t); resolve({ child, socket }); }
-    });
-    child.on('exit', (code) => { clearTimeout(t); reject(new Error(`server exited ${code}: ${err}`)); });
-  });
-}
-
-function kill(c: ChildProcess, sig: NodeJS.Signals = 'SIGKILL'): void { if (c.exitCode === null) c.kill(sig); }
 
 async function roundTrip(mode: 'mmap' | 'trapped'): Promise<{ save: MigrationReport; requests: number; mapped: number }> {
   // slow-chunk keeps each round long enough (>= 16 x 2 ms) for the workload to dirty pages however busy the machine is.
@@ -165,6 +127,29 @@ test('a hostile fake server mid-save (wrong msg_id/cmd, truncated, huge sizes, e
       assert.is(e.device, h.socket, `${mode}: error names the device`);
       assert.is(other.device.info().deviceState & 7, 1, `${mode}: the other device was rolled back`);
       assert.ok(process.memoryUsage().rss - rss0 < 256 << 20, `${mode}: no allocation from the hostile size`);
+    } finally {
+      t.close(); other.destroy(); kill(h.child, 'SIGTERM');
+    }
+  }
+});
+
+test('a hostile server passing unexpected descriptors (on a register read, a state change, an error reply, a body; too many): VFM_PEER_PROTOCOL naming device and command, descriptors closed, others rolled back', async () => {
+  const cases: [string, RegExp][] = [
+    ['fd-on-read', /REGION_READ: reply carried file descriptors/], ['fd-on-state', /REGION_WRITE: reply carried file descriptors/],
+    ['many-fds', /REGION_READ: reply carried more file descriptors than a message may/],
+    ['fd-on-error', /REGION_READ: error reply carried file descriptors/], ['fd-on-body', /REGION_READ: reply carried file descriptors/],
+  ];
+  for (const [mode, why] of cases) {
+    const h = await fdServer(mode);
+    const other = EmulatedTransport.create({ name: 'other', stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+    const before = fdsOn('/dev/null');
+    const t = await VfioUserTransport.connect(h.socket, { timeoutMs: 2000 });
+    try {
+      const e = await rejectsCode(saveDevices([t, other], path.join(TMP, 'fds.vfmig'), pool, {}), ErrorCode.PEER_PROTOCOL);
+      assert.is(e.device, h.socket, `${mode}: the error names the device`);
+      assert.match(e.message, why, `${mode}: the error names the command (${e.message})`);
+      assert.is(other.device.info().deviceState & 7, 1, `${mode}: the other device was rolled back`);
+      assert.is(fdsOn('/dev/null'), before, `${mode}: every descriptor the server passed was closed`);
     } finally {
       t.close(); other.destroy(); kill(h.child, 'SIGTERM');
     }
@@ -433,9 +418,8 @@ test('v2 over vfio-user through the engine (device seam): save with a running wo
 });
 
 test.after(async () => {
-  for (const c of children) kill(c);
+  killAll();
   await pool.close();
-  fs.rmSync(TMP, { recursive: true, force: true });
 });
 
 test.run();

@@ -442,6 +442,67 @@ BIND(regWrite, "h", "off", "width", "value") {
   return info.Env().Undefined();
 } END_BIND
 
+// One trapped access (a register, config space) on the libuv pool: for a region reached over a socket (vfio-user) the
+// main thread must not wait for the round trip. The data is copied in (write) or out (read) on the main thread, so no
+// JS memory is touched from the pool; the region stays alive through its shared_ptr even if closed meanwhile. The
+// device's Atomics lock (held by the caller across the await) keeps workers off the region meanwhile.
+class RegionRwWorker : public Napi::AsyncWorker {
+ public:
+  RegionRwWorker(Napi::Env env, std::shared_ptr<region::Region> r, uint64_t off, std::vector<uint8_t> data, bool write, std::string op)
+      : Napi::AsyncWorker(env), r_(std::move(r)), off_(off), data_(std::move(data)), write_(write), op_(std::move(op)),
+        d_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() { return d_.Promise(); }
+  void Execute() override {
+    int rc = r_->rw(write_, off_, data_.data(), data_.size());
+    if (rc < 0) {
+      err_ = -rc;
+      text_ = r_->errorText();  // thread-local in some regions: read on this thread
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!err_) {
+      d_.Resolve(write_ ? toBytes(env, {}) : toBytes(env, data_));
+      return;
+    }
+    std::string code = errName(err_);
+    Napi::Error e = Napi::Error::New(env, op_ + ": " + code + (text_.empty() ? "" : ": " + text_));
+    e.Set("code", Napi::String::New(env, code));
+    e.Set("errno", Napi::Number::New(env, err_));
+    d_.Reject(e.Value());
+  }
+
+ private:
+  std::shared_ptr<region::Region> r_;
+  uint64_t off_;
+  std::vector<uint8_t> data_;
+  bool write_;
+  std::string op_;
+  Napi::Promise::Deferred d_;
+  int err_ = 0;
+  std::string text_;
+};
+
+// Read `len` bytes (data undefined) or write `data` at region offset `off`, as one rw() of exactly that size.
+BIND(regionRwAsync, "h", "off", "len", "data") {
+  auto r = regionArg(info[0]);
+  uint64_t off = u64(info[1], "off"), len = integer(info[2], "len", 1, 1 << 20);
+  if (!vm::fits(off, len, r->size())) throw ArgError(fmt("region range %llu+%llu exceeds the region size %llu", static_cast<ull>(off), static_cast<ull>(len), static_cast<ull>(r->size())));
+  bool write = !info[3].IsUndefined();
+  std::vector<uint8_t> data;
+  if (write) {
+    Bytes b = bytes(info[3], "data");
+    if (b.n != len) throw ArgError(fmt("'data' holds %zu bytes, 'len' says %llu", b.n, static_cast<ull>(len)));
+    data.assign(b.p, b.p + b.n);
+  } else {
+    data.assign(static_cast<size_t>(len), 0);
+  }
+  auto* w = new RegionRwWorker(info.Env(), std::move(r), off, std::move(data), write, describe("regionRwAsync", info, {"h", "off", "len"}));
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+} END_BIND
+
 BIND(regionCopyOut, "h", "off", "len", "dst", "dstOff") {
   auto r = regionArg(info[0]);
   uint64_t off = u64(info[1], "off"), len = u64(info[2], "len"), dstOff = u64(info[4], "dstOff");
@@ -682,7 +743,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuV2DataSize); EXPORT(emuV2DmaStart); EXPORT(emuV2DmaStop); EXPORT(emuV2DmaReport); EXPORT(v2NextState);
   EXPORT(dataFdRead); EXPORT(dataFdWrite); EXPORT(fdClose);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
-  EXPORT(regWrite); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
+  EXPORT(regWrite); EXPORT(regionRwAsync); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);
   EXPORT(vfioOpenCdev); EXPORT(vfioMigrationFlags); EXPORT(vfioFeatureProbe); EXPORT(vfioMigState); EXPORT(vfioSetMigState);
   EXPORT(vfioPrecopyInfo); EXPORT(vfioMigDataSize); EXPORT(vfioDmaLogStart); EXPORT(vfioDmaLogStop); EXPORT(vfioDmaLogReport);

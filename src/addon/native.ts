@@ -126,6 +126,12 @@ export interface NativeAddon {
   /** One access of exactly `width` bytes at `off` (naturally aligned, inside the region). */
   regRead(h: number, off: number, width: 4 | 8): bigint;
   regWrite(h: number, off: number, width: 4 | 8, value: bigint): void;
+  /**
+   * One trapped access of exactly `len` bytes (1 B .. 1 MiB) at `off` on the libuv pool, so the main thread never
+   * waits on a socket (vfio-user): a read (data undefined) resolves to the bytes, a write of `data` to an empty
+   * array. Rejects with {code, errno, message} like the synchronous calls. The caller holds the device lock across it.
+   */
+  regionRwAsync(h: number, off: number, len: number, data?: Uint8Array): Promise<Uint8Array>;
   /** Copy region [off, off+len) into dst[dstOff..]: mmap pieces by memcpy, trapped pieces by read. Returns trapped bytes. */
   regionCopyOut(h: number, off: number, len: number, dst: Uint8Array, dstOff: number): number;
   /**

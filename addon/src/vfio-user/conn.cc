@@ -124,9 +124,9 @@ uint32_t Conn::exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, si
   return payload;
 }
 
-void Conn::readBody(void* dst, size_t len, int64_t deadline, std::vector<int>* fds) {
+void Conn::readBody(uint16_t cmd, void* dst, size_t len, int64_t deadline, std::vector<int>* fds) {
   int rc = recvAll(sock_, dst, len, fds, deadline);
-  if (rc < 0) broken(-rc, ioText(rc, 0, lim_.timeoutMs, "reading the reply body"));
+  if (rc < 0) broken(-rc, ioText(rc, cmd, lim_.timeoutMs, "reading the reply body"));
 }
 
 void Conn::request(uint16_t cmd, const uint8_t* body, size_t len, std::vector<uint8_t>* reply, size_t minReply,
@@ -138,7 +138,7 @@ void Conn::request(uint16_t cmd, const uint8_t* body, size_t len, std::vector<ui
   try {
     uint32_t payload = exchange(cmd, &b, len ? 1 : 0, len, maxReply, deadline, &got);
     reply->assign(payload, 0);  // bounded by maxReply, which the caller derived from its request
-    if (payload) readBody(reply->data(), payload, deadline, &got);
+    if (payload) readBody(cmd, reply->data(), payload, deadline, &got);
     if (payload < minReply) broken(EPROTO, fmt("%s: reply of %u bytes, at least %zu expected", cmdName(cmd), payload, minReply));
     if (got.size() > maxFds)
       broken(EPROTO, fmt("%s: reply carried %zu file descriptor(s), %zu expected at most", cmdName(cmd), got.size(), maxFds));
@@ -162,8 +162,8 @@ void Conn::regionRead(uint32_t region, uint64_t off, void* dst, uint32_t count) 
       broken(EPROTO, fmt("REGION_READ: reply of %u bytes for a %u-byte read", payload, count));
     }
     RegionAccess e{};
-    readBody(&e, sizeof e, deadline, &got);
-    readBody(dst, count, deadline, &got);  // straight into the caller's buffer
+    readBody(kRegionRead, &e, sizeof e, deadline, &got);
+    readBody(kRegionRead, dst, count, deadline, &got);  // straight into the caller's buffer
     if (e.offset != off || e.region != region || e.count != count)
       broken(EPROTO, fmt("REGION_READ: reply names region %u offset %llu count %u, asked region %u offset %llu count %u", e.region,
                          static_cast<unsigned long long>(e.offset), e.count, region, static_cast<unsigned long long>(off), count));
@@ -187,7 +187,7 @@ void Conn::regionWrite(uint32_t region, uint64_t off, const void* src, uint32_t 
     RegionAccess e{};
     if (payload != 0 && payload != sizeof e) broken(EPROTO, fmt("REGION_WRITE: reply of %u bytes", payload));
     if (payload) {
-      readBody(&e, sizeof e, deadline, &got);
+      readBody(kRegionWrite, &e, sizeof e, deadline, &got);
       if (e.offset != off || e.region != region || e.count != count)
         broken(EPROTO, fmt("REGION_WRITE: reply names region %u offset %llu count %u", e.region,
                            static_cast<unsigned long long>(e.offset), e.count));

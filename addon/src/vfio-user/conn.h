@@ -53,7 +53,7 @@ class Conn {
   // Sends header + iov and reads the reply header; returns the payload length. `lock` is held.
   uint32_t exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, size_t maxReply, int64_t deadline,
                     std::vector<int>* fds);
-  void readBody(void* dst, size_t len, int64_t deadline, std::vector<int>* fds);
+  void readBody(uint16_t cmd, void* dst, size_t len, int64_t deadline, std::vector<int>* fds);
   [[noreturn]] void broken(int err, const std::string& why);
   void checkUsable();
 

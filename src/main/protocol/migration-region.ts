@@ -111,8 +111,10 @@ export class MigrationRegion {
             { device: this.device, register: 'device_state', value: after, cause: e });
         }
         const ne = e as MigError;
-        throw new MigError(ErrorCode.TRANSITION_FAILED,
-          `vendor refused ${stateName(cur)} -> ${next}${after !== undefined ? ` (state now ${fmtState(after)})` : ''}: ${ne.message}`,
+        // A peer that died, stalled or broke the protocol (vfio-user) did not refuse anything: say which it was.
+        const code = accessErrorCode(ne.errno, ErrorCode.TRANSITION_FAILED);
+        throw new MigError(code,
+          `${code === ErrorCode.TRANSITION_FAILED ? 'vendor refused' : 'connection to the device failed during'} ${stateName(cur)} -> ${next}${after !== undefined ? ` (state now ${fmtState(after)})` : ''}: ${ne.message}`,
           { device: this.device, register: 'device_state', errno: ne.errno, cause: e });
       }
       trace('vfio_migration_set_state', { device: this.device, from: stateName(cur), to: next, raw: val });

@@ -3,7 +3,7 @@
 // raw operations (V2Ops): ioctls on a kernel device fd, calls into the emulated vendor, or vfio-user messages.
 // QEMU's hw/vfio/migration.c is the model: a returned data fd while one is open is "out of sync", a failed SET
 // re-reads the state, and ERROR is left only by reset.
-import { ErrorCode, MigError } from '../../errors.js';
+import { ErrorCode, MigError, accessErrorCode } from '../../errors.js';
 import { trace } from '../../trace.js';
 import type { DigestTarget } from '../../transport/transport.js';
 import type { DeviceGeometry } from '../../container/format.js';
@@ -107,7 +107,9 @@ export class V2Device implements MigDevice {
           throw new MigError(ErrorCode.DEVICE_ERROR_STATE, `transition ${cur} -> ${next} put the device in ERROR: ${why}`,
             { device: this.name, errno: errnoOf(e), cause: e });
         }
-        throw new MigError(ErrorCode.TRANSITION_FAILED, `vendor refused ${cur} -> ${next}${after ? ` (state now ${after})` : ''}: ${why}`,
+        // A peer that died, stalled or broke the protocol (vfio-user) did not refuse anything: say which it was.
+        const code = accessErrorCode(errnoOf(e), ErrorCode.TRANSITION_FAILED);
+        throw new MigError(code, `${code === ErrorCode.TRANSITION_FAILED ? 'vendor refused' : 'connection to the device failed during'} ${cur} -> ${next}${after ? ` (state now ${after})` : ''}: ${why}`,
           { device: this.name, errno: errnoOf(e), cause: e });
       }
       if (closesSession(cur, next)) this.dropFd();

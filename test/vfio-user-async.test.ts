@@ -1,0 +1,62 @@
+// The main thread never waits on a vfio-user socket: requests that the engine makes on the main thread (register
+// reads and writes, state changes, DEVICE_FEATURE, DIRTY_PAGES, resets) run on the libuv pool, so a server that is
+// slow to answer stalls the device, never the event loop. A proxy process holds the matching request for 1.5 s; a
+// 5 ms interval measures the largest gap between event-loop turns meanwhile. Each case also runs the synchronous
+// call against the same stall, which shows the measurement catches a blocked loop.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { native } from '../src/addon/native.js';
+import { DeviceServer, VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { CMD } from '../src/main/reach/vfio-user/protocol.js';
+import { kill, killAll, loopGap, sockPath, stallProxy } from './vfu-procs.js';
+
+const STALL_MS = 1500;
+/** Far below the stall, far above any event-loop turn on a loaded 2-core machine. */
+const FREE_MS = 500;
+
+test('native regionRwAsync: a register read the server answers 1.5 s late leaves the event loop free; the sync read blocks it', async () => {
+  const srv = DeviceServer.start({ socket: sockPath('async'), stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', dirtyRate: 0, dmaRate: 0 });
+  const proxy = await stallProxy(srv.socket, CMD.REGION_READ, 8, STALL_MS); // pending_bytes
+  const t = await VfioUserTransport.connect(proxy.socket, { timeoutMs: 5000 });
+  try {
+    const region = t.openRegion();
+    const a = await loopGap(() => native().regionRwAsync(region.handle, 8, 8));
+    assert.is(a.value.length, 8);
+    assert.ok(a.gapMs < FREE_MS, `async: largest event-loop gap ${a.gapMs.toFixed(0)} ms during a ${STALL_MS} ms stall`);
+    assert.ok(proxy.out().includes('stall 1'), 'the proxy did hold the read');
+    const w = await loopGap(() => native().regionRwAsync(region.handle, 0, 4, new Uint8Array([1, 0, 0, 0]))); // RUNNING again
+    assert.is(w.value.length, 0);
+    // The control: the synchronous read of the same register waits the stall out on the main thread.
+    const s = await loopGap(async () => native().regRead(region.handle, 8, 8));
+    assert.ok(s.gapMs >= STALL_MS - 100, `sync: gap ${s.gapMs.toFixed(0)} ms (the measurement sees a blocked loop)`);
+    assert.is(s.value, new DataView(a.value.buffer).getBigUint64(0, true), 'the same register, the same value');
+  } finally {
+    t.close(); kill(proxy.child, 'SIGTERM'); srv.stop();
+  }
+});
+
+test('native regionRwAsync: errors carry errno and the region error text; bad arguments are refused at the call', async () => {
+  const srv = DeviceServer.start({ socket: sockPath('async'), stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+  const t = await VfioUserTransport.connect(srv.socket, { timeoutMs: 5000 });
+  try {
+    const h = t.openRegion().handle;
+    // A write to pending_bytes is refused by the server (EINVAL): the rejection names the access and the command.
+    const e = await native().regionRwAsync(h, 8, 8, new Uint8Array(8)).then(() => null, (x: unknown) => x as { code: string; errno: number; message: string });
+    assert.ok(e, 'rejected');
+    assert.is(e!.code, 'EINVAL');
+    assert.is(e!.errno, 22);
+    assert.match(e!.message, /regionRwAsync\(h=\d+,off=8,len=8\).*REGION_WRITE/);
+    assert.throws(() => native().regionRwAsync(h, 0, 0), /'len' must be an integer/);
+    assert.throws(() => native().regionRwAsync(h, 2 ** 40, 8), /exceeds the region size/);
+    assert.throws(() => native().regionRwAsync(h, 0, 4, new Uint8Array(8)), /'data' holds 8 bytes/);
+    assert.throws(() => native().regionRwAsync(987654, 0, 4), /EBADF/);
+    // The connection is still usable after a refused access (an error reply keeps the stream in step).
+    const v = await native().regionRwAsync(h, 0, 4);
+    assert.is(new DataView(v.buffer).getUint32(0, true), 1, 'device_state RUNNING');
+  } finally {
+    t.close(); srv.stop();
+  }
+});
+
+test.after(() => killAll());
+test.run();
