@@ -9,7 +9,9 @@ import { fileURLToPath } from 'node:url';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const BIN = path.join(ROOT, 'bin/vfio-mig.js');
 const FIXTURES = path.join(ROOT, 'dist/test/fixtures');
+// One directory for every suite that imports this module (uvu runs them in one process): removed at exit.
 export const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-vfu-'));
+process.on('exit', () => fs.rmSync(TMP, { recursive: true, force: true }));
 let seq = 0;
 export const sockPath = (tag: string) => path.join(TMP, `${tag}-${seq++}.sock`);
 
@@ -68,9 +70,9 @@ export function childReady(child: ChildProcess, socket: string): Promise<Child> 
 
 export function kill(c: ChildProcess, sig: NodeJS.Signals = 'SIGKILL'): void { if (c.exitCode === null && c.signalCode === null) c.kill(sig); }
 
+/** Kill every child still running (a suite's after hook). */
 export function killAll(): void {
   for (const c of children) kill(c);
-  fs.rmSync(TMP, { recursive: true, force: true });
 }
 
 /** The largest gap between event-loop turns (a 5 ms interval) while `run` is in flight. */
