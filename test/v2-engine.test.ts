@@ -153,7 +153,7 @@ test('v2 refused stream: the destination names the device and stream offset, and
     assert.match(e.message, /bad magic/);
     assert.ok(typeof e.offset === 'number', 'names an offset');
     const dest = loader.dests[0];
-    assert.is(dest.dev!.state(), 'RUNNING', 'reset returns the device to RUNNING with its state discarded');
+    assert.is(await dest.dev!.state(), 'RUNNING', 'reset returns the device to RUNNING with its state discarded');
     assert.match(dest.stats.state, /^reset/);
   } finally {
     destroyEmulated(d);

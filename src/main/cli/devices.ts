@@ -27,7 +27,7 @@ export async function openDevices(specs: string[], o: ReachFlags): Promise<Engin
       out.push(await connectVfioUser(path, { timeoutMs: o.vfuTimeout, writeBound: o.vfuWriteBound }));
     }
   } catch (e) {
-    for (const t of out) t.close();
+    for (const t of out) await t.close();
     throw e;
   }
   return out;

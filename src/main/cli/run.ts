@@ -112,7 +112,7 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
     const ok = save.ok && report.ok && report.devices.every(loadedOk);
     runDone(cmd, `vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`, o.stream ?? stream, save, report, dst, ok);
   } finally {
-    for (const t of all) t.close();
+    for (const t of all) await t.close();
     if (!o.stream) fs.rmSync(stream, { force: true });
     await pool.close();
   }
@@ -207,7 +207,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     const where = `stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`;
     cmd.done({ stream: o.stream, save: saveJson(r) }, `${saveText(r)}\n${where}`, r.ok, where);
   } finally {
-    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else s.close();
+    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else await s.close();
     await pool.close();
   }
 }
@@ -233,7 +233,7 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
     throw e;
   } finally {
     for (const d of loader?.dests ?? []) destroyEmulated((d.dev ?? d.transport) as object);
-    for (const t of reached) t.close();
+    for (const t of reached) await t.close();
     await pool.close();
   }
 }

@@ -12,6 +12,13 @@ import type { DigestTarget } from '../transport/transport.js';
 import type { DeviceGeometry, DeviceTableEntry } from '../container/format.js';
 
 /**
+ * A value now or later. Main-thread seam methods that touch the device return one: an in-process or kernel device
+ * answers at once (a plain value, no extra tick), a vfio-user device answers after a socket round trip (a Promise,
+ * so the main thread never blocks on the socket). The engine awaits every such call.
+ */
+export type Awaitable<T> = T | Promise<T>;
+
+/**
  * One vocabulary for device states: the v2 names (enum vfio_device_mig_state). A v1 device has the subset STOP,
  * RUNNING, PRE_COPY (SAVING|RUNNING), STOP_COPY (SAVING), RESUMING and ERROR (SAVING|RESUMING); it has no P2P states.
  */
@@ -137,41 +144,43 @@ export interface DirtyLog {
   readonly pages: number;
   /** The query goes through the device's data channel (draft-2019): the engine holds the device lock around it. */
   readonly sharesDataChannel: boolean;
-  start(): void;
+  start(): Awaitable<void>;
   /** OR the pages dirtied since the last report into `bitmap` (>= ceil(pages/8) bytes) and clear them; returns pages. */
-  report(bitmap: Uint8Array): number;
-  stop(): void;
+  report(bitmap: Uint8Array): Awaitable<number>;
+  stop(): Awaitable<void>;
 }
 
 /** How a worker applies a loaded config blob (structured-cloneable, like DataPathDesc). */
 export interface ConfigTargetDesc { module?: string; kind: string; [k: string]: unknown }
 
 /**
- * The main thread's view of one device. Every method may throw MigError naming the device; none moves bulk data.
- * Calls that touch the device are made under the device's lock by the engine.
+ * The main thread's view of one device. Every method may throw (or reject with) MigError naming the device; none
+ * moves bulk data. Calls that touch the device are made under the device's lock by the engine, which awaits each
+ * Awaitable result and holds the lock across the await (workers wait for it; the main thread's event loop does not).
+ * name, caps, dataPath, geometry, digestTarget, configTarget and vendorError answer from what the object knows.
  */
 export interface MigDevice {
   readonly name: string;
   readonly caps: DeviceCaps;
   /** Current state (v2: MIG_DEVICE_STATE GET; v1: device_state). A device in ERROR reports 'ERROR'. */
-  state(): MigState;
+  state(): Awaitable<MigState>;
   /**
    * Go to `target` through the protocol's FSM, one arc at a time (v2: the vfio_mig_get_next_state table; v1: its
    * NEXT_STATE table). A refused arc throws TRANSITION_FAILED naming it (DEVICE_ERROR_STATE if the device went to
    * ERROR); the device is then in whichever state the protocol reports.
    */
-  setState(target: TargetState): StateChange;
+  setState(target: TargetState): Awaitable<StateChange>;
   /** Size estimates for the current state (cheap; called once per pre-copy round). */
-  estimate(): SizeEstimate;
+  estimate(): Awaitable<SizeEstimate>;
   /** The current data session for workers, or null outside saving/resuming states. */
   dataPath(): DataPathDesc | null;
   /** Config space save/restore (the embedder may replace this with its own hook). */
-  readConfig(): Uint8Array;
-  writeConfig(space: Uint8Array): void;
+  readConfig(): Awaitable<Uint8Array>;
+  writeConfig(space: Uint8Array): Awaitable<void>;
   /** For a worker that restores config while loading. */
   configTarget(): ConfigTargetDesc;
   /** VFIO_DEVICE_RESET: back to RUNNING, data sessions closed; the only way out of ERROR. */
-  reset(): void;
+  reset(): Awaitable<void>;
   /** Dirty logging of its DMA, or null if it has none. */
   readonly dirtyLog: DirtyLog | null;
   /** What a destination needs to be made identical (recorded in the container's device table). */
@@ -181,12 +190,13 @@ export interface MigDevice {
   /** Vendor's own text for the last failure, if the reach can tell (emulated lastError). */
   vendorError?(): string;
   /** Close sessions and handles this object opened (never fds an embedder handed over). */
-  close(): void;
+  close(): Awaitable<void>;
 }
 
 /** A reach's entry in the registry: how to make a destination for a device-table entry of this reach. */
 export interface ReachProvider {
   readonly kind: ReachKind;
-  /** A destination device for `entry` (protocol in entry.profile), or a MigError explaining why it cannot. */
-  destination?(entry: DeviceTableEntry): MigDevice;
+  /** A destination device for `entry` (protocol in entry.profile), or a MigError explaining why it cannot (a reach
+   *  that must connect first, e.g. over a socket, returns a Promise). */
+  destination?(entry: DeviceTableEntry): Awaitable<MigDevice>;
 }

@@ -21,15 +21,15 @@ export class DirtyTracker {
     }
   }
 
-  start(): void {
-    for (const d of this.devices) if (d.dev) d.dev.dirtyLog?.start();
+  async start(): Promise<void> {
+    for (const d of this.devices) if (d.dev) await d.dev.dirtyLog?.start();
     for (const d of this.devices) if (!d.dev && d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(true);
   }
 
-  stop(): void {
+  async stop(): Promise<void> {
     for (const d of this.devices) {
       try {
-        if (d.dev) d.dev.dirtyLog?.stop();
+        if (d.dev) await d.dev.dirtyLog?.stop();
         else if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(false);
       } catch { /* stopping is best effort during rollback */ }
     }
@@ -43,10 +43,19 @@ export class DirtyTracker {
     const t0 = performance.now();
     let found = 0;
     if (d.dev) {
-      // v2 DMA logging (the device's own log, not the data channel: no device lock needed).
+      // v2 DMA logging and the container's log need no device lock; a log read through the data channel
+      // (draft-2019's region pfns) does, held across the report (which may answer later, over a socket).
+      const log = d.dev.dirtyLog!;
       const bm = this.scratch.get(d.index)!;
       bm.fill(0);
-      d.dev.dirtyLog!.report(bm);
+      if (log.sharesDataChannel) {
+        const lock = d.shared.lock;
+        await lock.lockAsync(OWNER_MAIN, signal); // abandoned on cancel: the lock may be held by a stalled vendor call
+        this.lockWaitMs.record(performance.now() - t0);
+        try { await log.report(bm); } finally { lock.unlock(); }
+      } else {
+        await log.report(bm);
+      }
       for (let i = 0; i < bm.length; i++) {
         if (bm[i] & ~out[i]) found += popcount8(bm[i] & ~out[i]);
         out[i] |= bm[i];

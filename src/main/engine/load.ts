@@ -21,7 +21,7 @@ import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
 import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
-import type { MigDevice } from '../device/seam.js';
+import type { Awaitable, MigDevice } from '../device/seam.js';
 import { reachProvider } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
 import type { ConfigTarget } from '../transport/config.js';
@@ -38,7 +38,7 @@ export interface LoadOptions {
   /** Called once per device when its whole QEMU stream (config included) has been applied, before END is read. */
   onDeviceLoaded?: (d: Dest) => void;
   /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
-  makeDestination?: (e: DeviceTableEntry) => DeviceTransport | MigDevice;
+  makeDestination?: (e: DeviceTableEntry) => Awaitable<DeviceTransport | MigDevice>;
   /** Compare each destination's digest with the source digest in the END record. */
   verify?: boolean;
   /**
@@ -346,7 +346,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
-      const made = entry.profile === 'v2' && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry);
+      const made = await (entry.profile === 'v2' && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
       // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
       this.claims.claimOne(made as DeviceTransport);
       const dev = seamDevice(made);
@@ -389,7 +389,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${dev.caps.protocol}`, { device: entry.name });
     }
     await shared.lock.lockAsync(OWNER_MAIN);
-    try { dev.setState('RESUMING'); } finally { shared.lock.unlock(); }
+    try { await dev.setState('RESUMING'); } finally { shared.lock.unlock(); }
     this.setDestState(d, 'RESUMING');
     trace('vfio_load_setup', { device: entry.name });
   }
@@ -566,15 +566,19 @@ export class Loader extends EventEmitter<LoaderEvents> {
 
   private async destSet(d: Dest, target: 'STOP' | 'RUNNING' | 'RUNNING_P2P', why = (m: string) => m): Promise<void> {
     await d.shared.lock.lockAsync(OWNER_MAIN);
+    let now: string;
     try {
-      if (d.dev) d.dev.setState(target);
-      else d.region.setState(target === 'RUNNING_P2P' ? 'RUNNING' : target);
-    } catch (e) {
-      throw new MigError(ErrorCode.LOAD_REJECTED, why(`${(e as Error).message}${lastError(d)}`), { device: d.entry.name, cause: e });
+      try {
+        if (d.dev) await d.dev.setState(target);
+        else d.region.setState(target === 'RUNNING_P2P' ? 'RUNNING' : target);
+      } catch (e) {
+        throw new MigError(ErrorCode.LOAD_REJECTED, why(`${(e as Error).message}${lastError(d)}`), { device: d.entry.name, cause: e });
+      }
+      now = d.dev ? await d.dev.state() : d.region.state();
     } finally {
       d.shared.lock.unlock();
     }
-    this.setDestState(d, d.dev ? d.dev.state() : d.region.state());
+    this.setDestState(d, now);
   }
 
   /**
@@ -603,8 +607,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
     for (const d of this.dests) {
       if (d.dev) {
         try {
-          if (d.dev.state() !== 'STOP') d.dev.reset();
-          this.setDestState(d, `reset (${d.dev.state()}, state discarded)`);
+          if (await d.dev.state() !== 'STOP') await d.dev.reset();
+          this.setDestState(d, `reset (${await d.dev.state()}, state discarded)`);
         } catch (e) {
           d.stats.state = `unknown (${(e as Error).message})`;
         }

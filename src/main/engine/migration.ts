@@ -337,7 +337,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.to('setup');
       await this.writer.begin(this.deviceTable());
       await this.onAll((d) => d.setup());
-      this.dirty.start();
+      await this.dirty.start();
       this.to('precopy');
       if (this.o.dirtyQueryIntervalMs > 0) {
         dirtyLoop = (async () => {
@@ -378,7 +378,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       }
       await this.writer.end(end);
       await this.writer.sink.close();
-      this.dirty.stop();
+      await this.dirty.stop();
       this.to('done');
       return this.report(true, t0, stopCopyMs);
     } catch (e) {
@@ -398,7 +398,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       // Every device at once: one whose worker is stuck in a vendor call is deferred, not waited for.
       const rollback: RollbackResult[] = await Promise.all(this.devices.map((d) => d.rollback()));
       const pending = this.devices.filter((d) => d.deferredRollback);
-      this.dirty.stop();
+      await this.dirty.stop();
       try {
         await this.writer.abort({ code: err.code, message: err.message, device: err.device });
       } catch { /* the sink itself may be what failed */ }

@@ -9,7 +9,7 @@ import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
-import type { MigDevice, TargetState } from '../device/seam.js';
+import type { Awaitable, MigDevice, TargetState } from '../device/seam.js';
 import type { SaveResult, VendorMode } from '../../workers/tasks.js';
 import { DeviceShared } from './device-shared.js';
 import type { EnginePool } from './pool.js';
@@ -141,8 +141,8 @@ export class SourceDevice {
   get name(): string { return this.dev?.name ?? this.transport.name; }
 
   /** A seam device's state change, one arc at a time (traced by the protocol), reported like a v1 write. */
-  private devSet(target: TargetState): void {
-    this.dev!.setState(target);
+  private async devSet(target: TargetState): Promise<void> {
+    await this.dev!.setState(target);
     this.opts.onState?.(target);
   }
 
@@ -168,14 +168,18 @@ export class SourceDevice {
   }
 
   /** A register operation under the region lock; refused once the device was aborted. */
-  private async locked<T>(fn: () => T, what = 'state change'): Promise<T> {
+  private async locked<T>(fn: () => Awaitable<T>, what = 'state change'): Promise<T> {
     this.checkAborted(what);
     return this.withLock(fn);
   }
 
-  private async withLock<T>(fn: () => T): Promise<T> {
+  /**
+   * `fn` under the device lock, held until what it returns settles: a seam device that answers over a socket keeps
+   * the workers off its channel for the whole round trip while the event loop runs on.
+   */
+  private async withLock<T>(fn: () => Awaitable<T>): Promise<T> {
     await this.shared.lock.lockAsync(OWNER_MAIN);
-    try { return fn(); } finally { this.shared.lock.unlock(); }
+    try { return await fn(); } finally { this.shared.lock.unlock(); }
   }
 
   /** save_setup: [SETUP][END]; RUNNING -> PRE_COPY (a stopped device goes straight to STOP_COPY). */
@@ -184,14 +188,14 @@ export class SourceDevice {
     if (this.dev) {
       const dev = this.dev;
       this.declaredChunk = dev.geometry().maxChunk;
-      await this.locked(() => {
-        const st = dev.state();
+      await this.locked(async () => {
+        const st = await dev.state();
         if (st !== 'RUNNING' && st !== 'STOP') {
           throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${st} (expected RUNNING or STOP)`, { device: this.name });
         }
         // QEMU 8+: a running device with PRE_COPY enters it (RUNNING is the recovery); without, it stays RUNNING.
-        if (st === 'RUNNING' && dev.caps.precopy) this.devSet('PRE_COPY');
-        if (st === 'STOP') this.devSet('STOP_COPY');
+        if (st === 'RUNNING' && dev.caps.precopy) await this.devSet('PRE_COPY');
+        if (st === 'STOP') await this.devSet('STOP_COPY');
       });
       await this.writer.deviceBytes(this.index, this.shared, setupSection());
       this.setPhase('precopy');
@@ -262,16 +266,16 @@ export class SourceDevice {
   async quiesce(): Promise<void> {
     const dev = this.dev;
     if (!dev?.caps.p2p) return;
-    await this.locked(() => {
-      const st = dev.state();
-      if (st === 'PRE_COPY') this.devSet('PRE_COPY_P2P');
-      else if (st === 'RUNNING') this.devSet('RUNNING_P2P');
+    await this.locked(async () => {
+      const st = await dev.state();
+      if (st === 'PRE_COPY') await this.devSet('PRE_COPY_P2P');
+      else if (st === 'RUNNING') await this.devSet('RUNNING_P2P');
     });
   }
 
   /** save_state: [CONFIG][len][blob][END] after all iterables (QEMU 6.0+ placement). */
   async saveState(): Promise<void> {
-    const blob = encodeConfigBlob(this.dev ? this.dev.readConfig() : this.transport.readConfig());
+    const blob = encodeConfigBlob(this.dev ? await this.locked(() => this.dev!.readConfig(), 'config read') : this.transport.readConfig());
     await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
     this.stats.streamBytes = this.shared.streamBytes;
     this.stats.finalState = await this.locked(() => (this.dev ? this.dev.state() : this.region.state()));
@@ -343,9 +347,9 @@ export class SourceDevice {
   }
 
   /** Under the lock. Throws if the device cannot be brought back to RUNNING. Seam (v2) devices and v1 regions alike. */
-  private backToRunning(): RollbackResult {
+  private async backToRunning(): Promise<RollbackResult> {
     const dev = this.dev;
-    const read = (): string => {
+    const read = async (): Promise<string> => {
       if (dev) return dev.state();
       try {
         return this.region.state();
@@ -354,13 +358,13 @@ export class SourceDevice {
         return 'ERROR';
       }
     };
-    const running = () => { if (dev) this.devSet('RUNNING'); else this.setState('RUNNING'); };
-    const from = read();
+    const running = async () => { if (dev) await this.devSet('RUNNING'); else this.setState('RUNNING'); };
+    const from = await read();
     if (from === 'RUNNING') return { device: this.name, outcome: RollbackOutcome.WAS_RUNNING, from, detail: 'was RUNNING' };
     let first: MigError | undefined;
     if (from !== 'ERROR') {
       try {
-        running();
+        await running();
         return { device: this.name, outcome: RollbackOutcome.RESUMED, from, detail: `${from} -> RUNNING` };
       } catch (e) {
         first = e as MigError;
@@ -368,10 +372,10 @@ export class SourceDevice {
       }
     }
     // ERROR, or RUNNING refused: VFIO_DEVICE_RESET (QEMU's v1 hw_error()s here), then RUNNING again if need be.
-    if (dev) dev.reset(); else this.transport.reset();
+    if (dev) await dev.reset(); else this.transport.reset();
     trace('vfio_device_reset', { device: this.name, from, after: first?.code });
-    if (read() !== 'RUNNING') running();
-    const now = read();
+    if (await read() !== 'RUNNING') await running();
+    const now = await read();
     if (now !== 'RUNNING') throw new MigError(ErrorCode.BAD_STATE, `device is ${now} after reset`, { device: this.name });
     this.opts.onState?.('RUNNING');
     return {

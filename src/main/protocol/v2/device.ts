@@ -52,7 +52,8 @@ function errnoOf(e: unknown): number | undefined { return (e as { errno?: number
 
 export class V2Device implements MigDevice {
   readonly caps: DeviceCaps;
-  readonly dirtyLog: DirtyLog | null;
+  /** Answers synchronously (ioctls or in-process calls), like every V2Device method. */
+  readonly dirtyLog: V2DirtyLog | null;
   private fd = -1;
 
   constructor(readonly ops: V2Ops) {
@@ -176,7 +177,7 @@ export class V2Device implements MigDevice {
 }
 
 /** VFIO_DEVICE_FEATURE_DMA_LOGGING_* over the device's guest ranges; a report concatenates the ranges' bitmaps. */
-class V2DirtyLog implements DirtyLog {
+export class V2DirtyLog implements DirtyLog {
   readonly kind = 'dma-logging' as const;
   readonly sharesDataChannel = false;
   readonly pages: number;
