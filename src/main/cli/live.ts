@@ -8,6 +8,9 @@ import type { LiveEvent } from '../live/events.js';
 import { fmtBytes, parseSize } from './args.js';
 import { deviceOpts, loadText, migOpts, saveText, type DeviceFlags } from './run.js';
 import { CommandOutput, type OutputFlags } from './output.js';
+import { openDevices } from './devices.js';
+import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
+import type { EngineDevice } from '../engine/source-device.js';
 import { receiveJson, sendJson } from '../report/json.js';
 
 /** One stderr line per event worth a human's attention (progress is left to --json consumers and the report). */
@@ -19,6 +22,7 @@ function eventLine(side: string, e: LiveEvent): string | null {
     case 'state': return `state: ${e.state}`;
     case 'refused': return `refused: ${e.devices.map((d) => `${d.name}: ${d.reason}`).join('; ')}`;
     case 'switchover-ack': return 'switchover-ack';
+    case 'init-data-loaded': return `${e.device}: initial data loaded (DEV_INIT_DATA_SENT)`;
     case 'downtime': return `downtime ${e.downtimeMs.toFixed(1)} ms (end to end)`;
     case 'device-error': return `device error: ${e.cause.code}: ${e.cause.message}`;
     default: return null;
@@ -34,7 +38,9 @@ function logger(side: string, quiet: boolean) {
   };
 }
 
-export interface SendFlags extends DeviceFlags { signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; availSwitchoverBandwidth?: number }
+export interface SendFlags extends DeviceFlags {
+  signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; switchoverAckTimeout?: number; availSwitchoverBandwidth?: number;
+}
 
 export function sendText(r: SendReport): string {
   const lines: string[] = [];
@@ -50,23 +56,30 @@ export function sendText(r: SendReport): string {
 export async function cmdSend(o: SendFlags): Promise<void> {
   const dev = deviceOpts(o);
   const cmd = new CommandOutput('send', o, o);
-  const sources: EmulatedTransport[] = [];
+  const sources: EngineDevice[] = [];
   try {
-    for (let i = 0; i < o.devices; i++) sources.push(EmulatedTransport.create({ ...dev, name: `emu${i}`, seed: o.seed + i }));
+    if (o.device?.length) sources.push(...await openDevices(o.device, o));
+    else {
+      for (let i = 0; i < o.devices; i++) {
+        const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
+        sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
+      }
+    }
     const r = await send(sources, {
       ...migOpts(o), to: o.to, channels: o.channels, tlsDir: o.tlsDir, timeoutMs: o.timeout, threads: o.threads,
+      switchoverAckTimeoutMs: o.switchoverAckTimeout,
       availSwitchoverBandwidth: o.availSwitchoverBandwidth, signal: o.signal, onEvent: logger('send', !!o.json || !!o.quiet),
       onMigration: (m) => { cmd.attachMigration(m); },
     });
     const j = sendJson(r);
     cmd.done(j, sendText(r), r.ok, `verified: ${j.verified}`);
   } finally {
-    for (const s of sources) s.destroy();
+    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else s.close();
   }
 }
 
 /** --device name=emu0,profile=linux-5.8,size=64MiB,chunk=1MiB: an emulated destination of that shape. */
-export function parseDeviceSpec(spec: string): EmulatedTransport {
+export function parseDeviceSpec(spec: string): EngineDevice {
   const kv = new Map<string, string>();
   for (const part of spec.split(',')) {
     const i = part.indexOf('=');
@@ -76,14 +89,15 @@ export function parseDeviceSpec(spec: string): EmulatedTransport {
   for (const k of kv.keys()) if (!['name', 'profile', 'size', 'chunk'].includes(k)) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device: unknown key '${k}'`);
   const name = kv.get('name');
   if (!name) throw new MigError(ErrorCode.BAD_ARGUMENT, '--device: name= is required');
-  const profile = (kv.get('profile') ?? 'linux-5.8') as ProfileName;
-  if (!(PROFILES as readonly string[]).includes(profile)) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device: profile '${profile}' is not one of ${PROFILES.join(', ')}`);
+  const profile = (kv.get('profile') ?? 'linux-5.8') as ProfileName | 'v2';
+  if (![...PROFILES, 'v2'].includes(profile)) throw new MigError(ErrorCode.BAD_ARGUMENT, `--device: profile '${profile}' is not one of ${[...PROFILES, 'v2'].join(', ')}`);
   const stateSize = parseSize('--device size', kv.get('size') ?? '64MiB');
   const maxChunk = parseSize('--device chunk', kv.get('chunk') ?? '1MiB');
   if (stateSize % 4096 || stateSize < 8192 || maxChunk % 4096 || maxChunk < 8192) {
     throw new MigError(ErrorCode.BAD_ARGUMENT, `--device ${name}: size and chunk must be multiples of 4096, at least 8 KiB`);
   }
-  return EmulatedTransport.create({ name, profile, stateSize, maxChunk, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  const o = { name, stateSize, maxChunk, zeroFill: true, dirtyRate: 0, dmaRate: 0 };
+  return profile === 'v2' ? emulatedV2(o) : EmulatedTransport.create({ ...o, profile });
 }
 
 export interface ReceiveFlags extends OutputFlags { signal?: AbortSignal; listen: string; device?: string[]; tlsDir?: string; save?: string; timeout: number; threads?: number; verify: boolean; force?: boolean }
@@ -111,6 +125,6 @@ export async function cmdReceive(o: ReceiveFlags): Promise<void> {
     const j = receiveJson(r);
     cmd.done(j, receiveText(r), ok, `verified: ${j.verified}`);
   } finally {
-    for (const d of dests) d.destroy();
+    for (const d of dests) destroyEmulated(d);
   }
 }

@@ -92,6 +92,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--channels <n>', 'parallel connections (each device uses one)', (v) => parseIntIn('--channels', v, 1, 64), 1)
     .option('--tls-dir <dir>', 'mutual TLS 1.3 over tcp: ca-cert.pem, client-cert.pem, client-key.pem')
     .option('--timeout <ms>', 'the destination is declared gone after this long without a frame from it', (v) => parseIntIn('--timeout', v, 100, 3_600_000), 10_000)
+    .option('--switchover-ack-timeout <ms>', 'give up (and resume every source device) when the destination has not acknowledged the switchover this long after pre-copy converged with every v2 device\'s initial data sent (default: --timeout)', (v) => parseIntIn('--switchover-ack-timeout', v, 100, 3_600_000))
     .option('--avail-switchover-bandwidth <bytes/s>', 'bandwidth for the downtime estimate only', (v) => parseSize('--avail-switchover-bandwidth', v)))
     .option('--force', 'replace an existing --report or --events file')
     .action((o: SendFlags) => withSignals((signal) => cmdSend({ ...o, signal })));

@@ -37,6 +37,11 @@ export interface LoadOptions {
   onSetup?: (dests: readonly Dest[]) => Promise<void> | void;
   /** Called once per device when its whole QEMU stream (config included) has been applied, before END is read. */
   onDeviceLoaded?: (d: Dest) => void;
+  /**
+   * v2: called once per device when the record carrying its DEV_INIT_DATA_SENT has been applied, so every initial
+   * byte before the marker is in the device (QEMU's qemu_loadvm_approve_switchover; a receiver's switchover-ack).
+   */
+  onInitDataLoaded?: (d: Dest) => void;
   /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
   makeDestination?: (e: DeviceTableEntry) => Awaitable<DeviceTransport | MigDevice>;
   /** Compare each destination's digest with the source digest in the END record. */
@@ -497,6 +502,10 @@ export class Loader extends EventEmitter<LoaderEvents> {
         d.parse = res.parse;
         d.stats.dataPackets += res.dataPackets;
         d.stats.dataBytes += res.dataBytes;
+        if (d.parse.initDataSent && !d.stats.initDataSent) {
+          d.stats.initDataSent = true;
+          this.o.onInitDataLoaded?.(d);
+        }
         // The config section is always last: once it is closed the device has everything but END's digest.
         if (d.parse.sawConfig && !d.parse.inSection && !d.loaded) {
           d.loaded = true;

@@ -6,7 +6,7 @@ import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks';
 import { ErrorCode, MigError, abortError, toMigError } from '../errors.js';
 import { trace } from '../trace.js';
 import type { ContainerWriter } from '../container/writer.js';
-import type { DeviceTable, EndRecord } from '../container/format.js';
+import type { DeviceGeometry, DeviceTable, EndRecord } from '../container/format.js';
 import { digestTask } from '../transport/transport.js';
 import { DirtyTracker } from './dirty.js';
 import type { LatencySummary } from './histogram.js';
@@ -32,6 +32,13 @@ export const PHASE_ARCS: Record<MigrationPhase, MigrationPhase[]> = {
   cancelled: [],
 };
 
+/**
+ * switchover-ack: the migration stops no device until `ready()`. It is asked only once pre-copy would switch over;
+ * `initialSent` says every PRE_COPY device's DEV_INIT_DATA_SENT is out (or pre-copy ran past maxRounds), i.e. only the
+ * destination can still hold the switchover back. `wait(ms)` resolves when ready or after ms.
+ */
+export interface SwitchoverGate { ready(initialSent: boolean): boolean; wait(ms: number): Promise<void> }
+
 export interface MigrationOptions {
   /** Stop pre-copy when the total pending fits this downtime at the measured bandwidth. */
   downtimeLimitMs?: number;
@@ -55,7 +62,7 @@ export interface MigrationOptions {
    * Switchover is allowed only once `ready()` (a live destination's switchover-ack): pre-copy goes on until then.
    * `wait(ms)` resolves when ready or after ms.
    */
-  switchoverGate?: { ready(): boolean; wait(ms: number): Promise<void> };
+  switchoverGate?: SwitchoverGate;
   /** strict mode: empty chunks in a row tolerated in a pre-copy round (default 64) and in stop-and-copy (default 256). */
   maxEmptyChunks?: number;
   maxNoProgress?: number;
@@ -298,7 +305,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
       version: 1,
       devices: this.devices.map((d) => ({
         index: d.index, name: d.name, profile: d.dev ? d.dev.caps.protocol : d.transport.profile.name,
-        transport: d.dev ? d.dev.caps.reach : d.transport.kind, geometry: (d.dev ?? d.transport).geometry(),
+        transport: d.dev ? d.dev.caps.reach : d.transport.kind, geometry: tableGeometry(d),
       })),
     };
   }
@@ -400,7 +407,9 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const pending = this.devices.filter((d) => d.deferredRollback);
       await this.dirty.stop();
       try {
-        await this.writer.abort({ code: err.code, message: err.message, device: err.device });
+        // A cancel whose reason is a MigError (a live sender aborting on its own timeout) records that reason.
+        const why = err.name === 'AbortError' && err.cause instanceof MigError && err.cause.code !== ErrorCode.CANCELLED ? err.cause : err;
+        await this.writer.abort({ code: why.code, message: why.message, device: why.device });
       } catch { /* the sink itself may be what failed */ }
       // The stream closes once no worker can write to it any more (a stalled one stops right after its vendor call).
       const closed = Promise.all(this.devices.map((d) => d.stopped)).then(() => this.writer.sink.close()).catch(() => undefined);
@@ -467,15 +476,20 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const pend = await this.onAll((d) => d.pending());
       const total = pend.reduce((a, b) => a + b, 0);
       const stuck = total === 0 || round > this.o.maxRounds;
+      const gate = this.o.switchoverGate;
       if (stuck || (bandwidth > 0 && total <= bandwidth * this.o.downtimeLimitMs)) {
-        const gate = this.o.switchoverGate;
-        if (!gate || gate.ready()) return;
         // switchover-ack (QEMU 8.1+): the destination has not loaded every PRE_COPY device's initial data yet. Keep
-        // iterating; with nothing pending (or past max rounds) wait for the ack instead, re-checking as it comes.
-        if (stuck) { await gate.wait(50); round--; continue; }
+        // iterating (as QEMU does: an iterate with nothing to read still writes a pending DEV_INIT_DATA_SENT); with
+        // nothing pending (or past max rounds) and every marker out, wait for the ack instead, re-checking as it comes.
+        const markersOut = this.devices.every((d) => !d.initPending);
+        if (!gate || gate.ready(markersOut || round > this.o.maxRounds)) return;
+        if (stuck && markersOut) { await gate.wait(50); round--; continue; }
       }
+      // Nothing left to send but some DEV_INIT_DATA_SENT: only those devices iterate (a tag-only round).
+      const markersOnly = stuck && !!gate;
       const r0 = performance.now();
       const res = await this.onAll(async (d) => {
+        if (markersOnly && !d.initPending) return SourceDevice.NOTHING;
         const t = performance.now();
         const r = await d.iterate(pend[d.index]);
         this.progress(d, false, (r.bytes * 1000) / Math.max(performance.now() - t, 0.001));
@@ -490,8 +504,12 @@ export class Migration extends EventEmitter<MigrationEvents> {
       this.emit('round', { ...rs, pendingAfter: res.reduce((a, r) => a + r.pending, 0), devicesPending: pend });
       trace('migration_round', { round, pending: total, bytes, ms: ms.toFixed(1) });
       if (this.o.dirtyQueryIntervalMs === 0) await this.dirty.queryAll();
-      // Every vendor claimed pending bytes and none staged any: more rounds will not converge, stop and copy.
-      if (bytes === 0) return;
+      // Every vendor claimed pending bytes and none staged any: more rounds will not converge, stop and copy (once
+      // the destination acknowledged: until then wait for it between rounds).
+      if (bytes === 0) {
+        if (!gate || gate.ready(this.devices.every((d) => !d.initPending))) return;
+        await gate.wait(50);
+      }
     }
   }
 
@@ -519,6 +537,12 @@ export class Migration extends EventEmitter<MigrationEvents> {
       },
     };
   }
+}
+
+/** A v2 device's entry always says which VFIO_MIGRATION_* flags it has: PRE_COPY ones gate a live switchover-ack. */
+function tableGeometry(d: SourceDevice): DeviceGeometry {
+  const g = (d.dev ?? d.transport).geometry();
+  return d.dev?.caps.protocol === 'v2' && g.migFlags === undefined ? { ...g, migFlags: d.dev.caps.migrationFlags } : g;
 }
 
 /** One entry per device and kind: the last occurrence, with the empty chunks of all of them. */

@@ -126,6 +126,8 @@ export class SourceDevice {
   /** v2: PRECOPY_INFO initial_bytes at the last estimate, and whether DEV_INIT_DATA_SENT went out. */
   private initialBytes = 0;
   initDataSent = false;
+  /** v2 with PRE_COPY, in its pre-copy session, and DEV_INIT_DATA_SENT not yet written: the next iterate writes it. */
+  get initPending(): boolean { return !!this.dev?.caps.precopy && !!this.dev.dataPath() && !this.initDataSent; }
 
   constructor(readonly index: number, device: EngineDevice, private readonly pool: EnginePool,
     private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
@@ -233,11 +235,14 @@ export class SourceDevice {
    * save_live_iterate for one round: chunks until `pending` bytes went out, nothing is pending, or the round's byte
    * or time bound is reached.
    */
+  /** An iterate that did not run. */
+  static readonly NOTHING: Readonly<SaveResult> = Object.freeze({
+    chunks: 0, bytes: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0,
+  });
+
   async iterate(pending: number): Promise<SaveResult> {
-    if (this.dev && !this.dev.dataPath()) {
-      // QEMU's vfio_is_active_iterate: a v2 device that is not in pre-copy does not iterate.
-      return { chunks: 0, bytes: 0, emptyChunks: 0, endedEmpty: false, emptyPending: 0, pending: 0, aborted: false, lockWaitNs: 0, lockHoldNs: 0 };
-    }
+    // QEMU's vfio_is_active_iterate: a v2 device that is not in pre-copy does not iterate.
+    if (this.dev && !this.dev.dataPath()) return { ...SourceDevice.NOTHING };
     const r = await this.runPhase('iterate', Math.min(pending, this.opts.roundBytes), Date.now() + this.opts.roundTimeMs);
     this.stats.rounds++;
     this.stats.precopyBytes += r.bytes;

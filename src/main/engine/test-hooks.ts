@@ -13,9 +13,11 @@ export interface TestHooks {
    * record write or read: every chunk goes through a staging slot), so that path is tested where SSE4.2 exists.
    */
   noSse42?: boolean;
+  /** A live receiver that never sends SWITCHOVER_ACK (the source's ack timeout). */
+  withholdSwitchoverAck?: boolean;
 }
 
-/** `opts` plus test hooks (for saveDevices / new Migration). */
+/** `opts` plus test hooks (for saveDevices / new Migration / new Receiver). */
 export function withTestHooks<T extends object>(opts: T, hooks: TestHooks): T {
   return { ...opts, [TEST_HOOKS]: hooks };
 }

@@ -15,6 +15,8 @@ export type LiveEvent =
   | { type: 'refused'; devices: RefusedDevice[] }
   | { type: 'progress'; side: Side; devices: { index: number; name: string; bytes: number }[] }
   | { type: 'switchover-ack' }
+  /** Destination: a PRE_COPY device's initial data, up to its DEV_INIT_DATA_SENT, is loaded. */
+  | { type: 'init-data-loaded'; device: string; index: number }
   | { type: 'switchover'; side: Side }
   | { type: 'loaded'; destinationMs: number }
   | { type: 'device-error'; side: Side; cause: Cause }

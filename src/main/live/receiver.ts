@@ -11,8 +11,12 @@ import { type AbortRecord, type DeviceTable, type DeviceTableEntry, type RecordH
 import { ErrorCode, MigError } from '../errors.js';
 import { EnginePool } from '../engine/pool.js';
 import { Loader, emulatedDestination, type LoadReport } from '../engine/load.js';
-import type { EmulatedTransport } from '../transport/emulated.js';
 import type { DeviceTransport } from '../transport/transport.js';
+import { DEFAULT_STAGING_CHUNK, seamDevice, type EngineDevice } from '../engine/source-device.js';
+import { reachProvider } from '../device/registry.js';
+import { destroyEmulated } from '../reach/emulated/v2.js';
+import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
+import { testHooks } from '../engine/test-hooks.js';
 import { trace } from '../trace.js';
 import { allowed, listen, loadTlsDir, type Listener, type TlsConfig } from './conn.js';
 import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
@@ -29,9 +33,12 @@ import net from 'node:net';
 export interface ReceiveOptions {
   /** tcp:HOST:PORT, unix:PATH, fd:N (a connected socket) or file:PATH (load a saved stream). */
   listen: string;
-  /** Destinations for the source's devices, matched by name, else by order; default: emulated ones from the table. */
-  destinations?: DeviceTransport[];
-  makeDestination?: (e: DeviceTableEntry) => DeviceTransport;
+  /**
+   * Destinations for the source's devices (v1 transports or devices behind the seam, e.g. v2), matched by name, else
+   * by order; default: emulated ones made from the table (v2 entries through their reach's provider).
+   */
+  destinations?: EngineDevice[];
+  makeDestination?: (e: DeviceTableEntry) => EngineDevice | Promise<EngineDevice>;
   tlsDir?: string;
   signal?: AbortSignal;
   pool?: EnginePool;
@@ -86,8 +93,8 @@ function causeOf(e: MigError, side: Cause['side']): Cause {
 
 export class Receiver extends LiveEndpoint {
   /** Destinations in device-table order (valid once admitted). */
-  destinations: DeviceTransport[] = [];
-  private created = new Set<DeviceTransport>();
+  destinations: EngineDevice[] = [];
+  private created = new Set<EngineDevice>();
   private socks: Duplex[] = [];
   private listener: Listener | undefined;
   private session: Buffer | undefined;
@@ -107,6 +114,7 @@ export class Receiver extends LiveEndpoint {
   private doneWait: { resolve: () => void; reject: (e: MigError) => void } | undefined;
   private gotDone = false;
   private loaded = 0;
+  private acked = false;
   private readonly timeoutMs: number;
   private readonly keepaliveMs: number;
   private readonly uri: MigUri;
@@ -177,7 +185,7 @@ export class Receiver extends LiveEndpoint {
         `all ${this.nChannels} channels`);
       for (const c of this.chans) if (c.index > 0) src.addChannel(c.index, c.reader);
       rep.channels = this.nChannels;
-      const refused = this.admit(table);
+      const refused = await this.admit(table);
       if (refused.length) {
         rep.refused = refused;
         this.event({ type: 'refused', devices: refused });
@@ -185,9 +193,22 @@ export class Receiver extends LiveEndpoint {
         throw new MigError(ErrorCode.PEER_REFUSED, `refused: ${refused.map((r) => `${r.name}: ${r.reason}`).join('; ')}`,
           { device: refused[0].name });
       }
-      const maxBody = Math.max(24 + MAX_CONFIG_BLOB + 8, ...this.destinations.map((d) => d.geometry().regionSize + 64));
+      // A CHUNK body is one packet of the source's staging chunk: a v1 region's data area, a seam device's chunk.
+      const maxBody = Math.max(24 + MAX_CONFIG_BLOB + 8, ...this.destinations.map((d) => (seamDevice(d)
+        ? Math.min(Math.max(d.geometry().maxChunk, DEFAULT_STAGING_CHUNK), 64 << 20) : d.geometry().regionSize) + 64));
       src.start(maxBody);
-      const ackNeeded = 0; // v1 devices have no PRE_COPY initial data; v2 ones are counted here once the seam lands
+      // switchover-ack (QEMU 8.1+ qemu_loadvm_approve_switchover): the source may stop its devices once every device
+      // it declared PRE_COPY-capable (v2 migFlags) has had its DEV_INIT_DATA_SENT applied here. Devices without
+      // pre-copy initial data (v1, v2 without PRE_COPY) do not hold it back; with none, the ack follows ACCEPT.
+      const gating = new Set(table.devices.filter(needsAck).map((e) => e.index));
+      const withhold = !!testHooks(this.o)?.withholdSwitchoverAck;
+      let accepted = false;
+      const ackIfReady = async () => {
+        if (!accepted || gating.size > 0 || this.acked || withhold) return;
+        this.acked = true;
+        await this.send(F_SWITCHOVER_ACK, {});
+        this.event({ type: 'switchover-ack' });
+      };
       const loader = new Loader(src, pool, {
         makeDestination: (e) => this.destinations[e.index], verify: this.o.verify ?? true, start: this.o.start,
         maxStateBytes: this.o.maxStateBytes,
@@ -195,7 +216,14 @@ export class Receiver extends LiveEndpoint {
           await this.send(F_ACCEPT, { devices: table.devices.map((d) => ({ index: d.index, name: d.name })) });
           this.event({ type: 'accepted', devices: table.devices.map((d) => ({ index: d.index, name: d.name })) });
           this.setState('active');
-          if (ackNeeded === 0) { await this.send(F_SWITCHOVER_ACK, {}); this.event({ type: 'switchover-ack' }); }
+          accepted = true;
+          await ackIfReady();
+        },
+        onInitDataLoaded: (d) => {
+          this.event({ type: 'init-data-loaded', device: d.entry.name, index: d.entry.index });
+          trace('live_init_data_loaded', { device: d.entry.name });
+          if (!gating.delete(d.entry.index)) return; // a marker from a device not declared PRE_COPY: nothing waits on it
+          void ackIfReady().catch(() => undefined);
         },
         onDeviceLoaded: () => {
           if (++this.loaded < table.devices.length) return;
@@ -239,7 +267,7 @@ export class Receiver extends LiveEndpoint {
       }
       const lr = (err as { report?: LoadReport }).report ?? (e as { report?: LoadReport }).report;
       if (lr) rep.load = lr;
-      rep.devices = this.releaseAll(lr);
+      rep.devices = await this.releaseAll(lr);
       this.setState(cancelled ? 'cancelled' : 'failed');
       rep.state = this.state;
       rep.bytesReceived = this.source?.bytesReceived ?? 0;
@@ -262,7 +290,7 @@ export class Receiver extends LiveEndpoint {
     rep.channelBytes = this.source?.channelBytes;
     rep.totalMs = performance.now() - t0;
     if (this.o.save) rep.saved = this.o.save;
-    if (!this.o.keepDestinations) for (const d of this.created) (d as EmulatedTransport).destroy?.();
+    if (!this.o.keepDestinations) for (const d of this.created) destroyEmulated(d);
     return rep;
   }
 
@@ -402,14 +430,14 @@ export class Receiver extends LiveEndpoint {
   }
 
   /** Match destinations to the table; every device that cannot be taken is refused with its reason. */
-  private admit(table: DeviceTable): RefusedDevice[] {
+  private async admit(table: DeviceTable): Promise<RefusedDevice[]> {
     const refused: RefusedDevice[] = [];
     const given = this.o.destinations;
     const total = table.devices.reduce((a, d) => a + d.geometry.stateSize, 0);
     const max = this.o.maxStateBytes ?? os.totalmem();
     for (const e of table.devices) {
       const no = (code: string, reason: string) => refused.push({ index: e.index, name: e.name, code, reason });
-      let d: DeviceTransport | undefined;
+      let d: EngineDevice | undefined;
       if (given) {
         d = given.find((x) => x.name === e.name) ?? (given.some((x) => table.devices.some((t) => t.name === x.name)) ? undefined : given[e.index]);
         if (!d) { no('no-destination', `no destination device matches '${e.name}'`); continue; }
@@ -418,7 +446,9 @@ export class Receiver extends LiveEndpoint {
         continue;
       } else {
         try {
-          d = (this.o.makeDestination ?? emulatedDestination)(e);
+          const reach = e.profile === 'v2' && !this.o.makeDestination ? reachProvider(e.transport, e.name) : undefined;
+          if (reach && !reach.destination) { no('no-destination', `the ${e.transport} reach makes no destinations: pass --device`); continue; }
+          d = await (this.o.makeDestination ? this.o.makeDestination(e) : reach ? reach.destination!(e) : emulatedDestination(e));
           this.created.add(d);
         } catch (err) {
           no('no-destination', (err as Error).message);
@@ -426,17 +456,20 @@ export class Receiver extends LiveEndpoint {
         }
       }
       this.destinations[e.index] = d;
-      if (d.profile.name !== e.profile) { no('profile', `source speaks ${e.profile}, destination ${d.profile.name}`); continue; }
-      if (d.kind !== e.transport && !(this.created.has(d))) {
-        no('transport', `source is ${e.transport}, destination ${d.kind}`);
+      const dev = seamDevice(d);
+      const profile = dev ? dev.caps.protocol : (d as DeviceTransport).profile.name;
+      const kind = dev ? dev.caps.reach : (d as DeviceTransport).kind;
+      if (profile !== e.profile) { no('profile', `source speaks ${e.profile}, destination ${profile}`); continue; }
+      if (kind !== e.transport && !(this.created.has(d))) {
+        no('transport', `source is ${e.transport}, destination ${kind}`);
         continue;
       }
       const g = d.geometry();
-      if (e.transport === 'emulated' && d.kind === 'emulated' && (g.stateSize !== e.geometry.stateSize || g.maxChunk < e.geometry.maxChunk)) {
+      if (e.transport === 'emulated' && kind === 'emulated' && (g.stateSize !== e.geometry.stateSize || g.maxChunk < e.geometry.maxChunk)) {
         no('geometry', `source state ${e.geometry.stateSize} B / chunk ${e.geometry.maxChunk} B, destination ${g.stateSize} B / chunk ${g.maxChunk} B`);
         continue;
       }
-      if (g.regionSize < e.geometry.regionSize) {
+      if (!dev && g.regionSize < e.geometry.regionSize) {
         no('geometry', `source migration region ${e.geometry.regionSize} B is larger than the destination's ${g.regionSize} B`);
       }
     }
@@ -444,18 +477,18 @@ export class Receiver extends LiveEndpoint {
   }
 
   /** Failure: no destination runs; each is reset (back to a clean RUNNING-capable state) and those made here released. */
-  private releaseAll(lr?: LoadReport): ReceiveReport['devices'] {
+  private async releaseAll(lr?: LoadReport): Promise<ReceiveReport['devices']> {
     const out: ReceiveReport['devices'] = [];
-    this.destinations.forEach((d, i) => {
-      if (!d) return;
+    for (const [i, d] of this.destinations.entries()) {
+      if (!d) continue;
       let state = lr?.devices[i]?.state ?? 'not loaded';
-      try { d.reset(); state = `${state}, reset`; } catch (e) { state = `${state}, reset failed: ${(e as Error).message}`; }
+      try { await d.reset(); state = `${state}, reset`; } catch (e) { state = `${state}, reset failed: ${(e as Error).message}`; }
       if (this.created.has(d)) {
-        (d as EmulatedTransport).destroy?.();
+        destroyEmulated(d);
         state += ', released';
       }
       out.push({ name: d.name, state, verified: null });
-    });
+    }
     return out;
   }
 
@@ -463,6 +496,11 @@ export class Receiver extends LiveEndpoint {
   noteAbort(a: AbortRecord): void {
     this.sourceCause = { code: a.code, message: a.message, device: a.device, side: 'source' };
   }
+}
+
+/** The source declared this device PRE_COPY-capable: its DEV_INIT_DATA_SENT gates the switchover-ack. */
+function needsAck(e: DeviceTableEntry): boolean {
+  return e.profile === 'v2' && ((e.geometry.migFlags ?? 0) & MIGRATION_PRE_COPY) !== 0;
 }
 
 /** Receive one live migration (or load file:PATH). Resolves with the report; rejects with a MigError carrying it. */

@@ -12,7 +12,7 @@ import { RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, ty
 import { ErrorCode, MigError } from '../errors.js';
 import { EnginePool } from '../engine/pool.js';
 import { Migration, type MigrationOptions, type MigrationReport } from '../engine/migration.js';
-import type { DeviceTransport } from '../transport/transport.js';
+import type { EngineDevice } from '../engine/source-device.js';
 import { trace } from '../trace.js';
 import { connect, loadTlsDir, type TlsConfig } from './conn.js';
 import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
@@ -36,6 +36,12 @@ export interface SendOptions extends MigrationOptions {
   timeoutMs?: number;
   /** PING period; also the TCP keepalive delay (default 1 s). */
   keepaliveMs?: number;
+  /**
+   * switchover-ack: once pre-copy would switch over and every PRE_COPY device's DEV_INIT_DATA_SENT is out, the
+   * destination must acknowledge within this many ms (default: timeoutMs); pre-copy goes on meanwhile. Without the ack
+   * the migration fails with VFM_PEER_TIMEOUT and every source device resumes: none was stopped.
+   */
+  switchoverAckTimeoutMs?: number;
   /** Bytes/s the link can take during switchover, for the downtime estimate only (QEMU avail-switchover-bandwidth). */
   availSwitchoverBandwidth?: number;
   onEvent?: (e: LiveEvent) => void;
@@ -115,6 +121,9 @@ export class Sender extends LiveEndpoint {
   private ackWaiters: (() => void)[] = [];
   private tPrecopy = 0;
   private tAck = 0;
+  /** When pre-copy first wanted to switch over with every initial-data marker out (the ack timeout counts from here). */
+  private tAckWait = 0;
+  private readonly ackTimeoutMs: number;
   private tStop = 0;
   private tLoaded = 0;
   private destinationMs: number | undefined;
@@ -127,12 +136,13 @@ export class Sender extends LiveEndpoint {
   private lastRx = performance.now();
   private pingId = 0;
 
-  constructor(private readonly sources: DeviceTransport[], private readonly o: SendOptions) {
+  constructor(private readonly sources: EngineDevice[], private readonly o: SendOptions) {
     super('source', o.onEvent);
     this.uri = parseUri(o.to, '--to');
     this.nChannels = o.channels ?? 1;
     this.timeoutMs = o.timeoutMs ?? 10_000;
     this.keepaliveMs = o.keepaliveMs ?? 1000;
+    this.ackTimeoutMs = o.switchoverAckTimeoutMs ?? this.timeoutMs;
     if (!Number.isInteger(this.nChannels) || this.nChannels < 1 || this.nChannels > MAX_CHANNELS) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels: ${this.nChannels} is out of range 1..${MAX_CHANNELS}`);
     }
@@ -140,6 +150,7 @@ export class Sender extends LiveEndpoint {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels ${this.nChannels}: ${this.uri.kind}: URIs carry one channel`);
     }
     if (!(this.timeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `timeout ${this.timeoutMs} ms is invalid`);
+    if (!(this.ackTimeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `switchover-ack timeout ${this.ackTimeoutMs} ms is invalid`);
     if (o.tlsDir && this.uri.kind !== 'tcp') throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls-dir is for tcp: URIs only (${this.uri.text})`);
     this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'client') : undefined;
     this.acceptedP = new Promise<void>((resolve, reject) => { this.accepted = { resolve, reject }; });
@@ -296,6 +307,7 @@ export class Sender extends LiveEndpoint {
         rep.version = this.version;
         timers = setInterval(() => {
           this.control(F_PING, { id: ++this.pingId });
+          this.checkAck();
           if (performance.now() - this.lastRx > this.timeoutMs) {
             const e = new MigError(ErrorCode.PEER_TIMEOUT, `the destination answered nothing for ${this.timeoutMs} ms`);
             this.fail(e, { code: e.code, message: e.message, side: 'network' });
@@ -309,7 +321,11 @@ export class Sender extends LiveEndpoint {
       const m = new Migration(this.sources, pool, new ContainerWriter(sink), {
         ...this.o, signal: this.internalSignal(),
         switchoverGate: live ? {
-          ready: () => this.ack,
+          ready: (initialSent) => {
+            if (!this.ack && initialSent && !this.tAckWait) this.tAckWait = performance.now();
+            this.checkAck();
+            return this.ack;
+          },
           wait: (ms) => new Promise<void>((r) => { const t = setTimeout(r, ms); this.ackWaiters.push(() => { clearTimeout(t); r(); }); }),
         } : undefined,
       });
@@ -360,6 +376,9 @@ export class Sender extends LiveEndpoint {
       rep.refused = this.refused;
       if (cause.side !== 'source') {
         err = new MigError(cause.code as MigError['code'], `${cause.side}: ${cause.message}`, { device: cause.device, cause: err });
+      } else if (this.remote && err.code !== cause.code) {
+        // This side's own decision that aborted the migration (the switchover-ack timeout), not the abort it caused.
+        err = new MigError(cause.code as MigError['code'], cause.message, { device: cause.device, cause: err });
       }
       const cancelled = cause.code === ErrorCode.CANCELLED;
       this.setState(cancelled ? 'cancelled' : 'failed');
@@ -382,13 +401,21 @@ export class Sender extends LiveEndpoint {
     return rep;
   }
 
+  /** The switchover-ack timeout: the source's own decision (it stops nothing, resumes, and tells the destination). */
+  private checkAck(): void {
+    if (this.ack || !this.tAckWait || performance.now() - this.tAckWait <= this.ackTimeoutMs) return;
+    const e = new MigError(ErrorCode.PEER_TIMEOUT, `no SWITCHOVER_ACK from the destination ${this.ackTimeoutMs} ms after pre-copy `
+      + 'converged with every device\'s initial data sent; no source device was stopped');
+    this.fail(e, { code: e.code, message: e.message, side: 'source' });
+  }
+
   private internalSignal(): AbortSignal {
     return this.internal.signal;
   }
 }
 
 /** Migrate `sources` live to a destination (or into file:PATH). Rejects with a MigError carrying the report. */
-export function send(sources: DeviceTransport[], o: SendOptions): Promise<SendReport> {
+export function send(sources: EngineDevice[], o: SendOptions): Promise<SendReport> {
   return new Sender(sources, o).run();
 }
 
