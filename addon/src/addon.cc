@@ -18,6 +18,7 @@
 #include "common/vfio_v2.h"
 #include "datafd/datafd.h"
 #include "emu/device.h"
+#include "net/tcp.h"
 #include "region/region.h"
 #include "vfio/vfio.h"
 #include "vfio/v2.h"
@@ -364,6 +365,35 @@ BIND(dataFdWrite, "fd", "buf", "off", "len", "timeoutMs") {
 BIND(fdClose, "fd") {
   close(fdArg(info[0], "fd"));
   return info.Env().Undefined();
+} END_BIND
+
+// ---- TCP sockets of a live migration ---------------------------------------------------------------------------
+// tcpKeepalive(fd, settings | null): set SO_KEEPALIVE and the TCP keepalive/user-timeout options (bounded as the
+// kernel bounds them), then read them all back; null only reads.
+BIND(tcpKeepalive, "fd", "settings") {
+  int fd = fdArg(info[0], "fd");
+  tcp::Keepalive set{};
+  const tcp::Keepalive* want = nullptr;
+  if (!info[1].IsNull() && !info[1].IsUndefined()) {
+    if (!info[1].IsObject()) throw ArgError("'settings' must be an object or null");
+    Napi::Object o = info[1].As<Napi::Object>();
+    Napi::Value ka = field(o, "keepalive");
+    if (!ka.IsBoolean()) throw ArgError("'keepalive' must be a boolean");
+    set.keepalive = ka.As<Napi::Boolean>().Value() ? 1 : 0;
+    set.idleS = static_cast<int>(integer(field(o, "idleS"), "idleS", 1, 32767));              // MAX_TCP_KEEPIDLE
+    set.intervalS = static_cast<int>(integer(field(o, "intervalS"), "intervalS", 1, 32767));  // MAX_TCP_KEEPINTVL
+    set.count = static_cast<int>(integer(field(o, "count"), "count", 1, 127));                // MAX_TCP_KEEPCNT
+    set.userTimeoutMs = static_cast<unsigned>(integer(field(o, "userTimeoutMs"), "userTimeoutMs", 0, 2147483647.0));
+    want = &set;
+  }
+  tcp::Keepalive r = tcp::keepalive(fd, want);
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("keepalive", Napi::Boolean::New(info.Env(), r.keepalive != 0));
+  out.Set("idleS", r.idleS);
+  out.Set("intervalS", r.intervalS);
+  out.Set("count", r.count);
+  out.Set("userTimeoutMs", Napi::Number::New(info.Env(), r.userTimeoutMs));
+  return out;
 } END_BIND
 
 // ---- regions --------------------------------------------------------------------------------------------------
@@ -741,7 +771,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   EXPORT(emuConfigWrite); EXPORT(emuDmaTouch); EXPORT(emuDirtyPages);
   EXPORT(emuV2MigrationFlags); EXPORT(emuV2Probe); EXPORT(emuV2GetState); EXPORT(emuV2SetState); EXPORT(emuV2PrecopyInfo);
   EXPORT(emuV2DataSize); EXPORT(emuV2DmaStart); EXPORT(emuV2DmaStop); EXPORT(emuV2DmaReport); EXPORT(v2NextState);
-  EXPORT(dataFdRead); EXPORT(dataFdWrite); EXPORT(fdClose);
+  EXPORT(dataFdRead); EXPORT(dataFdWrite); EXPORT(fdClose); EXPORT(tcpKeepalive);
   EXPORT(regionOpenEmu); EXPORT(regionOpenFd); EXPORT(regionClose); EXPORT(regionAreas); EXPORT(regRead);
   EXPORT(regWrite); EXPORT(regionRwAsync); EXPORT(regionCopyOut); EXPORT(crc32cNative); EXPORT(lowerThreadPriority); EXPORT(regionSendRecord); EXPORT(regionRecvData); EXPORT(regionCopyIn);
   EXPORT(vfioOpenDevice); EXPORT(vfioDeviceInfo); EXPORT(vfioRegionInfo); EXPORT(vfioReset); EXPORT(vfioDirtyPages); EXPORT(vfioClose);

@@ -65,6 +65,8 @@ export interface VfuServerStats {
   largestWrite: number;
 }
 
+export interface TcpKeepalive { keepalive: boolean; idleS: number; intervalS: number; count: number; userTimeoutMs: number }
+
 export interface NativeAddon {
   // ---- emulated vendor device --------------------------------------------------------------------------------
   emuCreate(cfg: EmuConfig): number;
@@ -116,6 +118,12 @@ export interface NativeAddon {
   /** Write buf[off, off+len), waiting up to timeoutMs when full: bytes accepted. A refusal throws (errno). */
   dataFdWrite(fd: number, buf: Uint8Array, off: number, len: number, timeoutMs: number): number;
   fdClose(fd: number): void;
+  /**
+   * A TCP socket's SO_KEEPALIVE, TCP_KEEPIDLE / TCP_KEEPINTVL (s), TCP_KEEPCNT and TCP_USER_TIMEOUT (ms): set them
+   * (bounds: 1..32767 s, 1..32767 s, 1..127, 0..2^31-1 ms) when `settings` is given, then read all back.
+   * ERR_ARG for a bad value, EPROTONOSUPPORT for an fd that is not a TCP socket.
+   */
+  tcpKeepalive(fd: number, settings: TcpKeepalive | null): TcpKeepalive;
 
   // ---- region access (emulated device or a real VFIO device fd) ----------------------------------------------
   regionOpenEmu(id: number): number;

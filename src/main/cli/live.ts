@@ -39,7 +39,7 @@ function logger(side: string, quiet: boolean) {
 }
 
 export interface SendFlags extends DeviceFlags {
-  signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; switchoverAckTimeout?: number; availSwitchoverBandwidth?: number;
+  signal?: AbortSignal; to: string; channels: number; tlsDir?: string; timeout: number; keepalive?: number; switchoverAckTimeout?: number; availSwitchoverBandwidth?: number;
 }
 
 export function sendText(r: SendReport): string {
@@ -67,7 +67,7 @@ export async function cmdSend(o: SendFlags): Promise<void> {
     }
     const r = await send(sources, {
       ...migOpts(o), to: o.to, channels: o.channels, tlsDir: o.tlsDir, timeoutMs: o.timeout, threads: o.threads,
-      switchoverAckTimeoutMs: o.switchoverAckTimeout,
+      switchoverAckTimeoutMs: o.switchoverAckTimeout, keepaliveMs: o.keepalive,
       availSwitchoverBandwidth: o.availSwitchoverBandwidth, signal: o.signal, onEvent: logger('send', !!o.json || !!o.quiet),
       onMigration: (m) => { cmd.attachMigration(m); },
     });
@@ -100,7 +100,7 @@ export function parseDeviceSpec(spec: string): EngineDevice {
   return profile === 'v2' ? emulatedV2(o) : EmulatedTransport.create({ ...o, profile });
 }
 
-export interface ReceiveFlags extends OutputFlags { signal?: AbortSignal; listen: string; device?: string[]; tlsDir?: string; save?: string; timeout: number; threads?: number; verify: boolean; force?: boolean }
+export interface ReceiveFlags extends OutputFlags { signal?: AbortSignal; listen: string; device?: string[]; tlsDir?: string; save?: string; timeout: number; keepalive?: number; threads?: number; verify: boolean; force?: boolean }
 
 export function receiveText(r: ReceiveReport): string {
   const lines: string[] = [];
@@ -117,7 +117,7 @@ export async function cmdReceive(o: ReceiveFlags): Promise<void> {
   const dests = (o.device ?? []).map(parseDeviceSpec);
   try {
     const r = await receive({
-      listen: o.listen, destinations: dests.length ? dests : undefined, tlsDir: o.tlsDir, save: o.save, timeoutMs: o.timeout,
+      listen: o.listen, destinations: dests.length ? dests : undefined, tlsDir: o.tlsDir, save: o.save, timeoutMs: o.timeout, keepaliveMs: o.keepalive,
       threads: o.threads, verify: o.verify, signal: o.signal, onEvent: logger('receive', !!o.json || !!o.quiet),
       onLoader: (l) => { cmd.attachLoader(l); },
     });

@@ -8,6 +8,7 @@ import tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { ErrorCode, MigError } from '../errors.js';
+import { native, type TcpKeepalive } from '../../addon/native.js';
 import type { MigUri } from './uri.js';
 
 export const TLS_FILES = {
@@ -66,17 +67,58 @@ function tlsError(e: NodeJS.ErrnoException, what: string): MigError {
 export function socketError(e: NodeJS.ErrnoException, what: string): MigError {
   if (e instanceof MigError) return e;
   if (/SSL|TLS|CERT/i.test(e.code ?? '') || /alert|certificate/i.test(e.message)) return tlsError(e, what);
+  // TCP_USER_TIMEOUT or keepalive gave up on a silent peer: the kernel's own timeout.
+  if (e.code === 'ETIMEDOUT') return new MigError(ErrorCode.PEER_TIMEOUT, `${what}: the peer stopped acknowledging (TCP): ${e.message}`, { cause: e });
   return new MigError(ErrorCode.PEER_GONE, `${what}: ${e.code ?? ''} ${e.message}`.trim(), { cause: e });
 }
 
-function tune(s: net.Socket, keepaliveMs: number): void {
+/**
+ * The kernel side of "a peer that vanishes is noticed within a bounded time" (as cloud-hypervisor does): keepalive
+ * probes every `keepaliveMs` (whole seconds, at least 1) once the connection is idle that long, as many as fit in
+ * `timeoutMs` (1..127), and TCP_USER_TIMEOUT = `timeoutMs` for data the peer never acknowledges. So a host that
+ * disappears without a RST is dropped by the kernel within about `timeoutMs`, like the application heartbeat.
+ */
+export function tcpKeepalive(keepaliveMs: number, timeoutMs: number): TcpKeepalive {
+  const idleS = Math.min(32767, Math.max(1, Math.ceil(keepaliveMs / 1000)));
+  const count = Math.min(127, Math.max(1, Math.ceil((timeoutMs / 1000 - idleS) / idleS)));
+  return { keepalive: true, idleS, intervalS: idleS, count, userTimeoutMs: Math.min(2 ** 31 - 1, Math.max(1, Math.round(timeoutMs))) };
+}
+
+/** The file descriptor under a TCP socket, TLS or not (node:tls keeps the TCP handle as its wrap's parent). */
+export function socketFd(s: Duplex): number {
+  const h = (s as unknown as { _handle?: { fd?: number; _parent?: { fd?: number } } })._handle;
+  const fd = h?.fd !== undefined && h.fd >= 0 ? h.fd : h?._parent?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : -1;
+}
+
+/** No delay, and the keepalive/user-timeout options set through the addon and checked by reading them back. */
+function tune(s: net.Socket, ka: TcpKeepalive, what: string): void {
   s.setNoDelay(true);
-  // Notices a vanished host (no RST) at the kernel level too; the application heartbeat bounds the rest.
-  s.setKeepAlive(true, keepaliveMs);
+  s.setKeepAlive(true, ka.idleS * 1000); // Node's own view; the addon then sets (and checks) every option
+  const fd = socketFd(s);
+  if (fd < 0) throw new MigError(ErrorCode.IO, `${what}: no file descriptor to set TCP keepalive on`);
+  let got: TcpKeepalive;
+  try {
+    got = native().tcpKeepalive(fd, ka);
+  } catch (e) {
+    throw new MigError(ErrorCode.IO, `${what}: setting TCP keepalive / TCP_USER_TIMEOUT: ${(e as Error).message}`, { cause: e });
+  }
+  if (JSON.stringify(got) !== JSON.stringify(ka)) {
+    throw new MigError(ErrorCode.IO, `${what}: TCP keepalive reads back ${JSON.stringify(got)}, not ${JSON.stringify(ka)}`);
+  }
+}
+
+function isTcp(fd: number): boolean {
+  try { native().tcpKeepalive(fd, null); return true; } catch { return false; }
+}
+
+/** An inherited socket (fd:N) gets the same options when it is TCP; a UNIX socket or a socketpair does not. */
+export function tuneInherited(s: net.Socket, fd: number, ka: TcpKeepalive, what: string): void {
+  if (isTcp(fd)) tune(s, ka, what);
 }
 
 /** Connect one channel. Resolves once the socket (and the TLS handshake, if any) is up. */
-export function connect(uri: MigUri, tlsc: TlsConfig | undefined, timeoutMs: number, keepaliveMs: number, what: string): Promise<Duplex> {
+export function connect(uri: MigUri, tlsc: TlsConfig | undefined, timeoutMs: number, ka: TcpKeepalive, what: string): Promise<Duplex> {
   return new Promise((resolve, reject) => {
     let s: net.Socket;
     const fail = (e: MigError) => { clearTimeout(timer); s?.destroy(); reject(e); };
@@ -93,7 +135,8 @@ export function connect(uri: MigUri, tlsc: TlsConfig | undefined, timeoutMs: num
         s = net.connect({ host: uri.host || '127.0.0.1', port: uri.port }, ok);
         s.once('error', (e) => fail(socketError(e, what)));
       }
-      tune(s, keepaliveMs);
+      // On the TCP connect (before a TLS handshake): the keepalive covers the handshake too.
+      s.once('connect', () => { try { tune(s, ka, what); } catch (e) { fail(e as MigError); } });
     } else if (uri.kind === 'unix') {
       if (tlsc) { clearTimeout(timer); reject(new MigError(ErrorCode.BAD_ARGUMENT, 'TLS is for TCP only: a UNIX socket is protected by its file permissions')); return; }
       s = net.connect({ path: uri.path }, ok);
@@ -102,9 +145,10 @@ export function connect(uri: MigUri, tlsc: TlsConfig | undefined, timeoutMs: num
       if (tlsc) { clearTimeout(timer); reject(new MigError(ErrorCode.BAD_ARGUMENT, 'TLS is for tcp: URIs only')); return; }
       try {
         s = new net.Socket({ fd: uri.fd, readable: true, writable: true });
+        tuneInherited(s, uri.fd, ka, what);
       } catch (e) {
         clearTimeout(timer);
-        reject(new MigError(ErrorCode.BAD_ARGUMENT, `${uri.text}: ${(e as Error).message}`, { cause: e }));
+        reject(e instanceof MigError ? e : new MigError(ErrorCode.BAD_ARGUMENT, `${uri.text}: ${(e as Error).message}`, { cause: e }));
         return;
       }
       ok();
@@ -122,7 +166,7 @@ export interface Listener { address: string; close(): void }
  * Rejected clients go to `onReject` and the listener stays up: a stray or hostile client cannot end an incoming
  * migration.
  */
-export function listen(uri: MigUri, tlsc: TlsConfig | undefined, keepaliveMs: number,
+export function listen(uri: MigUri, tlsc: TlsConfig | undefined, ka: TcpKeepalive,
   onConn: (s: Duplex, peer: { address: string; identity?: { cn: string; fingerprint: string } }) => void,
   onReject: (why: MigError, address: string) => void): Promise<Listener> {
   return new Promise((resolve, reject) => {
@@ -133,7 +177,6 @@ export function listen(uri: MigUri, tlsc: TlsConfig | undefined, keepaliveMs: nu
         ca: tlsc.ca, cert: tlsc.cert, key: tlsc.key, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3',
         maxVersion: 'TLSv1.3',
       }, (s) => {
-        tune(s, keepaliveMs);
         const raw = s.getPeerX509Certificate?.()?.raw;
         const id = raw ? certIdentity(raw) : { cn: '', fingerprint: '' };
         onConn(s, { address: peerAddr(s), identity: id });
@@ -144,10 +187,16 @@ export function listen(uri: MigUri, tlsc: TlsConfig | undefined, keepaliveMs: nu
         reject(new MigError(ErrorCode.BAD_ARGUMENT, 'TLS is for TCP only: a UNIX socket is protected by its file permissions'));
         return;
       }
-      server = net.createServer((s) => { if (uri.kind === 'tcp') tune(s, keepaliveMs); onConn(s, { address: peerAddr(s) }); });
+      server = net.createServer((s) => onConn(s, { address: peerAddr(s) }));
     } else {
       reject(new MigError(ErrorCode.BAD_ARGUMENT, `${uri.text}: cannot listen on this URI`));
       return;
+    }
+    // Every accepted TCP connection, before any TLS handshake: the keepalive covers the handshake too.
+    if (uri.kind === 'tcp') {
+      server.on('connection', (s: net.Socket) => {
+        try { tune(s, ka, 'incoming connection'); } catch (e) { onReject(e as MigError, peerAddr(s)); s.destroy(); }
+      });
     }
     server.once('error', (e: NodeJS.ErrnoException) => reject(new MigError(ErrorCode.IO, `cannot listen on ${uri.text}: ${e.message}`, { cause: e })));
     const done = () => {

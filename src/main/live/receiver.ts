@@ -18,7 +18,7 @@ import { destroyEmulated } from '../reach/emulated/v2.js';
 import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
 import { testHooks } from '../engine/test-hooks.js';
 import { trace } from '../trace.js';
-import { allowed, listen, loadTlsDir, type Listener, type TlsConfig } from './conn.js';
+import { allowed, listen, loadTlsDir, tcpKeepalive, tuneInherited, type Listener, type TlsConfig } from './conn.js';
 import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
 import { LiveSource } from './source.js';
 import { parseUri, type MigUri } from './uri.js';
@@ -155,9 +155,10 @@ export class Receiver extends LiveEndpoint {
         try { s = new net.Socket({ fd: this.uri.fd, readable: true, writable: true }); } catch (e) {
           throw new MigError(ErrorCode.BAD_ARGUMENT, `${this.uri.text}: ${(e as Error).message}`, { cause: e });
         }
+        tuneInherited(s, this.uri.fd, tcpKeepalive(this.keepaliveMs, this.timeoutMs), this.uri.text);
         this.onConnection(s, { address: this.uri.text });
       } else {
-        this.listener = await listen(this.uri, this.tlsc, this.keepaliveMs, (s, peer) => this.onConnection(s, peer),
+        this.listener = await listen(this.uri, this.tlsc, tcpKeepalive(this.keepaliveMs, this.timeoutMs), (s, peer) => this.onConnection(s, peer),
           (e, address) => this.event({ type: 'rejected', address, code: e.code, message: e.message }));
         rep.address = this.listener.address;
         this.event({ type: 'listening', address: this.listener.address });

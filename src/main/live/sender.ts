@@ -14,7 +14,7 @@ import { EnginePool } from '../engine/pool.js';
 import { Migration, type MigrationOptions, type MigrationReport } from '../engine/migration.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { trace } from '../trace.js';
-import { connect, loadTlsDir, type TlsConfig } from './conn.js';
+import { connect, loadTlsDir, tcpKeepalive, type TlsConfig } from './conn.js';
 import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
 import { parseUri, type MigUri } from './uri.js';
 import {
@@ -170,7 +170,7 @@ export class Sender extends LiveEndpoint {
 
   private async openChannel(index: number): Promise<Chan> {
     const what = `channel ${index}`;
-    const sock = await connect(this.uri, this.tlsc, this.timeoutMs, this.keepaliveMs, what);
+    const sock = await connect(this.uri, this.tlsc, this.timeoutMs, tcpKeepalive(this.keepaliveMs, this.timeoutMs), what);
     sock.on('error', () => undefined);
     const reader = new SocketReader(sock, what);
     const c: Chan = { index, sock, reader };
