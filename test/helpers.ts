@@ -2,6 +2,8 @@
 import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import * as assert from 'uvu/assert';
 import { MigError } from '../src/main/errors.js';
 import { Migration, type MigrationOptions, type MigrationReport } from '../src/main/engine/migration.js';
@@ -62,4 +64,22 @@ export function saveInPlace(devs: DeviceTransport[], file: string, pool: EngineP
   const m = new Migration(devs, pool, new ContainerWriter(FileSink.open(file, { force: true })), opts);
   onMigration?.(m);
   return m.run();
+}
+
+/** The repository root (tests run from dist/test). */
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+export interface CliResult { code: number | null; stdout: string; stderr: string }
+
+/** Run bin/vfio-mig.js with `args`; killed (and rejected) after `limitMs`. */
+export function runCli(args: string[], limitMs = 60_000): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(ROOT, 'bin/vfio-mig.js'), ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d) => { stdout += d; });
+    child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`vfio-mig ${args.join(' ')}: timed out`)); }, limitMs);
+    child.on('close', (code) => { clearTimeout(timer); resolve({ code, stdout, stderr }); });
+  });
 }

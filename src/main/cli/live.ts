@@ -11,7 +11,11 @@ import { CommandOutput, type OutputFlags } from './output.js';
 import { openDevices } from './devices.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
 import type { EngineDevice } from '../engine/source-device.js';
-import { receiveJson, sendJson } from '../report/json.js';
+import { receiveJson, saveJson, sendJson } from '../report/json.js';
+import { spawn } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 /** One stderr line per event worth a human's attention (progress is left to --json consumers and the report). */
 function eventLine(side: string, e: LiveEvent): string | null {
@@ -126,5 +130,72 @@ export async function cmdReceive(o: ReceiveFlags): Promise<void> {
     cmd.done(j, receiveText(r), ok, `verified: ${j.verified}`);
   } finally {
     for (const d of dests) destroyEmulated(d);
+  }
+}
+
+/**
+ * `run --live [tcp|unix]`: the main job as a live migration between two processes on this machine. A `vfio-mig
+ * receive --json` child listens (loopback TCP on a free port, or a UNIX socket); this process sends its emulated
+ * devices to it; both sides' end-to-end downtime and verification are reported (the child's JSON document as is).
+ */
+export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal?: AbortSignal; timeout?: number }): Promise<void> {
+  if (o.device?.length || o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--live migrates emulated devices: no --device / --dest');
+  if ((o as { stream?: string }).stream) throw new MigError(ErrorCode.BAD_ARGUMENT, '--live sends over a connection: no --stream');
+  const dev = deviceOpts(o);
+  const cmd = new CommandOutput('run', o, o);
+  const sock = path.join(os.tmpdir(), `vfio-mig-live-${process.pid}-${Date.now()}.sock`);
+  const listenUri = o.live === 'unix' ? `unix:${sock}` : 'tcp:127.0.0.1:0';
+  const bin = fileURLToPath(new URL('../../../../bin/vfio-mig.js', import.meta.url));
+  const timeout = String(o.timeout ?? 10_000);
+  const child = spawn(process.execPath, [bin, 'receive', '--listen', listenUri, '--json', '--timeout', timeout,
+    ...(o.threads ? ['--threads', String(o.threads)] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (b) => { out += b; });
+  const exited = new Promise<number | null>((r) => child.on('close', (code) => r(code)));
+  const sources: EngineDevice[] = [];
+  try {
+    // The child prints its bound address (with the real port) on stderr once listening.
+    const to = await new Promise<string>((resolve, reject) => {
+      child.stderr.on('data', (b) => {
+        err += b;
+        const m = /listening on (\S+)/.exec(err);
+        if (m) resolve(m[1]);
+      });
+      void exited.then((code) => reject(new MigError(ErrorCode.IO, `the destination process exited (${code}) before listening: ${err.trim()}`)));
+      child.on('error', (e) => reject(new MigError(ErrorCode.IO, `cannot start the destination process: ${e.message}`, { cause: e })));
+    });
+    for (let i = 0; i < o.devices; i++) {
+      const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
+      sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
+    }
+    const r = await send(sources, {
+      ...migOpts(o), to, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet),
+      onMigration: (m) => { cmd.attachMigration(m); },
+    });
+    const code = await exited;
+    let rx: { ok?: boolean; result?: Record<string, unknown> | null } = {};
+    try { rx = JSON.parse(out) as typeof rx; } catch { /* reported below */ }
+    const rxr = rx.result as { verified?: boolean; downtimeMs?: number | null; load?: unknown } | null | undefined;
+    if (code !== 0 || !rxr) {
+      throw new MigError(ErrorCode.IO, `the destination process (pid ${child.pid}) ended with ${code}: ${err.trim().split('\n').pop() ?? ''}`);
+    }
+    const sj = sendJson(r);
+    const ok = r.ok && rx.ok === true && rxr.verified === true && sj.verified === true;
+    const text = [
+      `vfio-mig run --live ${o.live}: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, to a vfio-mig receive process (pid ${child.pid}) on ${to}`,
+      sendText(r),
+      `destination process: downtime ${rxr.downtimeMs?.toFixed(1) ?? '?'} ms end to end as it reports it, verified: ${rxr.verified}`,
+      `verified: ${ok}`,
+    ].join('\n');
+    cmd.done({
+      stream: null, save: r.save ? saveJson(r.save) : null, load: rxr.load ?? null, downtimeMs: r.downtimeMs ?? null, verified: ok,
+      live: { uri: to, send: sj, receive: rxr },
+    }, text, ok, `verified: ${ok}`);
+  } finally {
+    for (const s of sources) destroyEmulated(s);
+    // A destination left waiting (the send failed before connecting) is stopped; a finished one is already gone.
+    if (child.exitCode === null) child.kill('SIGTERM');
+    await exited;
   }
 }

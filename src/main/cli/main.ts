@@ -82,7 +82,8 @@ export async function main(argv: string[]): Promise<void> {
     .option('--stream <file>', 'keep the stream in this file (default: a temporary file, removed)')
     .option('--force', 'replace an existing --stream, --report or --events file')
     .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> or vfio:<sysfs path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
-    .action((o: DeviceFlags & { stream?: string; force?: boolean }) => withSignals((signal) => cmdRun({ ...o, signal })));
+    .option('--live [tcp|unix]', 'a live migration between two processes instead: a `vfio-mig receive` child on loopback TCP (default) or a UNIX socket, sent to from this one', (v) => parseEnum('--live', v, ['tcp', 'unix'] as const))
+    .action((o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true }) => withSignals((signal) => cmdRun({ ...o, signal })));
   outputOptions(deviceOptions(program.command('save').description('save emulated source devices into a stream file')))
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
     .option('--force', 'replace an existing stream, --report or --events file (never an input)')

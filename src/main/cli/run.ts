@@ -22,6 +22,7 @@ import { printable as p } from '../text.js';
 import { claimOutput } from './io.js';
 import { noteCleanup } from './signals.js';
 import { openDevices, type ReachFlags } from './devices.js';
+import { cmdRunLive } from './live.js';
 import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
@@ -118,7 +119,8 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
   }
 }
 
-export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean } & Cancel): Promise<void> {
+export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true } & Cancel): Promise<void> {
+  if (o.live) return cmdRunLive({ ...o, live: o.live === true ? 'tcp' : o.live });
   if (o.device?.length) return runReached(o);
   if (o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--dest needs --device sources');
   const dev = deviceOpts(o);

@@ -23,6 +23,8 @@ export class EnginePool {
   private readonly piscina: Piscina;
   private active = 0;
   private waiters: { n: number; go: () => void }[] = [];
+  /** Live destinations loading through this pool now (holdForLoads). */
+  private loads = 0;
 
   constructor(o: EnginePoolOptions = {}) {
     this.threads = o.threads ?? defaultThreads();
@@ -43,17 +45,38 @@ export class EnginePool {
     });
   }
 
+  /**
+   * A live destination loads through this pool while a source in the same process may save through it: a save task
+   * occupies its worker for a whole round and blocks there when the connection is full, which only the load can
+   * drain. While a hold is active, device saves leave one worker free for the load tasks (a 1-thread pool cannot do
+   * both: acquire() then refuses). Returns the release.
+   */
+  holdForLoads(): () => void {
+    this.loads++;
+    let held = true;
+    return () => { if (held) { held = false; this.loads--; this.release(0); } };
+  }
+
+  /** Places device saves may hold now. */
+  private get capacity(): number { return this.loads > 0 ? this.threads - 1 : this.threads; }
+
+  private fits(k: number): boolean { return this.active + k <= this.capacity || (this.active === 0 && this.capacity > 0); }
+
   /** Hold `n` of the `threads` device-task places at once (all or nothing, so two devices cannot deadlock). */
   async acquire(n = 1): Promise<void> {
+    if (this.capacity < 1) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, 'this EnginePool has 1 worker thread and a live receive() loads through it: '
+        + 'a save and a load in one process need a pool of 2+ threads (or separate pools)');
+    }
     const k = Math.min(n, this.threads);
-    if (this.waiters.length === 0 && this.active + k <= this.threads) { this.active += k; return; }
+    if (this.waiters.length === 0 && this.fits(k)) { this.active += k; return; }
     await new Promise<void>((r) => this.waiters.push({ n: k, go: r }));
   }
 
   release(n = 1): void {
     this.active -= Math.min(n, this.threads);
     // FIFO: the oldest waiter goes first once its places are free.
-    while (this.waiters.length && this.active + this.waiters[0].n <= this.threads) {
+    while (this.waiters.length && this.fits(this.waiters[0].n)) {
       const w = this.waiters.shift()!;
       this.active += w.n;
       w.go();

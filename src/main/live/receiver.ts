@@ -145,6 +145,7 @@ export class Receiver extends LiveEndpoint {
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let watchdog: NodeJS.Timeout | undefined;
     let progress: NodeJS.Timeout | undefined;
+    let releaseLoads: (() => void) | undefined;
     try {
       this.setState('setup');
       if (this.o.signal?.aborted) throw new MigError(ErrorCode.CANCELLED, 'migration cancelled on the destination');
@@ -235,6 +236,8 @@ export class Receiver extends LiveEndpoint {
         },
       });
 
+      // A source in this process may share the pool: its saves leave a worker to this load (EnginePool.holdForLoads).
+      releaseLoads = pool.holdForLoads();
       progress = setInterval(() => {
         const devices = loader.dests.map((d) => ({ index: d.entry.index, name: d.entry.name, bytes: d.stats.dataBytes }));
         this.event({ type: 'progress', side: 'destination', devices });
@@ -280,6 +283,7 @@ export class Receiver extends LiveEndpoint {
     } finally {
       clearInterval(watchdog);
       clearInterval(progress);
+      releaseLoads?.();
       this.o.signal?.removeEventListener('abort', onAbort);
       this.closeSockets();
       this.listener?.close();
