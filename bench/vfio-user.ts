@@ -1,13 +1,14 @@
 // Bench rows of the vfio-user reach (`npm run bench`, section i): the cost of the socket. The same emulated device is
 // saved and loaded in-process (EmulatedTransport) and through vfio-mig's device server (a native server thread in
 // this process, so both sides share the same CPUs), paired run by run; then 1 versus N devices, and the effect of
-// the write-request bound on a trapped load. Stop-and-copy only (maxRounds 0), to /dev/null for saves.
+// the write-request bound on a trapped load, and v1 against v2 on the same device. Stop-and-copy only (maxRounds 0), to /dev/null for saves.
 import fs from 'node:fs';
 import path from 'node:path';
 import { EnginePool } from '../src/main/engine/pool.js';
 import { loadStream, saveDevices } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
-import { DeviceServer, VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { DeviceServer, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
+import type { MigDevice } from '../src/main/device/seam.js';
 import type { DeviceTransport } from '../src/main/transport/transport.js';
 import type { Loader } from '../src/main/engine/load.js';
 
@@ -34,6 +35,7 @@ export async function benchVfioUser(c: BenchCtx): Promise<Record<string, unknown
   const servers: DeviceServer[] = [];
   const clients: DeviceTransport[] = [];
   const local: EmulatedTransport[] = [];
+  const others: MigDevice[] = [];
   const results: Record<string, unknown> = {};
   const serve = async (o: Record<string, unknown>, writeBound?: number) => {
     const s = DeviceServer.start({ ...dev, stateSize: size, ...o, socket: sock() });
@@ -42,12 +44,12 @@ export async function benchVfioUser(c: BenchCtx): Promise<Record<string, unknown
     clients.push(t);
     return { s, t };
   };
-  const saveOnce = async (ts: DeviceTransport[], resetAll: () => void, out = '/dev/null') => {
+  const saveOnce = async (ts: (DeviceTransport | MigDevice)[], resetAll: () => void, out = '/dev/null') => {
     resetAll();
     const r = await saveDevices(ts, out, c.pool, { maxRounds: 0, digests: false, dirtyQueryIntervalMs: 0, force: true });
     return gbps(r.stopCopyBytes, r.stopCopyMs);
   };
-  const loadOnce = async (file: string, dests: DeviceTransport[] | null) => {
+  const loadOnce = async (file: string, dests: (DeviceTransport | MigDevice)[] | null) => {
     let loader: Loader | undefined;
     try {
       const r = await loadStream(file, c.pool, { verify: false, makeDestination: dests ? (e) => dests[e.index] : undefined });
@@ -105,10 +107,40 @@ export async function benchVfioUser(c: BenchCtx): Promise<Record<string, unknown
     c.row('vfio-user trapped load by write bound (data phase)', Object.entries(bounds).map(([b, s]) => `${k(Number(b))}: ${s.median.toFixed(2)}`).join(', ') + ' GB/s',
       '32 KiB is the default (libvfio-user issue #306)', '', '');
     results.writeBound = bounds;
-    c.row('vfio-user v1 vs v2', 'no v2 row yet (v2 over vfio-user works: test/vfio-user.test.ts)', '', '', '');
     fs.rmSync(file, { force: true });
+
+    // v1 (REGION_READ/WRITE of a trapped data area, registers per chunk) against v2 (DEVICE_FEATURE, MIG_DATA_READ
+    // until a short read, MIG_DATA_WRITE of write-bound pieces) over the same socket, the same emulated device (size,
+    // seed, chunk), paired run by run: the protocol's cost over vfio-user.
+    c.log('i. vfio-user v1 vs v2');
+    const v1 = await serve({ dataMode: 'trapped', seed: 40 });
+    const v2s = DeviceServer.start({ ...dev, profile: 'v2', stateSize: size, seed: 40, socket: sock() });
+    servers.push(v2s);
+    const v2 = await connectVfioUser(v2s.socket) as MigDevice;
+    others.push(v2);
+    const v2save = await c.measurePair(() => saveOnce([v1.t], () => v1.s.device.reset()), () => saveOnce([v2], () => v2s.device.reset()));
+    c.row(`vfio-user v2 vs v1 save, 1 x ${size / MiB} MiB (v1 trapped data area)`, `${v2save.engine.median.toFixed(2)} GB/s v2`,
+      `${v2save.base.median.toFixed(2)} GB/s v1 same device`, f2(v2save.ratio), '');
+    const f1 = path.join(c.dir, 'vfu-v1.vfmig');
+    const f2file = path.join(c.dir, 'vfu-v2.vfmig');
+    v1.s.device.reset();
+    v2s.device.reset();
+    await saveDevices([v1.t], f1, c.pool, { maxRounds: 0, digests: false, force: true });
+    await saveDevices([v2], f2file, c.pool, { maxRounds: 0, digests: false, force: true });
+    const d1 = await serve({ dataMode: 'trapped', zeroFill: true });
+    const d2s = DeviceServer.start({ ...dev, profile: 'v2', stateSize: size, zeroFill: true, socket: sock() });
+    servers.push(d2s);
+    const d2 = await connectVfioUser(d2s.socket) as MigDevice;
+    others.push(d2);
+    const v2load = await c.measurePair(() => loadOnce(f1, [d1.t]), () => loadOnce(f2file, [d2]));
+    c.row(`vfio-user v2 vs v1 load, 1 x ${size / MiB} MiB (data phase, 32 KiB write bound)`, `${v2load.engine.median.toFixed(2)} GB/s v2`,
+      `${v2load.base.median.toFixed(2)} GB/s v1 same device`, f2(v2load.ratio), '');
+    results.v1VsV2 = { save: v2save, load: v2load };
+    fs.rmSync(f1, { force: true });
+    fs.rmSync(f2file, { force: true });
   } finally {
     for (const t of clients) t.close();
+    for (const d of others) await d.close();
     for (const s of servers) s.stop();
     for (const l of local) l.destroy();
   }

@@ -5,10 +5,17 @@
 // call against the same stall, which shows the measurement catches a blocked loop.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import path from 'node:path';
 import { native } from '../src/addon/native.js';
-import { DeviceServer, VfioUserTransport } from '../src/main/reach/vfio-user/index.js';
+import { EnginePool } from '../src/main/engine/pool.js';
+import { loadStream, saveDevices } from '../src/main/api.js';
+import type { MigDevice } from '../src/main/device/seam.js';
+import { DeviceServer, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
-import { kill, killAll, loopGap, sockPath, stallProxy } from './vfu-procs.js';
+import { rm } from './helpers.js';
+import { TMP, kill, killAll, loopGap, serverProcess, sockPath, stallProxy } from './vfu-procs.js';
+
+const pool = new EnginePool({ threads: 2 });
 
 const STALL_MS = 1500;
 /** Far below the stall, far above any event-loop turn on a loaded 2-core machine. */
@@ -58,5 +65,33 @@ test('native regionRwAsync: errors carry errno and the region error text; bad ar
   }
 });
 
-test.after(() => killAll());
+/** SET of MIG_DEVICE_STATE (DEVICE_FEATURE flags: SET | feature 2). */
+const SET_MIG_STATE = (1 << 17) | 2;
+
+test('v2 over vfio-user through the engine: the server answers a state change 1.5 s late, the event loop stays free, the migration verifies', async () => {
+  const src = await serverProcess(['--profile', 'v2', '--size', '2MiB', '--chunk', '128KiB', '--dirty-rate', '2000', '--seed', '4']);
+  const dst = DeviceServer.start({ socket: sockPath('v2a'), profile: 'v2', stateSize: 2 << 20, maxChunk: 128 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  // The first two SETs of the save (RUNNING -> PRE_COPY, then the stop-and-copy transition) are held.
+  const proxy = await stallProxy(src.socket, CMD.DEVICE_FEATURE, SET_MIG_STATE, STALL_MS, 2);
+  const stream = path.join(TMP, 'v2-async.vfmig');
+  const s = await connectVfioUser(proxy.socket) as MigDevice;
+  const d = await connectVfioUser(dst.socket) as MigDevice;
+  try {
+    const t0 = performance.now();
+    const save = await loopGap(() => saveDevices([s], stream, pool, {}));
+    assert.ok(save.value.ok);
+    assert.ok(proxy.out().includes('stall 2'), 'the proxy held both state changes');
+    assert.ok(performance.now() - t0 >= 2 * STALL_MS, 'the save waited for the stalled server');
+    assert.ok(save.gapMs < FREE_MS, `largest event-loop gap ${save.gapMs.toFixed(0)} ms while the server stalled ${STALL_MS} ms twice`);
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+    assert.is(report.devices[0].verified, true);
+  } finally {
+    await s.close(); await d.close(); dst.stop(); kill(proxy.child, 'SIGTERM'); kill(src.child, 'SIGTERM'); rm(stream);
+  }
+});
+
+test.after(async () => {
+  killAll();
+  await pool.close();
+});
 test.run();

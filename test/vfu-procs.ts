@@ -45,10 +45,14 @@ export function fdsOn(target: string): number {
   return n;
 }
 
-/** test/fixtures/vfu-stall-proxy: relays to `upstream`, holding each request of `cmd` (at region `offset`) `delayMs`. */
-export function stallProxy(upstream: string, cmd: number, offset: number, delayMs: number): Promise<Child> {
+/**
+ * test/fixtures/vfu-stall-proxy: relays to `upstream`, holding the first `count` requests of `cmd` matching `arg`
+ * (region offset, or DEVICE_FEATURE flags; -1 any) `delayMs` each.
+ */
+export function stallProxy(upstream: string, cmd: number, arg: number, delayMs: number, count = Infinity): Promise<Child> {
   const socket = sockPath('proxy');
-  return childReady(spawn(process.execPath, [path.join(FIXTURES, 'vfu-stall-proxy.js'), socket, upstream, String(cmd), String(offset), String(delayMs)],
+  const args = [socket, upstream, String(cmd), String(arg), String(delayMs), ...(count === Infinity ? [] : [String(count)])];
+  return childReady(spawn(process.execPath, [path.join(FIXTURES, 'vfu-stall-proxy.js'), ...args],
     { stdio: ['ignore', 'pipe', 'pipe'] }), socket);
 }
 

@@ -8,9 +8,10 @@ import { trace } from '../../trace.js';
 import type { DigestTarget } from '../../transport/transport.js';
 import type { DeviceGeometry } from '../../container/format.js';
 import type {
-  ConfigTargetDesc, DataPathDesc, DeviceCaps, DirtyLog, MigDevice, MigState, SizeEstimate, StateChange, TargetState,
+  Awaitable, ConfigTargetDesc, DataPathDesc, DeviceCaps, DirtyLog, MigDevice, MigState, SizeEstimate, StateChange, TargetState,
 } from '../../device/seam.js';
 import { closesSession, opensSession, v2Path } from './fsm.js';
+import { drive, type Step } from '../../device/drive.js';
 import {
   FEATURE, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, V2_STATE, V2_STATE_NAMES, type V2StateName,
 } from './uapi.js';
@@ -22,85 +23,115 @@ export interface V2Ops {
   readonly name: string;
   readonly reach: string;
   /** GET VFIO_DEVICE_FEATURE_MIGRATION flags (throws with errno ENOTTY when the driver has no migration). */
-  migrationFlags(): number;
+  migrationFlags(): Awaitable<number>;
   /** PROBE of a feature id. */
-  probe(feature: number): boolean;
-  getState(): number;
+  probe(feature: number): Awaitable<boolean>;
+  getState(): Awaitable<number>;
   /** One SET of MIG_DEVICE_STATE: a new data fd (owned by the caller) or -1. */
-  setState(state: number): number;
+  setState(state: number): Awaitable<number>;
   precopyInfo(dataFd: number): { initialBytes: number; dirtyBytes: number };
   dataSize(): number;
-  dmaStart(pageSize: number, ranges: IovaRange[]): number;
-  dmaStop(): void;
-  dmaReport(iova: number, length: number, pageSize: number, bitmap: Uint8Array): void;
-  reset(): void;
+  dmaStart(pageSize: number, ranges: IovaRange[]): Awaitable<number>;
+  dmaStop(): Awaitable<void>;
+  dmaReport(iova: number, length: number, pageSize: number, bitmap: Uint8Array): Awaitable<void>;
+  reset(): Awaitable<void>;
   closeFd(fd: number): void;
   /** The worker's way to this session's data (the fd path for a real fd; the reach's own module otherwise). */
   dataPath(fd: number): DataPathDesc;
   /** Guest IOVA ranges the device may DMA into (DMA logging covers these); empty: no dirty tracking. */
   guestRanges(): IovaRange[];
-  readConfig(): Uint8Array;
-  writeConfig(space: Uint8Array): void;
+  readConfig(): Awaitable<Uint8Array>;
+  writeConfig(space: Uint8Array): Awaitable<void>;
   configTarget(): ConfigTargetDesc;
   geometry(): DeviceGeometry;
   digestTarget(): DigestTarget | null;
   vendorError?(): string;
-  close(): void;
+  close(): Awaitable<void>;
 }
 
 function errnoOf(e: unknown): number | undefined { return (e as { errno?: number })?.errno; }
 
-export class V2Device implements MigDevice {
+/** What a V2Device answers with: plain values when its ops answer synchronously (A false), Promises when not. */
+export type Answer<A extends boolean, T> = A extends true ? Promise<T> : T;
+
+interface Probed { flags: number; logging: boolean }
+
+/** GET MIGRATION (STOP_COPY is mandatory) and whether DMA logging can cover the device's guest ranges. */
+function* probeCaps(ops: V2Ops): Step<Probed> {
+  let flags: number;
+  try {
+    flags = yield ops.migrationFlags();
+  } catch (e) {
+    throw new MigError(ErrorCode.NO_MIGRATION_REGION, `VFIO migration v2 is not supported (GET MIGRATION: ${(e as Error).message})`,
+      { device: ops.name, errno: errnoOf(e), cause: e });
+  }
+  if (!(flags & MIGRATION_STOP_COPY)) {
+    throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `migration flags 0x${flags.toString(16)} lack the mandatory STOP_COPY`, { device: ops.name, value: flags });
+  }
+  const logging = ops.guestRanges().length > 0 && (yield ops.probe(FEATURE.DMA_LOGGING_START)) === true;
+  return { flags, logging };
+}
+
+/**
+ * The protocol logic is written once (generators run by drive()): with synchronous ops (kernel ioctls, the emulated
+ * vendor) every method answers at once, with ops that return Promises (vfio-user messages) every method that touches
+ * the device answers with a Promise and the main thread never waits on the device. A = true for the latter
+ * (V2Device.open()).
+ */
+export class V2Device<A extends boolean = false> implements MigDevice {
   readonly caps: DeviceCaps;
-  /** Answers synchronously (ioctls or in-process calls), like every V2Device method. */
-  readonly dirtyLog: V2DirtyLog | null;
+  readonly dirtyLog: V2DirtyLog<A> | null;
   private fd = -1;
 
-  constructor(readonly ops: V2Ops) {
-    let flags: number;
-    try {
-      flags = ops.migrationFlags();
-    } catch (e) {
-      throw new MigError(ErrorCode.NO_MIGRATION_REGION, `VFIO migration v2 is not supported (GET MIGRATION: ${(e as Error).message})`,
-        { device: ops.name, errno: errnoOf(e), cause: e });
+  /** A device whose ops answer synchronously. */
+  constructor(readonly ops: V2Ops, probed?: Probed) {
+    const p = probed ?? drive(probeCaps(ops));
+    if (p instanceof Promise) {
+      p.catch(() => undefined);
+      throw new MigError(ErrorCode.BAD_ARGUMENT, 'these v2 ops answer asynchronously: use V2Device.open()', { device: ops.name });
     }
-    if (!(flags & MIGRATION_STOP_COPY)) {
-      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `migration flags 0x${flags.toString(16)} lack the mandatory STOP_COPY`, { device: ops.name, value: flags });
-    }
-    const ranges = ops.guestRanges();
-    const logging = ranges.length > 0 && ops.probe(FEATURE.DMA_LOGGING_START);
+    const { flags, logging } = p;
     this.caps = {
       protocol: 'v2', reach: ops.reach, precopy: (flags & MIGRATION_PRE_COPY) !== 0, p2p: (flags & MIGRATION_P2P) !== 0,
       dirty: logging ? 'dma-logging' : 'none', migrationFlags: flags,
     };
-    this.dirtyLog = logging ? new V2DirtyLog(ops, ranges) : null;
+    this.dirtyLog = logging ? new V2DirtyLog<A>(ops, ops.guestRanges()) : null;
+  }
+
+  /** A device whose ops may answer later (over a socket): probed without blocking. */
+  static async open(ops: V2Ops): Promise<V2Device<true>> {
+    return new V2Device<true>(ops, await drive(probeCaps(ops)));
   }
 
   get name(): string { return this.ops.name; }
 
-  state(): MigState {
-    const s = this.ops.getState();
+  state(): Answer<A, MigState> { return drive(this.stateStep()) as Answer<A, MigState>; }
+  setState(target: TargetState): Answer<A, StateChange> { return drive(this.setStateStep(target)) as Answer<A, StateChange>; }
+  estimate(): Answer<A, SizeEstimate> { return drive(this.estimateStep()) as Answer<A, SizeEstimate>; }
+
+  private *stateStep(): Step<MigState> {
+    const s: number = yield this.ops.getState();
     const n = V2_STATE_NAMES[s];
     if (n === undefined) throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `MIG_DEVICE_STATE reads ${s}, not a state`, { device: this.name, value: s });
     return n;
   }
 
-  setState(target: TargetState): StateChange {
-    const from = this.state();
+  private *setStateStep(target: TargetState): Step<StateChange> {
+    const from: MigState = yield* this.stateStep();
     const path = from === 'ERROR' ? null : v2Path(this.caps.migrationFlags, from, target);
     if (!path) {
       throw new MigError(from === 'ERROR' ? ErrorCode.DEVICE_ERROR_STATE : ErrorCode.BAD_STATE,
         from === 'ERROR' ? 'device is in the ERROR state; a reset is required' : `no allowed transition ${from} -> ${target}`, { device: this.name });
     }
-    let cur: V2StateName = from;
+    let cur: V2StateName = from as V2StateName;
     let newSession = false;
     for (const next of path) {
       let fd: number;
       try {
-        fd = this.ops.setState(V2_STATE[next]);
+        fd = yield this.ops.setState(V2_STATE[next]);
       } catch (e) {
         let after: MigState | undefined;
-        try { after = this.state(); } catch { /* reported below */ }
+        try { after = yield* this.stateStep(); } catch { /* reported below */ }
         trace('vfio_migration_set_state_failed', { device: this.name, from: cur, to: next, after });
         const why = `${(e as Error).message}${this.vendorText()}`;
         if (after === 'ERROR') {
@@ -130,10 +161,10 @@ export class V2Device implements MigDevice {
     return { from, to: cur, path, newSession };
   }
 
-  estimate(): SizeEstimate {
+  private *estimateStep(): Step<SizeEstimate> {
     let stopCopyBytes: number | null = null;
-    try { stopCopyBytes = this.ops.dataSize(); } catch { /* QEMU falls back to a large default; null says "unknown" */ }
-    const s = this.state();
+    try { stopCopyBytes = yield this.ops.dataSize(); } catch { /* QEMU falls back to a large default; null says "unknown" */ }
+    const s: MigState = yield* this.stateStep();
     if ((s === 'PRE_COPY' || s === 'PRE_COPY_P2P') && this.fd >= 0) {
       let p: { initialBytes: number; dirtyBytes: number };
       try {
@@ -147,22 +178,24 @@ export class V2Device implements MigDevice {
   }
 
   dataPath(): DataPathDesc | null { return this.fd >= 0 ? this.ops.dataPath(this.fd) : null; }
-  readConfig(): Uint8Array { return this.ops.readConfig(); }
-  writeConfig(space: Uint8Array): void { this.ops.writeConfig(space); }
+  readConfig(): Answer<A, Uint8Array> { return this.ops.readConfig() as Answer<A, Uint8Array>; }
+  writeConfig(space: Uint8Array): Answer<A, void> { return this.ops.writeConfig(space) as Answer<A, void>; }
   configTarget(): ConfigTargetDesc { return this.ops.configTarget(); }
   geometry(): DeviceGeometry { return this.ops.geometry(); }
   digestTarget() { return this.ops.digestTarget(); }
   vendorError(): string { return this.ops.vendorError?.() ?? ''; }
 
-  reset(): void {
+  reset(): Answer<A, void> {
     this.dropFd();
-    this.ops.reset();
-    trace('vfio_device_reset', { device: this.name });
+    return drive((function* (d: V2Device<A>): Step<void> {
+      yield d.ops.reset();
+      trace('vfio_device_reset', { device: d.name });
+    })(this)) as Answer<A, void>;
   }
 
-  close(): void {
+  close(): Answer<A, void> {
     this.dropFd();
-    this.ops.close();
+    return this.ops.close() as Answer<A, void>;
   }
 
   private dropFd(): void {
@@ -177,7 +210,7 @@ export class V2Device implements MigDevice {
 }
 
 /** VFIO_DEVICE_FEATURE_DMA_LOGGING_* over the device's guest ranges; a report concatenates the ranges' bitmaps. */
-export class V2DirtyLog implements DirtyLog {
+export class V2DirtyLog<A extends boolean = false> implements DirtyLog {
   readonly kind = 'dma-logging' as const;
   readonly sharesDataChannel = false;
   readonly pages: number;
@@ -187,17 +220,26 @@ export class V2DirtyLog implements DirtyLog {
     this.pages = ranges.reduce((a, r) => a + r.length / 4096, 0);
     this.scratch = new Uint8Array(Math.ceil(Math.max(...ranges.map((r) => r.length / 4096)) / 64) * 8);
   }
-  start(): void {
+  start(): Answer<A, void> { return drive(this.startStep()) as Answer<A, void>; }
+  report(bitmap: Uint8Array): Answer<A, number> { return drive(this.reportStep(bitmap)) as Answer<A, number>; }
+  stop(): Answer<A, void> {
+    return drive((function* (ops: V2Ops): Step<void> {
+      try { yield ops.dmaStop(); } catch { /* stopping is best effort during rollback */ }
+    })(this.ops)) as Answer<A, void>;
+  }
+
+  private *startStep(): Step<void> {
     try {
-      this.pageSize = this.ops.dmaStart(4096, this.ranges);
+      this.pageSize = yield this.ops.dmaStart(4096, this.ranges);
     } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `DMA_LOGGING_START: ${(e as Error).message}`, { device: this.ops.name, errno: errnoOf(e), cause: e });
+      throw new MigError(accessErrorCode(errnoOf(e)), `DMA_LOGGING_START: ${(e as Error).message}`, { device: this.ops.name, errno: errnoOf(e), cause: e });
     }
     if (this.pageSize !== 4096) {
       throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `DMA logging page size ${this.pageSize} (4096 expected)`, { device: this.ops.name, value: this.pageSize });
     }
   }
-  report(bitmap: Uint8Array): number {
+
+  private *reportStep(bitmap: Uint8Array): Step<number> {
     let base = 0;
     let found = 0;
     for (const r of this.ranges) {
@@ -205,9 +247,9 @@ export class V2DirtyLog implements DirtyLog {
       const bm = this.scratch.subarray(0, Math.ceil(pages / 64) * 8);
       bm.fill(0);
       try {
-        this.ops.dmaReport(r.iova, r.length, 4096, bm);
+        yield this.ops.dmaReport(r.iova, r.length, 4096, bm);
       } catch (e) {
-        throw new MigError(ErrorCode.NATIVE, `DMA_LOGGING_REPORT: ${(e as Error).message}`, { device: this.ops.name, errno: errnoOf(e), cause: e });
+        throw new MigError(accessErrorCode(errnoOf(e)), `DMA_LOGGING_REPORT: ${(e as Error).message}`, { device: this.ops.name, errno: errnoOf(e), cause: e });
       }
       for (let i = 0; i < pages; i++) {
         if (bm[i >> 3] & (1 << (i & 7))) {
@@ -219,8 +261,5 @@ export class V2DirtyLog implements DirtyLog {
       base += pages;
     }
     return found;
-  }
-  stop(): void {
-    try { this.ops.dmaStop(); } catch { /* stopping is best effort during rollback */ }
   }
 }

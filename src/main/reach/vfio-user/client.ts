@@ -148,6 +148,18 @@ export class VfioUserClient {
     return native().regionOpenUser(this.conn, r.index, r.size, r.fd, r.offset, r.fd >= 0 ? r.sparse ?? [] : []);
   }
 
+  /**
+   * Read config space (`data` undefined) or write it whole, on the libuv pool (REGION_READ/WRITE split by the limits).
+   * Errors name the device and the command.
+   */
+  async configAccess(handle: number, data?: Uint8Array): Promise<Uint8Array> {
+    try {
+      return await native().regionRwAsync(handle, 0, data?.length ?? 256, data);
+    } catch (e) {
+      throw peerError(e, this.name, data ? CMD.REGION_WRITE : CMD.REGION_READ);
+    }
+  }
+
   /** Region 7 (PCI config space, 256 bytes) opened for REGION_READ/WRITE. */
   openConfigRegion(): number {
     const r = this.regions[VFIO_PCI_CONFIG_REGION_INDEX];

@@ -15,7 +15,7 @@ export async function connectVfioUser(socketPath: string, o: Opts = {}): Promise
   const c = await Client.connect(socketPath, o);
   if (c.findByType(3, 1)) return V1.fromClient(c, o.guest);
   try {
-    return v2(c);
+    return await v2(c);
   } catch (e) {
     c.close();
     throw e;

@@ -9,7 +9,6 @@ import { opensSession } from '../../protocol/v2/fsm.js';
 import { V2Device, type IovaRange, type V2Ops } from '../../protocol/v2/device.js';
 import { V2_STATE_NAMES } from '../../protocol/v2/uapi.js';
 import type { DigestTarget } from '../../transport/transport.js';
-import { restoreConfig } from '../../transport/config.js';
 import type { VfioUserClient } from './client.js';
 import { CMD } from './protocol.js';
 
@@ -37,19 +36,20 @@ export class VfioUserV2Ops implements V2Ops {
   constructor(readonly client: VfioUserClient) {}
   get name(): string { return this.client.name; }
 
-  private u32(flags: number, words?: number[], at = 8): number {
-    const r = this.client.askSync(CMD.DEVICE_FEATURE, feat(flags, words), 16, 64);
+  // Every request that touches the device goes through the libuv pool (client.ask): the main thread never waits.
+  private async u32(flags: number, words?: number[], at = 8): Promise<number> {
+    const r = await this.client.ask(CMD.DEVICE_FEATURE, feat(flags, words), 16, 64);
     return new DataView(r.reply.buffer, r.reply.byteOffset, r.reply.byteLength).getUint32(at, true);
   }
-  migrationFlags(): number { return this.u32(GET | 1); }
-  probe(feature: number): boolean {
-    try { this.client.askSync(CMD.DEVICE_FEATURE, feat(PROBE | GET | feature), 8, 64); return true; } catch { return false; }
+  migrationFlags(): Promise<number> { return this.u32(GET | 1); }
+  async probe(feature: number): Promise<boolean> {
+    try { await this.client.ask(CMD.DEVICE_FEATURE, feat(PROBE | GET | feature), 8, 64); return true; } catch { return false; }
   }
-  getState(): number { return this.u32(GET | 2); }
-  setState(state: number): number {
-    const before = this.getState();
-    this.client.askSync(CMD.DEVICE_FEATURE, feat(SET | 2, [state, 0xffffffff]), 8, 64);
-    const after = this.getState();
+  getState(): Promise<number> { return this.u32(GET | 2); }
+  async setState(state: number): Promise<number> {
+    const before = await this.getState();
+    await this.client.ask(CMD.DEVICE_FEATURE, feat(SET | 2, [state, 0xffffffff]), 8, 64);
+    const after = await this.getState();
     if (after !== state) {
       throw Object.assign(new Error(`SET MIG_DEVICE_STATE ${V2_STATE_NAMES[state]} answered, but GET reads ${V2_STATE_NAMES[after] ?? after}`), { errno: 5 });
     }
@@ -68,7 +68,7 @@ export class VfioUserV2Ops implements V2Ops {
   dmaStart(): number { throw Object.assign(new Error('DMA logging is not used over vfio-user'), { errno: 25 }); }
   dmaStop(): void { /* never started */ }
   dmaReport(): void { throw Object.assign(new Error('DMA logging is not used over vfio-user'), { errno: 25 }); }
-  reset(): void { this.client.askSync(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
+  async reset(): Promise<void> { await this.client.ask(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
   closeFd(): void { /* a session token, not a descriptor */ }
   dataPath(): DataPathDesc {
     const l = this.client.negotiated.maxDataXfer;
@@ -82,12 +82,8 @@ export class VfioUserV2Ops implements V2Ops {
     if (this.configHandle < 0) this.configHandle = this.client.openConfigRegion();
     return this.configHandle;
   }
-  readConfig(): Uint8Array {
-    const b = new Uint8Array(256);
-    native().regionCopyOut(this.config(), 0, 256, b, 0);
-    return b;
-  }
-  writeConfig(space: Uint8Array): void { restoreConfig({ kind: 'vfio-user', handle: this.config() }, space); }
+  readConfig(): Promise<Uint8Array> { return this.client.configAccess(this.config()); }
+  async writeConfig(space: Uint8Array): Promise<void> { await this.client.configAccess(this.config(), space); }
   configTarget(): ConfigTargetDesc { return { kind: 'vfio-user', handle: this.config() }; }
   geometry(): DeviceGeometry {
     return { stateSize: 0, maxChunk: 0, dataMode: 'trapped', offsetPolicy: 'fixed', guestPages: 0, regionSize: 4096 };
@@ -103,7 +99,7 @@ export class VfioUserV2Ops implements V2Ops {
   }
 }
 
-/** A v2 device served over vfio-user, behind the seam. */
-export function vfioUserV2(client: VfioUserClient): V2Device {
-  return new V2Device(new VfioUserV2Ops(client));
+/** A v2 device served over vfio-user, behind the seam: every call that touches it answers with a Promise. */
+export function vfioUserV2(client: VfioUserClient): Promise<V2Device<true>> {
+  return V2Device.open(new VfioUserV2Ops(client));
 }
