@@ -34,7 +34,7 @@ test('the package exposes one entry point, whose exports and types carry no test
 const VALUES = [
   'ContainerReader', 'ContainerWriter', 'EmulatedDevice', 'EmulatedTransport', 'EnginePool', 'ErrorCode', 'FileSink', 'KernelVfioDevice',
   'Loader', 'MigError', 'Migration', 'MigrationRegion', 'NEXT_STATE', 'PHASE_ARCS', 'PROFILE_DEFS', 'Receiver', 'RollbackOutcome',
-  'STATE_TABLE', 'Sender', 'VfioKernelTransport', 'emulatedDestination', 'emulatedDigest', 'isMigError', 'kernelDevice', 'loadStream',
+  'STATE_TABLE', 'Sender', 'VfioKernelTransport', 'emulatedDestination', 'connectVfioUser', 'VfioUserClient', 'VfioUserTransport', 'DeviceServer', 'emulatedDigest', 'isMigError', 'kernelDevice', 'loadStream',
   'onTrace', 'parseUri', 'profileDef', 'receive', 'runEmulated', 'saveDevices', 'send', 'statePath',
 ];
 

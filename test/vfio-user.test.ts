@@ -417,6 +417,45 @@ test('v2 over vfio-user through the engine (device seam): save with a running wo
   }
 });
 
+test('destinations from the device table (no makeDestination): a load connects to the socket the table names, v1 and v2, verified; a table name that is not a socket is refused', async () => {
+  for (const profile of ['linux-5.8', 'v2'] as const) {
+    const socket = sockPath(`dt-${profile}`);
+    const stream = path.join(TMP, `dt-${profile}.vfmig`);
+    const src = DeviceServer.start({ socket, profile, stateSize: 1 << 20, maxChunk: 64 << 10, seed: 21, dirtyRate: 0, dmaRate: 0 });
+    let dst: DeviceServer | undefined;
+    try {
+      const s = await connectVfioUser(socket);
+      const save = await saveDevices([s], stream, pool, {});
+      await s.close();
+      assert.ok(save.ok);
+      // The destination host serves its (zeroed) device at the same path.
+      src.stop();
+      dst = DeviceServer.start({ socket, profile, stateSize: 1 << 20, maxChunk: 64 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+      const { report, loader } = await loadStream(stream, pool, { verify: true });
+      assert.is(report.devices[0].verified, true, `${profile}: verified against the source digest`);
+      assert.is(dst.stats().connected, true, `${profile}: the loader connected to the socket the table names`);
+      await loader.close();
+      for (let i = 0; i < 50 && dst.stats().connected; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.is(dst.stats().connected, false, `${profile}: Loader.close() closed the connection it made`);
+    } finally {
+      src.stop(); dst?.stop(); rm(stream);
+    }
+  }
+  const socket = sockPath('dt-named');
+  const stream = path.join(TMP, 'dt-named.vfmig');
+  const src = DeviceServer.start({ socket, stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+  try {
+    const s = await VfioUserTransport.connect(socket, { name: 'nic0' });
+    assert.ok((await saveDevices([s], stream, pool, {})).ok);
+    s.close();
+    const e = await rejectsCode(loadStream(stream, pool, { verify: true }), ErrorCode.BAD_ARGUMENT);
+    assert.is(e.device, 'nic0');
+    assert.match(e.message, /not a socket path: name the destination/);
+  } finally {
+    src.stop(); rm(stream);
+  }
+});
+
 test.after(async () => {
   killAll();
   await pool.close();

@@ -21,6 +21,9 @@ export { EmulatedDevice, emulatedDigest, type EmulatedDeviceOptions, type DataMo
 export { EmulatedTransport } from './transport/emulated.js';
 export { VfioKernelTransport } from './transport/vfio-kernel.js';
 export { KernelVfioDevice, kernelDevice, type KernelHandles, type KernelDeviceOptions, type OpenOptions as KernelOpenOptions } from './reach/kernel/index.js';
+export {
+  connectVfioUser, VfioUserClient, VfioUserTransport, DeviceServer, type VfioUserOptions, type DeviceServerOptions,
+} from './reach/vfio-user/index.js';
 export type { DeviceTransport } from './transport/transport.js';
 export { MigrationRegion } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';

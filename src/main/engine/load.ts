@@ -228,7 +228,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
    */
   async close(): Promise<void> {
     if (this.o.makeDestination) return;
-    for (const d of this.dests) destroyEmulated(d.dev ?? d.transport);
+    // Emulated destinations are destroyed; those a reach connected to (vfio-user) are closed.
+    for (const d of this.dests) if (!destroyEmulated(d.dev ?? d.transport)) await (d.dev ?? d.transport).close();
     this.dests = [];
   }
 
@@ -351,7 +352,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
-      const made = await (entry.profile === 'v2' && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
+      const made = await ((entry.profile === 'v2' || entry.transport !== 'emulated') && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
       // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
       this.claims.claimOne(made as DeviceTransport);
       const dev = seamDevice(made);

@@ -68,7 +68,13 @@ export function emulatedDeviceOf(x: object): EmulatedDevice | null {
 }
 
 /** Destroy an emulated source or destination of either protocol (closing a v1 transport's region first). */
-export function destroyEmulated(x: object): void {
+/** Destroy an emulated device (either shape); false when `x` is not one. */
+export function destroyEmulated(x: object): boolean {
   if (x instanceof EmulatedTransport) x.destroy();
-  else emulatedDeviceOf(x)?.destroy();
+  else {
+    const d = emulatedDeviceOf(x);
+    if (!d) return false;
+    d.destroy();
+  }
+  return true;
 }
