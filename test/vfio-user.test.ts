@@ -417,6 +417,29 @@ test('v2 over vfio-user through the engine (device seam): save with a running wo
   }
 });
 
+test('v2 dirty tracking over vfio-user: DMA_LOGGING_START / REPORT / STOP as messages against a server process with DMA, pages found, verified', async () => {
+  const src = await serverProcess(['--profile', 'v2', '--size', '2MiB', '--chunk', '64KiB', '--dirty-rate', '0', '--dma-rate', '5000', '--seed', '12', '--fault', 'slow-chunk:3000']);
+  const dst = DeviceServer.start({ socket: sockPath('v2dma'), profile: 'v2', stateSize: 2 << 20, maxChunk: 64 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  const stream = path.join(TMP, 'v2-dma.vfmig');
+  const s = await connectVfioUser(src.socket, { guest: GUEST }) as MigDevice;
+  const none = await connectVfioUser(dst.socket) as MigDevice;
+  try {
+    assert.is(s.caps.dirty, 'dma-logging', 'the server offers DMA logging (PROBE with SET) and the client has a guest range');
+    assert.is(none.caps.dirty, 'none', 'no guest range: no dirty tracking');
+    const save = await saveDevices([s], stream, pool, { dirtyQueryIntervalMs: 5, downtimeLimitMs: 0, maxRounds: 3 });
+    assert.ok(save.ok);
+    assert.ok(save.dirty.pages[0] > 0, `DMA_LOGGING_REPORT found ${save.dirty.pages[0]} pages the device wrote`);
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => none });
+    assert.is(report.devices[0].verified, true);
+    // Logging was stopped with the save: a REPORT now is refused by the server.
+    const q = Buffer.alloc(32);
+    q.writeUInt32LE(32 + 512, 0); q.writeUInt32LE((1 << 16) | 8, 4); q.writeBigUInt64LE(BigInt(GUEST.size), 16); q.writeBigUInt64LE(4096n, 24);
+    await rejectsCode((s as unknown as { ops: { client: VfioUserClient } }).ops.client.ask(CMD.DEVICE_FEATURE, q, 32 + 512, 32 + 512), ErrorCode.PEER_ERROR);
+  } finally {
+    await s.close(); await none.close(); dst.stop(); kill(src.child, 'SIGTERM'); rm(stream);
+  }
+});
+
 test('destinations from the device table (no makeDestination): a load connects to the socket the table names, v1 and v2, verified; a table name that is not a socket is refused', async () => {
   for (const profile of ['linux-5.8', 'v2'] as const) {
     const socket = sockPath(`dt-${profile}`);

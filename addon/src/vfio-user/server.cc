@@ -437,7 +437,8 @@ constexpr uint32_t kStPreCopy = 6, kStPreCopyP2P = 7, kStStopCopy = 3, kStResumi
 }  // namespace
 
 // DEVICE_FEATURE {argsz, flags, data}: MIGRATION (GET), MIG_DEVICE_STATE (GET / SET; the data fd stays here: 0xffffffff
-// on the wire). DMA logging and MIG_DATA_SIZE are not offered over vfio-user by this server (PROBE says so).
+// on the wire), DMA logging START / STOP (SET) and REPORT (GET) in the vfio-user layout (ranges and the bitmap inline
+// in the message). MIG_DATA_SIZE is not offered over vfio-user (PROBE says so).
 Server::Reply Server::feature(const std::vector<uint8_t>& in) {
   Reply r;
   auto refuse = [&](int e, const std::string& why) { note("DEVICE_FEATURE: " + why); r.err = e; return r; };
@@ -445,14 +446,21 @@ Server::Reply Server::feature(const std::vector<uint8_t>& in) {
   uint32_t argsz = get<uint32_t>(in, 0), flags = get<uint32_t>(in, 4), feat = flags & 0xffff;
   uint32_t dir = flags & (kFeatGet | kFeatSet);
   if (flags & ~(0xffffu | kFeatGet | kFeatSet | kFeatProbe)) return refuse(EINVAL, fmt("unknown flags 0x%x", flags));
-  bool offered = feat == VFIO_DEVICE_FEATURE_MIGRATION || feat == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE;
+  // The directions each feature supports (as the kernel's vfio_check_feature sees them).
+  uint32_t ops = feat == VFIO_DEVICE_FEATURE_MIGRATION ? kFeatGet
+               : feat == VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE ? (kFeatGet | kFeatSet)
+               : feat == VFIO_DEVICE_FEATURE_DMA_LOGGING_START || feat == VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP ? kFeatSet
+               : feat == VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT ? kFeatGet : 0;
   if (flags & kFeatProbe) {
-    if (!offered || (feat == VFIO_DEVICE_FEATURE_MIGRATION && (flags & kFeatSet))) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+    if (!ops) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+    if (dir & ~ops) return refuse(EINVAL, fmt("feature %u does not support that direction", feat));
     r.body.assign(in.begin(), in.begin() + 8);
     return r;
   }
   if (dir != kFeatGet && dir != kFeatSet) return refuse(EINVAL, "exactly one of GET and SET");
-  if (!offered) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+  if (!ops) return refuse(ENOTTY, fmt("feature %u not offered", feat));
+  if (!(dir & ops)) return refuse(EINVAL, fmt("feature %u does not support that direction", feat));
+  if (feat >= VFIO_DEVICE_FEATURE_DMA_LOGGING_START) return dmaLogging(in, feat);
   r.body.assign(16, 0);
   put<uint32_t>(r.body, 0, 16);
   put<uint32_t>(r.body, 4, flags);
@@ -474,6 +482,44 @@ Server::Reply Server::feature(const std::vector<uint8_t>& in) {
   if (st != kStPreCopy && st != kStPreCopyP2P && st != kStStopCopy && st != kStResuming) dropSession();
   put<uint32_t>(r.body, 8, st);
   put<uint32_t>(r.body, 12, 0xffffffffu);
+  return r;
+}
+
+// DMA logging over messages. START {u64 page_size, u32 num_ranges, u32 reserved, {u64 iova, u64 length}*}: the reply
+// echoes it with the page size the device chose. STOP: no data. REPORT {u64 iova, u64 length, u64 page_size}: the reply
+// is those 24 bytes and the bitmap (one bit per page, u64 words), within argsz and the message limit. The emulated
+// vendor validates the ranges (inside its guest memory, started, page aligned) with the kernel's errnos.
+Server::Reply Server::dmaLogging(const std::vector<uint8_t>& in, uint32_t feat) {
+  Reply r;
+  auto refuse = [&](int e, const std::string& why) { note("DEVICE_FEATURE DMA logging: " + why); r.err = e; return r; };
+  uint32_t argsz = get<uint32_t>(in, 0);
+  if (feat == VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP) {
+    if (in.size() != 8) return refuse(EINVAL, fmt("STOP with a %zu-byte body", in.size()));
+    dev_->v2DmaStop();
+    r.body.assign(in.begin(), in.end());
+    return r;
+  }
+  if (feat == VFIO_DEVICE_FEATURE_DMA_LOGGING_START) {
+    if (in.size() < 24) return refuse(EINVAL, "START shorter than its 16-byte control");
+    uint64_t pageSize = get<uint64_t>(in, 8);
+    uint32_t n = get<uint32_t>(in, 16);
+    if (n == 0 || n > 256 || in.size() != 24 + static_cast<size_t>(n) * 16) return refuse(EINVAL, fmt("START with %u ranges in %zu bytes", n, in.size()));
+    std::vector<emu::Device::Range> ranges(n);
+    for (uint32_t i = 0; i < n; i++) ranges[i] = {get<uint64_t>(in, 24 + i * 16), get<uint64_t>(in, 32 + i * 16)};
+    uint64_t chosen = dev_->v2DmaStart(pageSize, ranges);
+    r.body.assign(in.begin(), in.end());
+    put<uint64_t>(r.body, 8, chosen);
+    return r;
+  }
+  if (in.size() != 32) return refuse(EINVAL, fmt("REPORT body of %zu bytes (32)", in.size()));
+  uint64_t iova = get<uint64_t>(in, 8), length = get<uint64_t>(in, 16), pageSize = get<uint64_t>(in, 24);
+  if (pageSize < 4096 || (pageSize & (pageSize - 1)) || length == 0 || length % pageSize) return refuse(EINVAL, "REPORT page size or length");
+  uint64_t bytes = (length / pageSize + 63) / 64 * 8;
+  // Bounded before anything is allocated: the reply must fit one message and the client's argsz.
+  if (bytes > kMaxMessage - kHeaderSize - 32 || argsz < 32 + bytes) return refuse(EINVAL, fmt("REPORT of a %llu-byte bitmap (argsz %u)", static_cast<unsigned long long>(bytes), argsz));
+  r.body.assign(32 + bytes, 0);
+  memcpy(r.body.data(), in.data(), 32);
+  dev_->v2DmaReport(iova, length, pageSize, r.body.data() + 32, static_cast<size_t>(bytes));
   return r;
 }
 

@@ -51,6 +51,7 @@ class Server {
   Reply regionWrite(const std::vector<uint8_t>& in);
   Reply dirtyPages(const std::vector<uint8_t>& in);
   Reply feature(const std::vector<uint8_t>& in);   // v2: DEVICE_FEATURE
+  Reply dmaLogging(const std::vector<uint8_t>& in, uint32_t feat);  // v2: DMA logging START / STOP / REPORT
   Reply migDataRead(const std::vector<uint8_t>& in);
   Reply migDataWrite(const std::vector<uint8_t>& in);
   void dropSession();

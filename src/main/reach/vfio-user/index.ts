@@ -18,7 +18,7 @@ export async function connectVfioUser(socketPath: string, o: Opts = {}): Promise
   const c = await Client.connect(socketPath, o);
   if (c.findByType(3, 1)) return V1.fromClient(c, o.guest);
   try {
-    return await v2(c);
+    return await v2(c, o.guest);
   } catch (e) {
     c.close();
     throw e;
