@@ -22,7 +22,7 @@ import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
 import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
 import type { Awaitable, MigDevice } from '../device/seam.js';
-import { reachProvider } from '../device/registry.js';
+import { reachProvider, registeredReaches } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
 import type { ConfigTarget } from '../transport/config.js';
 import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
@@ -352,7 +352,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
-      const made = await ((entry.profile === 'v2' || entry.transport !== 'emulated') && !this.o.makeDestination ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
+      const made = await (!this.o.makeDestination && (entry.profile === 'v2' || (entry.transport !== 'emulated' && registeredReaches().includes(entry.transport))) ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
       // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
       this.claims.claimOne(made as DeviceTransport);
       const dev = seamDevice(made);
