@@ -7,8 +7,16 @@ import { native } from '../src/addon/native.js';
 import { KernelVfioDevice, kernelDevice } from '../src/main/reach/kernel/device.js';
 import { resolveSysfs } from '../src/main/reach/kernel/sysfs.js';
 import { FEATURE, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY, V2_STATE } from '../src/main/protocol/v2/uapi.js';
-import { MigError } from '../src/main/errors.js';
+import { ErrorCode, MigError } from '../src/main/errors.js';
+import { REC_DEVICE_TABLE } from '../src/main/container/format.js';
 import { VfioKernelTransport } from '../src/main/transport/vfio-kernel.js';
+import { EnginePool } from '../src/main/engine/pool.js';
+import { loadStream, saveDevices } from '../src/main/api.js';
+import { emulatedV2, destroyEmulated } from '../src/main/reach/emulated/v2.js';
+import { reachForSpec, reachProvider } from '../src/main/device/registry.js';
+import { defaultSysfsPath } from '../src/main/reach/kernel/index.js';
+import { readRecords, writeRecords } from './craft.js';
+import { rejectsCode, rm, tmpFile } from './helpers.js';
 
 function code(fn: () => unknown): string {
   try { fn(); } catch (e) { assert.instance(e, MigError, String(e)); return (e as MigError).code; }
@@ -90,6 +98,48 @@ test('v1 transport embedded: handed-over fds are not closed, errors name the dev
     assert.match(err!.message, /^vmm-v1: VFIO_DEVICE_GET_INFO/);
     fs.fstatSync(fd); // still open: vfio-mig closed nothing it was handed
   } finally { fs.closeSync(fd); }
+});
+
+
+// ---- the kernel reach's destination provider (no makeDestination): the loader asks it by scheme or by entry ----
+
+test('kernel destination provider: registered under scheme vfio; named destinations and the entry\'s own name reach it, errors named', async () => {
+  assert.is(reachForSpec('vfio:/sys/bus/mdev/devices/x')!.provider, reachProvider('kernel'));
+  assert.is(reachForSpec('vfio:/sys/bus/mdev/devices/x')!.target, '/sys/bus/mdev/devices/x');
+  assert.is(reachForSpec('nope:x'), null);
+  const uuid = '0badc0de-0000-4000-8000-000000000001';
+  assert.is(defaultSysfsPath({ index: 0, name: uuid, profile: 'v2', transport: 'kernel', geometry: {} as never }), `/sys/bus/mdev/devices/${uuid}`);
+  assert.is(defaultSysfsPath({ index: 0, name: '0000:00:1f.0', profile: 'v2', transport: 'kernel', geometry: {} as never }), '/sys/bus/pci/devices/0000:00:1f.0');
+  const pool = new EnginePool({ threads: 1 });
+  const d = emulatedV2({ name: 'k0', stateSize: 64 << 10, maxChunk: 16 << 10, dirtyRate: 0, dmaRate: 0, guestPages: 16 });
+  const file = tmpFile('kdest');
+  try {
+    await saveDevices([d], file, pool, { maxRounds: 0 });
+    // Named: the provider opens the sysfs path given (none exists here: its error names it).
+    let e = await rejectsCode(loadStream(file, pool, { destinations: [`vfio:/sys/bus/mdev/devices/${uuid}`] }), ErrorCode.BAD_ARGUMENT);
+    assert.match(e.message, new RegExp(`/sys/bus/mdev/devices/${uuid}: no such device`));
+    e = await rejectsCode(loadStream(file, pool, { destinations: ['nope:x'] }), ErrorCode.BAD_ARGUMENT);
+    assert.match(e.message, /no registered reach opens destinations of that kind/);
+    assert.is(e.device, 'k0');
+    e = await rejectsCode(loadStream(file, pool, { destinations: ['vfio:/a', 'vfio:/b'] }), ErrorCode.BAD_ARGUMENT);
+    assert.match(e.message, /2 destination\(s\) named for the stream's 1 device/);
+    await rejectsCode(loadStream(file, pool, { destinations: ['vfio:/a'], makeDestination: () => d }), ErrorCode.BAD_ARGUMENT);
+    await rejectsCode(loadStream(file, pool, { destinations: ['no-scheme'] }), ErrorCode.BAD_ARGUMENT);
+    // A kernel source's stream (its table says reach 'kernel', named by its mdev UUID) with no destination given:
+    // the kernel provider opens the device of that name on this host, not an emulated one.
+    const { header, recs } = readRecords(file);
+    const t = recs.find((r) => r.type === REC_DEVICE_TABLE)!;
+    const table = JSON.parse(Buffer.from(t.body).toString('utf8'));
+    Object.assign(table.devices[0], { name: uuid, transport: 'kernel' });
+    t.body = new Uint8Array(Buffer.from(JSON.stringify(table)));
+    writeRecords(file, header, recs);
+    e = await rejectsCode(loadStream(file, pool), ErrorCode.BAD_ARGUMENT);
+    assert.match(e.message, new RegExp(`/sys/bus/mdev/devices/${uuid}: no such device`));
+  } finally {
+    destroyEmulated(d);
+    rm(file);
+    await pool.close();
+  }
 });
 
 test.run();

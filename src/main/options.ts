@@ -66,6 +66,10 @@ export function checkMigrationOptions(opts: unknown): void {
 export function checkLoadOptions(opts: unknown): void {
   const o = optionsObject(opts, 'load options');
   optFunction(o, 'makeDestination');
+  if (o.destinations !== undefined) {
+    if (!Array.isArray(o.destinations) || o.destinations.some((x) => typeof x !== 'string' || !x.includes(':'))) throw bad('destinations', o.destinations, 'an array of device specs (<scheme>:<target>)');
+    if (o.makeDestination !== undefined) throw bad('destinations', o.destinations, 'either destinations or makeDestination, not both');
+  }
   optBoolean(o, 'verify');
   optBoolean(o, 'start');
   optNumber(o, 'maxStateBytes', 0, 2 ** 53);

@@ -2,6 +2,7 @@
 import { runAll } from './harness.js';
 import './reach.guest.js';
 import './engine.guest.js';
+import './cli.guest.js';
 
 const [outDir, filter = ''] = process.argv.slice(2);
 if (!outDir) {

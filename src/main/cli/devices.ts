@@ -3,9 +3,7 @@
 import { ErrorCode, MigError } from '../errors.js';
 import { connectVfioUser } from '../reach/vfio-user/index.js';
 import type { EngineDevice } from '../engine/source-device.js';
-import { kernelDevice } from '../reach/kernel/device.js';
-import { resolveSysfs } from '../reach/kernel/sysfs.js';
-import { VfioKernelTransport } from '../transport/vfio-kernel.js';
+import { openKernelDevice } from '../reach/kernel/index.js';
 
 export interface ReachFlags { vfuTimeout?: number; vfuWriteBound?: number }
 
@@ -20,7 +18,7 @@ export async function openDevices(specs: string[], o: ReachFlags): Promise<Engin
   try {
     for (const s of specs) {
       if (s.startsWith('vfio:')) {
-        out.push(openKernel(s.slice('vfio:'.length)));
+        out.push(openKernelDevice(s.slice('vfio:'.length)));
         continue;
       }
       const path = s.slice('vfio-user:'.length);
@@ -31,16 +29,4 @@ export async function openDevices(specs: string[], o: ReachFlags): Promise<Engin
     throw e;
   }
   return out;
-}
-
-/** A kernel device by sysfs path: migration v2 when the driver has it, else the v1 region (Linux 5.8-5.17). */
-function openKernel(sysfs: string): EngineDevice {
-  try {
-    return kernelDevice(sysfs);
-  } catch (e) {
-    if ((e as MigError).code !== ErrorCode.NO_MIGRATION_REGION) throw e;
-    const d = resolveSysfs(sysfs);
-    if (!d.group) throw e;
-    return new VfioKernelTransport(d.group, d.name);
-  }
 }

@@ -139,6 +139,14 @@ export async function main(argv: string[]): Promise<void> {
     // Its default is the API's (stress: strict), said once in the help.
     .option('--vendor-mode <mode>', VENDOR_MODE_HELP + ' (default for stress: strict)', (v) => parseEnum('--vendor-mode', v, VENDOR_MODES))
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
+    .option('--device <spec>', 'stress these devices instead of emulated ones: vfio:<sysfs path> or vfio-user:<socket path> (repeatable); '
+      + 'each iteration saves and loads them through their real data channel, verified by digest where the device has one '
+      + 'and always by a fixed point (a device\'s saved data bytes equal the first iteration\'s; the devices must be idle)',
+    (v, p: string[]) => collectDevice(v, p))
+    .option('--dest <spec>', 'a partner for each --device (same count): each iteration migrates one way or the other (default: each device is loaded back into itself)', (v, p: string[]) => collectDevice(v, p))
+    .option('--allow-no-p2p', 'with --device: also migrate several v2 devices in one migration when one lacks P2P')
+    .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
+    .addOption(sizeOption('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', 32768))
     .option('--force', 'replace an existing --report or --events file'))
     .action((o) => withSignals((signal) => cmdStress({ ...o, signal })));
   program.addHelpText('after', `

@@ -6,7 +6,8 @@ import { EmulatedTransport } from '../transport/emulated.js';
 import type { MigrationReport } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import { RollbackOutcome, type RollbackResult } from '../engine/source-device.js';
-import type { LoadReport } from '../engine/load.js';
+import { releaseDestination, type LoadReport, type Loader } from '../engine/load.js';
+import { reachForSpec } from '../device/registry.js';
 import type { SendReport } from '../live/sender.js';
 import type { ReceiveReport } from '../live/receiver.js';
 import type { ProfileName } from '../protocol/profiles.js';
@@ -218,23 +219,25 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
   const cmd = new CommandOutput('load', { file, ...o }, o);
   const pool = new EnginePool({ threads: o.threads });
   let loader;
-  const reached = o.device?.length ? await openDevices(o.device, o) : [];
+  // Devices whose reach provides destinations are opened (and closed) by the loader; others are opened here.
+  const destinations = o.device?.length && o.device.every((x) => reachForSpec(x)?.provider.destination) ? o.device : undefined;
+  const reached = o.device?.length && !destinations ? await openDevices(o.device, o) : [];
   try {
     const makeDestination = reached.length ? (e: { index: number; name: string }) => {
       const t = reached[e.index];
       if (!t) throw new MigError(ErrorCode.BAD_ARGUMENT, `the stream has more devices than the ${reached.length} --device destination(s)`, { device: e.name });
       return t;
     } : undefined;
-    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, memoryBudget: o.memoryBudget }, (l) => cmd.attachLoader(l));
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, destinations, memoryBudget: o.memoryBudget }, (l) => cmd.attachLoader(l));
     loader = res.loader;
     const ok = res.report.devices.every(loadedOk);
     cmd.done({ stream: file, load: loadJson(res.report) }, `${loadText(res.report)}\nverified: ${ok}`, ok, `verified: ${ok}`);
   } catch (e) {
-    loader = (e as { loader?: { dests: { dev: object | null; transport: object }[] } }).loader;
+    loader = (e as { loader?: Loader }).loader;
     noteCleanup('; no destination started');
     throw e;
   } finally {
-    for (const d of loader?.dests ?? []) destroyEmulated((d.dev ?? d.transport) as object);
+    if (!reached.length) for (const d of loader?.dests ?? []) await releaseDestination(d.dev ?? d.transport);
     for (const t of reached) await t.close();
     await pool.close();
   }

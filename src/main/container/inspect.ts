@@ -51,7 +51,7 @@ class Torn extends Error {
   constructor(readonly at: number, readonly why: string) { super(why); }
 }
 
-async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => void | Promise<void>) {
+export async function walk(path: string, onChunk: (r: RecordRef, body: Uint8Array) => void | Promise<void>) {
   const reader = ContainerReader.open(path);
   try {
     const table = await reader.readPreamble();

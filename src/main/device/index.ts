@@ -4,4 +4,4 @@ export type {
   ReadStatus, ReadResult, DataPath, AbortProbe, DataPathFactory, DirtyLog, ConfigTargetDesc, MigDevice, ReachProvider, Awaitable,
 } from './seam.js';
 export { PROTOCOLS } from './seam.js';
-export { registerReach, reachProvider, registeredReaches, openDataPath } from './registry.js';
+export { registerReach, reachProvider, reachForSpec, registeredReaches, openDataPath } from './registry.js';

@@ -22,6 +22,18 @@ export function reachProvider(kind: string, device?: string): ReachProvider {
 
 export function registeredReaches(): string[] { return [...reaches.keys()]; }
 
+/**
+ * The reach a device spec names (`<scheme>:<target>`, e.g. `vfio:/sys/bus/mdev/devices/<uuid>`), and its target;
+ * null when no registered reach has that scheme.
+ */
+export function reachForSpec(spec: string): { provider: ReachProvider; target: string } | null {
+  const i = spec.indexOf(':');
+  if (i <= 0) return null;
+  const scheme = spec.slice(0, i);
+  const provider = [...reaches.values()].find((p) => p.scheme === scheme);
+  return provider ? { provider, target: spec.slice(i + 1) } : null;
+}
+
 const factories = new Map<string, DataPathFactory>();
 
 /** Worker side: the DataPath for `desc`, importing its module once per thread. */

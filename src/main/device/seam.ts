@@ -196,7 +196,14 @@ export interface MigDevice {
 /** A reach's entry in the registry: how to make a destination for a device-table entry of this reach. */
 export interface ReachProvider {
   readonly kind: ReachKind;
-  /** A destination device for `entry` (protocol in entry.profile), or a MigError explaining why it cannot (a reach
-   *  that must connect first, e.g. over a socket, returns a Promise). */
-  destination?(entry: DeviceTableEntry): Awaitable<MigDevice>;
+  /** The prefix that names one of its devices in a device spec (`vfio` for `vfio:<sysfs path>`), if it has one. */
+  readonly scheme?: string;
+  /**
+   * A destination device for `entry` (protocol in entry.profile), or a MigError explaining why it cannot (a reach
+   * that must connect first, e.g. over a socket, returns a Promise). `target` is where the caller says the
+   * destination is (a spec without its `scheme:`); without it, the reach's default for the entry (emulated: a fresh
+   * device of the entry's geometry; kernel: the device of the entry's name on this host). The loader that asked owns
+   * what it gets and closes it.
+   */
+  destination?(entry: DeviceTableEntry, target?: string): Awaitable<MigDevice>;
 }

@@ -22,7 +22,7 @@ import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
 import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
 import type { Awaitable, MigDevice } from '../device/seam.js';
-import { reachProvider, registeredReaches } from '../device/registry.js';
+import { reachForSpec, reachProvider, registeredReaches } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
 import type { ConfigTarget } from '../transport/config.js';
 import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
@@ -44,6 +44,13 @@ export interface LoadOptions {
   onInitDataLoaded?: (d: Dest) => void;
   /** Build the destination for a device-table entry; default: a fresh zero-filled emulated device of that geometry. */
   makeDestination?: (e: DeviceTableEntry) => Awaitable<DeviceTransport | MigDevice>;
+  /**
+   * The destinations by device spec, one per device-table entry in order (`vfio:<sysfs path>`, or any scheme a
+   * reach registered): each is opened by its reach's provider, and the loader closes it. Without it (and without
+   * makeDestination) a v2 entry's own reach provides the destination (emulated: a fresh device; kernel: the device
+   * of the entry's name on this host).
+   */
+  destinations?: string[];
   /** Compare each destination's digest with the source digest in the END record. */
   verify?: boolean;
   /**
@@ -109,6 +116,11 @@ export interface LoadReport {
   /** Device data bytes per second over dataMs. */
   throughputMBps: number;
   error?: Record<string, unknown>;
+}
+
+/** Release a destination the loader made: an emulated one is destroyed, any other closed (its reach's close). */
+export async function releaseDestination(x: DeviceTransport | MigDevice): Promise<void> {
+  if (!destroyEmulated(x)) await x.close();
 }
 
 export function emulatedDestination(e: DeviceTableEntry): EmulatedTransport {
@@ -228,8 +240,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
    */
   async close(): Promise<void> {
     if (this.o.makeDestination) return;
-    // Emulated destinations are destroyed; those a reach connected to (vfio-user) are closed.
-    for (const d of this.dests) if (!destroyEmulated(d.dev ?? d.transport)) await (d.dev ?? d.transport).close();
+    // Emulated destinations are destroyed; those a reach opened or connected to (kernel, vfio-user) are closed.
+    for (const d of this.dests) await releaseDestination(d.dev ?? d.transport);
     this.dests = [];
   }
 
@@ -335,8 +347,13 @@ export class Loader extends EventEmitter<LoaderEvents> {
       return v;
     };
     const total = table.devices.reduce((a, d) => a + size(d, 'stateSize'), 0);
+    const named = this.o.destinations;
+    if (named && named.length !== table.devices.length) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `${named.length} destination(s) named for the stream's ${table.devices.length} device(s)`,
+        { offset: FILE_HEADER_SIZE, device: table.devices[Math.min(named.length, table.devices.length - 1)]?.name });
+    }
     const cost = new Estimate();
-    if (!this.o.makeDestination) {
+    if (!this.o.makeDestination && !named) {
       addEmulated(cost, 'destinations', table.devices.map((d) => ({
         stateSize: size(d, 'stateSize'), maxChunk: size(d, 'maxChunk'), guestPages: size(d, 'guestPages'), dma: false, workload: false, source: false,
         moving: d.geometry.offsetPolicy !== 'fixed',
@@ -352,7 +369,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
-      const made = await (!this.o.makeDestination && (entry.profile === 'v2' || (entry.transport !== 'emulated' && registeredReaches().includes(entry.transport))) ? reachProvider(entry.transport, entry.name).destination!(entry) : make(entry));
+      const made = await this.destinationFor(entry, make);
       // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
       this.claims.claimOne(made as DeviceTransport);
       const dev = seamDevice(made);
@@ -378,6 +395,24 @@ export class Loader extends EventEmitter<LoaderEvents> {
       this.setDestState(d, 'RESUMING');
       trace('vfio_load_setup', { device: entry.name });
     }
+  }
+
+  /** The destination for one entry: a named one (destinations), the caller's (makeDestination), or its reach's. */
+  private async destinationFor(entry: DeviceTableEntry, make: (e: DeviceTableEntry) => Awaitable<DeviceTransport | MigDevice>): Promise<DeviceTransport | MigDevice> {
+    const spec = this.o.destinations?.[entry.index];
+    if (spec !== undefined) {
+      const r = reachForSpec(spec);
+      if (!r?.provider.destination) {
+        throw new MigError(ErrorCode.BAD_ARGUMENT, `destination '${spec}': no registered reach opens destinations of that kind (known: ${registeredReaches().join(', ')})`, { device: entry.name });
+      }
+      return r.provider.destination(entry, r.target);
+    }
+    if (!this.o.makeDestination && (entry.profile === 'v2' || (entry.transport !== 'emulated' && registeredReaches().includes(entry.transport)))) {
+      const p = reachProvider(entry.transport, entry.name);
+      if (!p.destination) throw new MigError(ErrorCode.BAD_ARGUMENT, `the ${entry.transport} reach cannot make destinations: pass makeDestination`, { device: entry.name });
+      return p.destination(entry);
+    }
+    return make(entry);
   }
 
   /** load_setup for a device behind the seam: its protocol must be the stream's, then RESUMING (a data session). */

@@ -78,16 +78,27 @@ export function worstIteration(concurrent: number) {
 export async function stress(o: StressOptions): Promise<StressSummary> {
   const w = worstIteration(o.concurrent ?? 2);
   admitEmulated({ what: `stress (${w.devices} devices at once at most)`, ...w, destinations: true, newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
+  return stressLoop(o, (pool, seed, iteration) => runIteration(pool, seed, o.concurrent ?? 2, iteration, o.vendorMode, o.signal, o.memoryBudget, o.observe));
+}
+
+/**
+ * The loop every stress shares: iterations drawn from the master seed on one pool, until `seconds` or `count`;
+ * a cancel throws CANCELLED with what ran so far as its report.
+ */
+export async function stressLoop<I extends IterationSummary>(
+  o: { seconds: number; seed: number; count?: number; threads?: number; signal?: AbortSignal; onIteration?: (s: I) => void },
+  runOne: (pool: EnginePool, seed: number, iteration: number) => Promise<I>): Promise<StressSummary> {
   const pool = new EnginePool({ threads: o.threads });
   const t0 = performance.now();
   const master = mulberry32(o.seed);
   const sum: StressSummary = { seed: o.seed, iterations: 0, migrations: 0, devices: 0, bytes: 0, chunks: 0, failures: 0, failed: [], seconds: 0 };
+  const cancelled = () => Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
   try {
     while ((performance.now() - t0) / 1000 < o.seconds && (o.count === undefined || sum.iterations < o.count)) {
-      if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
+      if (o.signal?.aborted) throw cancelled();
       const seed = Math.floor(master() * 2 ** 32);
-      const it = await runIteration(pool, seed, o.concurrent ?? 2, sum.iterations, o.vendorMode, o.signal, o.memoryBudget, o.observe);
-      if (o.signal?.aborted) throw Object.assign(new MigError(ErrorCode.CANCELLED, 'stress cancelled'), { report: sum });
+      const it = await runOne(pool, seed, sum.iterations);
+      if (o.signal?.aborted) throw cancelled();
       sum.iterations++;
       sum.migrations += it.migrations;
       sum.devices += it.devices;
