@@ -33,7 +33,10 @@ async function loadFails(file: string, code: string | string[]): Promise<MigErro
   try {
     const e = await rejectsCode(loadStream(file, pool, { verify: true }).then((r) => { loader = r.loader; }), code);
     loader = (e as unknown as { loader?: Loader }).loader;
-    for (const d of loader?.dests ?? []) assert.is.not(d.region.state(), 'RUNNING', `${d.entry.name} must not run`);
+    for (const d of loader?.dests ?? []) {
+      assert.is.not(d.region.state(), 'RUNNING', `${d.entry.name} must not run`);
+      assert.is.not(d.region.state(), 'RESUMING', `${d.entry.name} must not be left half-resumed`);
+    }
     return e;
   } finally {
     for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy();
@@ -130,7 +133,7 @@ test('crafted records with valid checksums: unknown tag, reorder, bad device, ov
   await crafted('no-end', (recs) => recs.filter((r) => r.type !== 3), ErrorCode.STREAM_TRUNCATED);
 });
 
-test('vendor rejects a stream with a wrong device magic or wrong geometry; the destination stays RESUMING', async () => {
+test('vendor rejects a stream with a wrong device magic or wrong geometry; the destinations are reset and stopped', async () => {
   // The first data packet of device 0 starts with the vendor HEADER record: payload magic at 16 + 24.
   let e = await crafted('vmagic', (recs) => { firstData(recs).body[16 + 24] ^= 0xff; }, ErrorCode.LOAD_REJECTED);
   assert.is(e.device, 'src0');

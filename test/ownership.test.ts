@@ -252,7 +252,9 @@ test('start: false keeps loaded devices ready but not running; Loader.start() st
     const e = await rejectsCode(loadStream(f, pool, { start: false }), ErrorCode.STREAM_TRUNCATED);
     loader = (e as unknown as { loader: Loader }).loader;
     await rejectsCode(loader.start(), ErrorCode.BAD_STATE);
-    assert.equal(loader.dests.map((d) => (d.transport as EmulatedTransport).device.info().deviceState & 7), [4, 4]);
+    // Neither left RESUMING nor started: reset (what they loaded discarded) and stopped.
+    assert.equal(loader.dests.map((d) => (d.transport as EmulatedTransport).device.info().deviceState & 7), [0, 0]);
+    assert.ok(loader.dests.every((d) => d.stats.state === 'reset (state discarded), STOP'));
   } finally {
     for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy();
     rm(f);

@@ -153,8 +153,8 @@ test('v2 refused stream: the destination names the device and stream offset, and
     assert.match(e.message, /bad magic/);
     assert.ok(typeof e.offset === 'number', 'names an offset');
     const dest = loader.dests[0];
-    assert.is(await dest.dev!.state(), 'RUNNING', 'reset returns the device to RUNNING with its state discarded');
-    assert.match(dest.stats.state, /^reset/);
+    assert.is(await dest.dev!.state(), 'STOP', 'reset (its state discarded), then stopped: neither RESUMING nor RUNNING');
+    assert.match(dest.stats.state, /^reset \(state discarded\), STOP$/);
   } finally {
     destroyEmulated(d);
     await loader?.close();

@@ -15,7 +15,7 @@ import { Migration, type MigrationOptions, type MigrationReport } from './engine
 import { Loader, type LoadOptions, type LoadReport } from './engine/load.js';
 import { EmulatedTransport } from './transport/emulated.js';
 import type { EmulatedDeviceOptions } from './emulated/device.js';
-import type { EngineDevice } from './engine/source-device.js';
+import type { EngineDevice, RollbackResult } from './engine/source-device.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from './reach/emulated/v2.js';
 
 export interface SaveOptions extends MigrationOptions {
@@ -24,8 +24,32 @@ export interface SaveOptions extends MigrationOptions {
 }
 
 /**
+ * What a failed or cancelled saveDevices / runEmulated rejects with, besides its `report`, when a device's rollback
+ * had to wait for a vendor call in progress (`report.rollbackPending` names those devices): `settled` resolves with
+ * every device's final rollback outcome once no worker is left inside a vendor call (and, for runEmulated, once its
+ * own devices and pool are released). The rejection itself does not wait for the vendor. `report.rollback` is
+ * updated in place then, and `rollbackPending` removed. Await `settled` before destroying or reusing those devices.
+ */
+export interface PendingRollback {
+  settled: Promise<RollbackResult[]>;
+}
+
+/** The pending rollback a rejection of saveDevices / runEmulated carries, if any (see PendingRollback). */
+export function pendingRollback(e: unknown): Promise<RollbackResult[]> | undefined {
+  const s = (e as Partial<PendingRollback> | null)?.settled;
+  return s instanceof Promise ? s : undefined;
+}
+
+/** `e` carries `settled` (not enumerable: the error serialises as before). */
+function withPending<E>(e: E, settled: Promise<RollbackResult[]>): E {
+  if (e && typeof e === 'object') Object.defineProperty(e, 'settled', { value: settled, enumerable: false, configurable: true });
+  return e;
+}
+
+/**
  * Save `transports` into a stream file ('-': standard output). The file is written under a temporary name in the
- * same folder and renamed when the save succeeds: a failed or cancelled save leaves nothing at `streamPath`.
+ * same folder and renamed when the save succeeds: a failed or cancelled save leaves nothing at `streamPath`. A
+ * cancel rejects at once, even while a vendor call stalls: see PendingRollback.
  */
 export async function saveDevices(transports: EngineDevice[], streamPath: string, pool: EnginePool,
   opts: SaveOptions = {}, onMigration?: (m: Migration) => void): Promise<MigrationReport> {
@@ -38,6 +62,7 @@ export async function saveDevices(transports: EngineDevice[], streamPath: string
     if (onMigration !== undefined && typeof onMigration !== 'function') throw new MigError(ErrorCode.BAD_ARGUMENT, 'onMigration must be a function');
     const out = OutputFile.open(streamPath, { force: opts.force });
     let m: Migration | undefined;
+    let writersLeft: Promise<unknown> | undefined;
     try {
       m = new Migration(transports, pool, new ContainerWriter(FileSink.onOutput(out)), opts);
       onMigration?.(m);
@@ -47,16 +72,22 @@ export async function saveDevices(transports: EngineDevice[], streamPath: string
       out.commit();
       return r;
     } catch (e) {
-      // The caller may destroy or reuse its devices right after, and the output goes away below: wait until no worker
-      // is left inside a stalled vendor call (its rollback deferred). An embedder that must not wait uses Migration
-      // directly and awaits `settled` when it likes.
-      const finals = await m?.settled;
-      // Every deferred rollback is done now: the report gives the final outcomes.
       const rep = (e as { report?: MigrationReport }).report;
-      if (rep?.rollbackPending && finals?.length) { rep.rollback = finals; delete rep.rollbackPending; }
+      if (m && rep?.rollbackPending?.length) {
+        // A worker is still inside a stalled vendor call: reject now; its device's rollback runs when the call
+        // returns (Migration.settled), and the report then gives the final outcomes.
+        const settled = m.settled.then((finals) => {
+          rep.rollback = finals;
+          delete rep.rollbackPending;
+          return finals;
+        });
+        writersLeft = settled.catch(() => undefined);
+        throw withPending(e, settled);
+      }
       throw e;
     } finally {
-      out.discard(); // no-op once committed
+      // No-op once committed. A stalled worker may still hold the file's descriptor: it is closed after it returns.
+      out.discard(writersLeft);
     }
   });
 }
@@ -132,6 +163,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
     const forget = !o.stream && !o.keepStream ? removeOnExit(stream) : () => undefined;
     const sources: EngineDevice[] = [];
     let loader: Loader | undefined;
+    let pending: Promise<RollbackResult[]> | undefined;
     try {
       for (let i = 0; i < o.devices; i++) {
         const dopts = { ...o.device, name: `${o.device.name ?? 'emu'}${i}`, seed: (o.seed ?? 1) + i };
@@ -144,8 +176,18 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };
     } catch (e) {
       loader = (e as { loader?: Loader }).loader;
+      const settled = pendingRollback(e);
+      if (settled) {
+        // Reject now; the sources (one still inside a vendor call) and the pool are released once it returns.
+        pending = settled.then(async (finals) => { await release(); return finals; }, async (err) => { await release(); throw err; });
+        throw withPending(e, pending);
+      }
       throw e;
     } finally {
+      if (!pending) await release();
+    }
+
+    async function release(): Promise<void> {
       for (const s of sources) destroyEmulated(s);
       for (const d of loader?.dests ?? []) destroyEmulated(d.dev ?? d.transport);
       if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });

@@ -28,7 +28,7 @@ export type { DeviceTransport } from './transport/transport.js';
 export { MigrationRegion } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
 export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
-export { saveDevices, loadStream, runEmulated, type SaveOptions, type RunOptions, type RunReport } from './api.js';
+export { saveDevices, loadStream, runEmulated, pendingRollback, type PendingRollback, type SaveOptions, type RunOptions, type RunReport } from './api.js';
 export { send, Sender, type SendOptions, type SendReport } from './live/sender.js';
 export { receive, Receiver, type ReceiveOptions, type ReceiveReport } from './live/receiver.js';
 export type { LiveEvent, LiveState, Cause, RefusedDevice } from './live/events.js';

@@ -56,7 +56,7 @@ test('engine: two mtty sources at once (P2P before any STOP_COPY), pre-copy + st
     }
   }));
 
-test('engine: a damaged stream refused by the kernel (EFAULT) names the device and offset; the destination is reset, not running', () =>
+test('engine: a damaged stream refused by the kernel (EFAULT) names the device and offset; the destination is reset and stopped, not running', () =>
   withEngine(1, async (pool, src, dst) => {
     const file = tmp('bad');
     writePorts(opsOf(src[0]!), distinctive(9, 2));
@@ -72,7 +72,7 @@ test('engine: a damaged stream refused by the kernel (EFAULT) names the device a
       const e = await rejects(() => loader!.run(), (x) => x.code === 'VFM_LOAD_REJECTED', 'load of a damaged stream');
       eq(e.device, dst[0]!.name, 'names the device');
       assert(typeof e.offset === 'number', 'names an offset');
-      eq(dst[0]!.state(), 'RUNNING', 'reset: RUNNING');
+      eq(dst[0]!.state(), 'STOP', 'reset (state discarded), then stopped: neither RESUMING nor RUNNING');
       eq(readPorts(opsOf(dst[0]!), 2).map((p) => p.fifo.length), [0, 0], 'nothing of the damaged stream applied');
     } finally {
       await loader?.close();

@@ -9,7 +9,7 @@ import { cmdLoad, cmdRun, cmdSave, type DeviceFlags } from './run.js';
 import { cmdStress } from './stress.js';
 import { printable } from '../text.js';
 import { outJson } from './io.js';
-import { interruptedBy, withSignals } from './signals.js';
+import { drainBeforeExit, interruptedBy, pendingBeforeExit, withSignals } from './signals.js';
 import { cmdDeviceServer, parseFault } from './device-server.js';
 import { collectDevice } from './devices.js';
 import { currentOutput, earlyFailureDocument } from './output.js';
@@ -154,7 +154,9 @@ Files: an output (save --stream, run --stream, extract -o) is written under a te
 renamed when complete: a failed or interrupted command leaves nothing at that name. An existing file is replaced
 only with --force, an input never; a second command writing the same path while the first runs is refused.
 Signals: SIGINT (Ctrl-C) and SIGTERM cancel the operation: every source device goes back to RUNNING, the partial
-output is removed, one line is printed. A second signal exits at once.
+output is removed, one line is printed at once (a device inside a stalled vendor call is rolled back when the call
+returns; the command exits after that and says how it ended); an interrupted load resets and stops every destination.
+A second signal exits at once.
 Budgets: run, save, load and stress first add up what they would commit (device state, emulated guest RAM, dirty
 logs, staging, worker threads; load: the destinations its stream's device table asks for) and refuse above
 --memory-budget (default: half of the available memory): VFM_OVER_BUDGET, exit 2 (load: VFM_STREAM_TOO_LARGE).
@@ -184,6 +186,22 @@ trace points to stderr; --verbose does the same for one command. Output: docs/JS
   const json = argv.includes('--json');
   const command = argv.slice(2).find((a) => !a.startsWith('-')) ?? 'unknown';
   try {
+    await runCommand(program, argv, json, command);
+  } finally {
+    // A rollback that waited for a stalled vendor call: the command's line is out already (text), the process exits
+    // once every device is back, saying how each such rollback ended.
+    for (const line of await drainBeforeExit()) process.stderr.write(`vfio-mig: ${printable(line)}\n`);
+  }
+}
+
+async function runCommand(program: Command, argv: string[], json: boolean, command: string): Promise<void> {
+  // --json: one document, written when the outcome is final (after a deferred rollback); text: the line at once.
+  // The report the engine attached is updated in place when the rollback is done.
+  const settle = async () => {
+    if (!json || !pendingBeforeExit()) return;
+    for (const line of await drainBeforeExit()) process.stderr.write(`vfio-mig: ${printable(line)}\n`);
+  };
+  try {
     await program.parseAsync(argv);
     const sig = interruptedBy();
     if (sig) fail(new MigError(ErrorCode.CANCELLED, `interrupted by ${sig.name}`), json, sig.exitCode, command);
@@ -193,6 +211,7 @@ trace points to stderr; --verbose does the same for one command. Output: docs/JS
       const err = toCliError(e, ErrorCode.CANCELLED);
       // One line: what stopped it, and what was left behind.
       const msg = err.code === ErrorCode.CANCELLED ? `interrupted by ${sig.name}${sig.cleanup}` : `interrupted by ${sig.name}: ${err.message}`;
+      await settle();
       fail(Object.assign(new MigError(ErrorCode.CANCELLED, msg), { report: (err as { report?: unknown }).report }), json, sig.exitCode, command);
       return;
     }
@@ -206,6 +225,7 @@ trace points to stderr; --verbose does the same for one command. Output: docs/JS
       return;
     }
     const err = toCliError(e, ErrorCode.INTERNAL);
+    await settle();
     fail(err, json, err.code === ErrorCode.BAD_ARGUMENT || err.code === ErrorCode.OUTPUT_EXISTS || err.code === ErrorCode.OVER_BUDGET ? 2 : 1, command);
   }
 }

@@ -1,7 +1,7 @@
 // vfio-mig run / save / load.
 import { EnginePool, defaultThreads } from '../engine/pool.js';
 import { admitEmulated } from '../engine/budget.js';
-import { runEmulated, saveDevices, loadStream } from '../api.js';
+import { pendingRollback, runEmulated, saveDevices, loadStream } from '../api.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import type { MigrationReport } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
@@ -21,7 +21,7 @@ import { CommandOutput, type OutputFlags } from './output.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { printable as p } from '../text.js';
 import { claimOutput } from './io.js';
-import { noteCleanup } from './signals.js';
+import { finishBeforeExit, noteCleanup } from './signals.js';
 import { openDevices, type ReachFlags } from './devices.js';
 import { cmdRunLive } from './live.js';
 import os from 'node:os';
@@ -94,6 +94,7 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
   const stream = o.stream ?? path.join(os.tmpdir(), `vfio-mig-${process.pid}-${Date.now()}.vfmig`);
   const pool = new EnginePool({ threads: o.threads });
   const all: EngineDevice[] = [];
+  let failure: unknown;
   try {
     const sources = await openDevices(o.device!, o);
     all.push(...sources);
@@ -105,6 +106,7 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
     try {
       save = await saveDevices(sources, stream, pool, { ...migOpts(o), force: o.force, signal: o.signal }, (m) => { src = cmd.attachMigration(m); });
     } catch (e) {
+      failure = e;
       noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
       throw e;
     }
@@ -114,9 +116,11 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
     const ok = save.ok && report.ok && report.devices.every(loadedOk);
     runDone(cmd, `vfio-mig run: ${sources.length} device(s) reached by ${p(o.device!.join(', '))}`, o.stream ?? stream, save, report, dst, ok);
   } finally {
-    for (const t of all) await t.close();
-    if (!o.stream) fs.rmSync(stream, { force: true });
-    await pool.close();
+    await afterRollback(failure, async () => {
+      for (const t of all) await t.close();
+      if (!o.stream) fs.rmSync(stream, { force: true });
+      await pool.close();
+    });
   }
 }
 
@@ -137,6 +141,7 @@ export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean
     });
   } catch (e) {
     noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
+    await afterRollback(e, async () => undefined); // runEmulated releases its own devices and pool after it
     throw e;
   }
   const head = `vfio-mig run: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, data area ${o.dataMode}, data_offset ${o.offsetPolicy}, chunk ${fmtBytes(o.chunk)}, workload ${o.dirtyRate} pages/s`;
@@ -192,6 +197,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
   const cmd = new CommandOutput('save', o, o);
   const pool = new EnginePool({ threads: o.threads });
   const sources: EngineDevice[] = [];
+  let failure: unknown;
   try {
     if (o.device?.length) sources.push(...await openDevices(o.device, o));
     else {
@@ -204,14 +210,17 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     try {
       r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal }, (m) => cmd.attachMigration(m));
     } catch (e) {
+      failure = e;
       noteCleanup(`; ${rollbackText(e)}${o.stream === '-' ? 'standard output holds a stream ending in ABORT' : `nothing written to ${p(o.stream)}`}`);
       throw e;
     }
     const where = `stream: ${p(o.stream === '-' ? 'standard output' : o.stream)}`;
     cmd.done({ stream: o.stream, save: saveJson(r) }, `${saveText(r)}\n${where}`, r.ok, where);
   } finally {
-    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else await s.close();
-    await pool.close();
+    await afterRollback(failure, async () => {
+      for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else await s.close();
+      await pool.close();
+    });
   }
 }
 
@@ -234,7 +243,8 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
     cmd.done({ stream: file, load: loadJson(res.report) }, `${loadText(res.report)}\nverified: ${ok}`, ok, `verified: ${ok}`);
   } catch (e) {
     loader = (e as { loader?: Loader }).loader;
-    noteCleanup('; no destination started');
+    const n = loader?.dests.length ?? 0;
+    noteCleanup(`; no destination started${n ? ` (${n} reset and stopped)` : ''}`);
     throw e;
   } finally {
     if (!reached.length) for (const d of loader?.dests ?? []) await releaseDestination(d.dev ?? d.transport);
@@ -243,10 +253,30 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
   }
 }
 
-/** "2 of 2 source device(s) RUNNING again, " from a failed save's rollback (empty when the save was not reached). */
+/**
+ * "2 of 2 source device(s) RUNNING again, " from a failed save's rollback (empty when the save was not reached), and
+ * "1 waiting for its vendor call to return (emu0), " for a rollback deferred behind a stalled vendor call.
+ */
 function rollbackText(e: unknown): string {
   const rb = (e as { report?: { rollback?: RollbackResult[] } }).report?.rollback;
   if (!Array.isArray(rb)) return '';
   const ok = rb.filter((x) => x.outcome !== RollbackOutcome.FAILED && x.outcome !== RollbackOutcome.DEFERRED).length;
-  return `${ok} of ${rb.length} source device(s) RUNNING again, `;
+  const waiting = rb.filter((x) => x.outcome === RollbackOutcome.DEFERRED).map((x) => p(x.device));
+  return `${ok} of ${rb.length} source device(s) RUNNING again, ${waiting.length ? `${waiting.length} waiting for its vendor call to return (${waiting.join(', ')}), ` : ''}`;
+}
+
+/**
+ * After a failed save: `release` runs now, or, when a rollback waits for a stalled vendor call (the save rejected
+ * without waiting for it), once that rollback is done; the process exits only after it, printing each such device's
+ * final outcome (main.ts drains it after the command's own line).
+ */
+async function afterRollback(failure: unknown, release: () => Promise<void>): Promise<void> {
+  const settled = failure === undefined ? undefined : pendingRollback(failure);
+  if (!settled) { await release(); return; }
+  const waiting = new Set(((failure as { report?: { rollbackPending?: string[] } }).report?.rollbackPending ?? []));
+  finishBeforeExit(settled.then(async (finals) => {
+    await release();
+    return finals.filter((r) => waiting.has(r.device)).map((r) => `${p(r.device)}: rollback after its vendor call returned: ${r.outcome}`
+      + `${r.outcome === RollbackOutcome.FAILED ? ' (NOT RUNNING)' : ''}: ${p(r.detail)}`);
+  }, async (err) => { await release(); throw err; }));
 }

@@ -153,12 +153,17 @@ export class OutputFile {
     }
   }
 
-  /** Drop what was written: the temporary file goes, the final name is untouched. Never throws. */
-  discard(): void {
+  /**
+   * Drop what was written: the temporary file goes, the final name is untouched. Never throws. `closeAfter`: a writer
+   * may still hold the descriptor (a worker inside a stalled vendor call): the name and the lock go now, the
+   * descriptor is closed once it settles, so its number cannot be reused under that writer.
+   */
+  discard(closeAfter?: Promise<unknown>): void {
     if (this.closed) return;
     this.closed = true;
     live.delete(this);
-    try { if (this.fd !== 1) fs.closeSync(this.fd); } catch { /* already closed */ }
+    const close = () => { try { if (this.fd !== 1) fs.closeSync(this.fd); } catch { /* already closed */ } };
+    if (closeAfter) void closeAfter.then(close, close); else close();
     if (this.temp) { try { fs.rmSync(this.temp, { force: true }); } catch { /* nothing more to do */ } }
     releaseLock(this.lock);
   }

@@ -284,6 +284,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
     const release = keepAlive();
     let failure: MigError | undefined;
     let dataMs = 0;
+    let d0 = 0;
     const every = this.o.progressIntervalMs ?? 200;
     const sampler = every > 0 ? setInterval(() => { for (const d of this.dests) this.progress(d, true); }, every) : undefined;
     sampler?.unref();
@@ -296,7 +297,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       await this.setup(this.table);
       await this.o.onSetup?.(this.dests);
       this.phase = 'active';
-      const d0 = performance.now();
+      d0 = performance.now();
       const end = await this.readRecords(reader);
       await Promise.all(this.dests.map((d) => d.chain));
       dataMs = performance.now() - d0;
@@ -311,6 +312,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       if (signal?.aborted && failure.name !== 'AbortError') failure = abortError(signal, 'load cancelled');
       // Let in-flight chunks settle before touching device state.
       await Promise.allSettled(this.dests.map((d) => d.chain));
+      if (d0) dataMs = performance.now() - d0; // what ran of the data phase: the partial report's rate is real
       await this.leaveNotRunning();
     } finally {
       clearInterval(sampler);
@@ -645,25 +647,29 @@ export class Loader extends EventEmitter<LoaderEvents> {
   }
 
   /**
-   * On failure no destination may run: v1 RUNNING ones are stopped, the rest stay RESUMING; a seam (v2) destination
-   * is reset (VFIO_DEVICE_RESET), never left RESUMING or started with what it loaded.
+   * On failure or cancel no destination is left RESUMING (a partial resume) or running what it loaded: one that is
+   * not STOP — still RESUMING, started before another device failed, or in ERROR — is reset (VFIO_DEVICE_RESET: what
+   * it loaded is discarded; RESUMING has no other way out) and then stopped (a vendor refusing that STOP is reset
+   * again and left in the reset state). One already STOP (complete and validated) stays so.
    */
   private async leaveNotRunning(): Promise<void> {
     for (const d of this.dests) {
-      if (d.dev) {
-        try {
-          if (await d.dev.state() !== 'STOP') await d.dev.reset();
-          this.setDestState(d, `reset (${await d.dev.state()}, state discarded)`);
-        } catch (e) {
-          d.stats.state = `unknown (${(e as Error).message})`;
-        }
-        continue;
-      }
+      // Awaited: a device behind the seam may answer asynchronously.
+      const state = async () => (d.dev ? await d.dev.state() : d.region.state());
       try {
-        const s = d.region.state();
-        if (s === 'RUNNING') d.region.setState('STOP');
-        const now = d.region.state();
-        if (now !== d.stats.state) this.setDestState(d, now);
+        if (await state() === 'STOP') continue;
+        const reset = async () => { if (d.dev) await d.dev.reset(); else d.transport.reset(); };
+        await reset();
+        let note = '';
+        try {
+          if (d.dev) await d.dev.setState('STOP'); else d.region.setState('STOP');
+        } catch (e) {
+          // A vendor that refuses STOP even fresh from a reset (or falls into ERROR): reset once more, so it is left
+          // in the uAPI's reset state (RUNNING with nothing loaded), never in ERROR.
+          note = ` (STOP refused: ${(e as Error).message})`;
+          await reset();
+        }
+        this.setDestState(d, `reset (state discarded), ${await state()}${note}`);
       } catch (e) {
         d.stats.state = `unknown (${(e as Error).message})`;
       }

@@ -1,7 +1,7 @@
 // Stress: rounds of concurrent migrations sharing one pool, each with random device geometry, data-area mode,
 // data_offset policy, chunk size, dirty rate and dirty-bitmap query rate; every device verified by digest.
 // Deterministic per seed: a failure reports the iteration seed that reproduces it.
-import { runEmulated, type RunReport } from '../api.js';
+import { pendingRollback, runEmulated, type RunReport } from '../api.js';
 import { EnginePool, defaultThreads } from '../engine/pool.js';
 import { admitEmulated } from '../engine/budget.js';
 import { ErrorCode, MigError } from '../errors.js';
@@ -119,6 +119,8 @@ export async function runIteration(pool: EnginePool, seed: number, concurrent: n
   vendorMode: VendorMode = 'strict', signal?: AbortSignal, memoryBudget?: number, observe?: () => RunHooks): Promise<IterationSummary> {
   const plans = iterationPlan(seed, concurrent);
   const res = await Promise.allSettled(plans.map((p) => runEmulated({ ...p, pool, vendorMode, signal, memoryBudget, ...observe?.() })));
+  // A migration that rejected while a vendor call stalled: the next iteration (or the exit) waits for its rollback.
+  await Promise.all(res.map((r) => (r.status === 'rejected' ? pendingRollback(r.reason)?.catch(() => undefined) : undefined)));
   const s: IterationSummary = { iteration, seed, migrations: plans.length, devices: 0, bytes: 0, chunks: 0, ok: true };
   for (const r of res) {
     if (r.status === 'rejected') { s.ok = false; s.error ??= (r.reason as Error).message; continue; }
