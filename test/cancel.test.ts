@@ -15,7 +15,8 @@ import type { Loader } from '../src/main/engine/load.js';
 import { emulatedV2, destroyEmulated } from '../src/main/reach/emulated/v2.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { ErrorCode } from '../src/main/errors.js';
-import type { MigrationReport } from '../src/main/engine/migration.js';
+import type { Migration, MigrationReport } from '../src/main/engine/migration.js';
+import { OWNER_WORKER } from '../src/main/engine/region-lock.js';
 import { rejectsCode, rm, tmpFile } from './helpers.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -23,9 +24,28 @@ const pool = new EnginePool({ threads: 2 });
 test.after(async () => { await pool.close(); });
 
 /** The stalled vendor sleeps this long inside every chunk it stages (the device lock held, as a slow driver would). */
-const STALL_US = 2_000_000;
+const STALL_US = 3_000_000;
 const STALL_MS = STALL_US / 1000;
 const running = (t: EmulatedTransport) => (t.device.info().deviceState & 7) === 1;
+
+/**
+ * Abort once device `i`'s worker is inside its stalled vendor call (it holds the device's region lock for the whole
+ * stall): not after a fixed delay, which a busy machine may not honour. Returns when the abort happened.
+ */
+function abortInsideStall(m: Migration, i: number, ac: AbortController): Promise<number> {
+  return new Promise((resolve) => {
+    m.on('phase', (_from, to) => {
+      if (to !== 'precopy') return;
+      const poll = setInterval(() => {
+        if (m.devices[i].shared.lock.owner !== OWNER_WORKER) return;
+        clearInterval(poll);
+        const at = performance.now();
+        ac.abort();
+        resolve(at);
+      }, 5);
+    });
+  });
+}
 
 test('saveDevices rejects at once while a vendor call stalls; `settled` gives the final rollback, every device RUNNING after it', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-cancel-'));
@@ -33,14 +53,13 @@ test('saveDevices rejects at once while a vendor call stalls; `settled` gives th
   const ac = new AbortController();
   const devs = [0, 1].map((i) => EmulatedTransport.create({ name: `w${i}`, stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 }));
   devs[0].device.setFault('slow-chunk', STALL_US);
-  let tAbort = 0;
+  let aborted: Promise<number> | undefined;
   try {
-    const e = await rejectsCode(saveDevices(devs, f, pool, { signal: ac.signal, maxRounds: 5 }, (m) => {
-      m.on('phase', (_from, to) => { if (to === 'precopy') setTimeout(() => { tAbort = performance.now(); ac.abort(); }, 200); });
-    }), ErrorCode.CANCELLED);
-    const took = performance.now() - tAbort;
+    const e = await rejectsCode(saveDevices(devs, f, pool, { signal: ac.signal, maxRounds: 5 }, (m) => { aborted = abortInsideStall(m, 0, ac); }),
+      ErrorCode.CANCELLED);
+    const took = performance.now() - await aborted!;
     assert.is(e.name, 'AbortError');
-    assert.ok(took < STALL_MS / 4, `rejected ${took.toFixed(0)} ms after the abort; the vendor stalls ${STALL_MS} ms per chunk`);
+    assert.ok(took < STALL_MS / 3, `rejected ${took.toFixed(0)} ms after the abort; the vendor stalls ${STALL_MS} ms per chunk`);
     const rep = (e as unknown as { report: MigrationReport }).report;
     assert.equal(rep.rollbackPending, ['w0']);
     assert.is(rep.rollback![0].outcome, 'deferred');
@@ -67,14 +86,14 @@ test('runEmulated rejects at once while a vendor call stalls; its own devices an
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-cancel-run-'));
   const stream = path.join(dir, 'run.vfmig');
   const ac = new AbortController();
-  let tAbort = 0;
+  let aborted: Promise<number> | undefined;
   const e = await rejectsCode(runEmulated({
     devices: 2, device: { stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 }, stream, threads: 2, signal: ac.signal, maxRounds: 5,
     faults: [{ device: 1, kind: 'slow-chunk', arg: STALL_US }],
-    onMigration: (m) => m.on('phase', (_from, to) => { if (to === 'precopy') setTimeout(() => { tAbort = performance.now(); ac.abort(); }, 200); }),
+    onMigration: (m) => { aborted = abortInsideStall(m, 1, ac); },
   }), ErrorCode.CANCELLED);
-  const took = performance.now() - tAbort;
-  assert.ok(took < STALL_MS / 4, `rejected ${took.toFixed(0)} ms after the abort; the vendor stalls ${STALL_MS} ms per chunk`);
+  const took = performance.now() - await aborted!;
+  assert.ok(took < STALL_MS / 3, `rejected ${took.toFixed(0)} ms after the abort; the vendor stalls ${STALL_MS} ms per chunk`);
   const rep = (e as unknown as { report: MigrationReport }).report;
   assert.equal(rep.rollbackPending, ['emu1']);
   const t = performance.now();
@@ -94,6 +113,9 @@ function stalledCli(args: string[]) {
     const { EmulatedTransport } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/main/transport/emulated.js'))});
     const create = EmulatedTransport.create;
     EmulatedTransport.create = (o) => { const t = create.call(EmulatedTransport, o); if (t.name === 'emu0') t.device.setFault('slow-chunk', ${STALL_US}); return t; };
+    // A marker for the test 300 ms after emu0 entered PRE_COPY: its worker is then inside a stalled chunk.
+    const { onTrace } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/main/trace.js'))});
+    onTrace((ev, f) => { if (ev === 'vfio_migration_set_state' && f.device === 'emu0' && f.to === 'PRE_COPY') setTimeout(() => process.stderr.write('TEST: emu0 stalled\\n'), 300); });
     const { main } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/main/cli/main.js'))});
     await main([process.argv[0], 'vfio-mig', ...process.argv.slice(1)]);`;
   const child = spawn(process.execPath, ['--input-type=module', '-e', code, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -114,11 +136,11 @@ test('CLI save, SIGINT while a vendor call stalls: the line at once, exit 130 on
   const F = path.join(dir, 'out.vfmig');
   const c = stalledCli(['save', '--devices', '2', '--size', '1MiB', '--chunk', '64KiB', '--dirty-rate', '0', '--dma-rate', '0', '--stream', F]);
   const t0 = performance.now();
-  while (!fs.readdirSync(dir).some((n) => n.endsWith('.partial'))) {
-    if (performance.now() - t0 > 30_000) { c.child.kill('SIGKILL'); throw new Error('no temporary output appeared'); }
+  while (!c.lines.some((l) => l.text === 'TEST: emu0 stalled')) {
+    if (performance.now() - t0 > 30_000) { c.child.kill('SIGKILL'); throw new Error(`emu0 never reached PRE_COPY: ${c.out().stderr}`); }
     await new Promise((r) => setTimeout(r, 10));
   }
-  await new Promise((r) => setTimeout(r, 300)); // emu0 is inside a stalled chunk (each one takes STALL_MS)
+  assert.ok(fs.readdirSync(dir).some((n) => n.endsWith('.partial')), 'the save is writing its temporary output');
   const tSig = performance.now();
   c.child.kill('SIGINT');
   const r = await c.done;
@@ -128,7 +150,7 @@ test('CLI save, SIGINT while a vendor call stalls: the line at once, exit 130 on
   const line = c.lines.find((l) => l.text.startsWith('vfio-mig: VFM_CANCELLED: interrupted by SIGINT'));
   assert.ok(line, stderr);
   assert.match(line!.text, /1 of 2 source device\(s\) RUNNING again, 1 waiting for its vendor call to return \(emu0\), nothing written to /);
-  assert.ok(line!.at - tSig < STALL_MS / 4, `the line came ${(line!.at - tSig).toFixed(0)} ms after SIGINT; the vendor stalls ${STALL_MS} ms`);
+  assert.ok(line!.at - tSig < STALL_MS / 3, `the line came ${(line!.at - tSig).toFixed(0)} ms after SIGINT; the vendor stalls ${STALL_MS} ms`);
   const last = c.lines.find((l) => /emu0: rollback after its vendor call returned: resumed: PRE_COPY -> RUNNING/.test(l.text));
   assert.ok(last && last.at > line!.at, `the final outcome is printed before exit:\n${stderr}`);
   assert.ok(tExit - tSig > STALL_MS / 4, 'the process waited for the stalled vendor call before it exited');

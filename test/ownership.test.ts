@@ -32,7 +32,8 @@ test('a device in an active migration: a second migration is refused before it t
   try {
     const first = saveDevices([a], fa, pool, { maxRounds: 1 });
     first.catch(() => undefined); // awaited below; a failure must fail the assertions, not crash the runner
-    await new Promise((r) => setTimeout(r, 50));
+    // Until A is in PRE-COPY (not a fixed delay: a busy machine may take longer to get there).
+    for (let t0 = Date.now(); (a.device.info().deviceState & 7) !== 3 && Date.now() - t0 < 20_000;) await new Promise((r) => setTimeout(r, 5));
     assert.is(a.device.info().deviceState & 7, 3, 'A is in PRE-COPY for the first migration');
     const e = await rejectsCode(saveDevices([b, a], fb, pool, { maxRounds: 1 }), ErrorCode.DEVICE_BUSY);
     assert.is(e.device, 'busyA');
@@ -139,20 +140,29 @@ test('rollback waits for every device\'s phase to settle before touching any dev
   // wt1 finishes its stop-and-copy data and is held inside the write of its closing [END] (a sink the test gates);
   // then wt0 fails. Rollback must not begin until wt1's phase has settled, which it can only do once the test opens
   // the gate, 200 ms after wt0's phase settled: whatever the timing, every rollback trace must come after that.
+  // The order does not depend on scheduling: wt0's stop-and-copy records wait in the sink until wt1 is held, so wt0
+  // can neither finish nor fail first.
   const devs = [EmulatedTransport.create({ name: 'wt0', ...small, stateSize: 16 << 20 }), EmulatedTransport.create({ name: 'wt1', ...small })];
   let open!: () => void;
   const gate = new Promise<void>((r) => { open = r; });
+  let wt1Held!: () => void;
+  const held1 = new Promise<void>((r) => { wt1Held = r; });
   let held = false;
+  let stopcopy = false;
   const sink: Sink = {
     bytes: 0,
     async write(b: Uint8Array) {
       const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+      const chunkOf = (dev: number) => b.length >= 32 && dv.getUint32(0, true) === 2 && dv.getUint32(8, true) === dev;
       // wt1's stop-and-copy [END]: a CHUNK record (type 2) of device 1 whose body is 8 bytes.
-      if (b.length === 40 && dv.getUint32(0, true) === 2 && dv.getUint32(8, true) === 1 && dv.getUint32(4, true) === 8 && !held) {
+      if (stopcopy && chunkOf(1) && b.length === 40 && dv.getUint32(4, true) === 8 && !held) {
         held = true;
         const at = devs[0].device.info().chunksStaged;
         devs[0].device.setFault('eio-on-chunk', at + 1); // wt0 is still draining 16 MiB: it fails at its next chunk
+        wt1Held();
         await gate;
+      } else if (stopcopy && chunkOf(0) && !held) {
+        await held1;
       }
       (this as { bytes: number }).bytes += b.length;
     },
@@ -163,8 +173,11 @@ test('rollback waits for every device\'s phase to settle before touching any dev
     if (ev === 'vfio_device_rollback' || (ev === 'vfio_device_op_settled' && f.phase === 'stopcopy')) seen.push(`${ev}:${String(f.device)}`);
     if (ev === 'vfio_device_op_settled' && f.device === 'wt0' && f.phase === 'stopcopy' && held) setTimeout(() => { seen.push('gate'); open(); }, 200);
   });
+  // Never a hang: should wt0 not settle at all, the gate opens anyway and the order assertions below fail.
+  const fallback = setTimeout(() => { seen.push('gate-timeout'); open(); }, 30_000);
   try {
     const m = new Migration(devs, pool, new ContainerWriter(sink), { maxRounds: 0 });
+    m.on('phase', (_from, to) => { if (to === 'stopcopy') stopcopy = true; });
     await rejectsCode(m.run(), ErrorCode.NATIVE);
     assert.ok(held, 'wt1 reached its [END] write while wt0 was still draining');
     const firstRollback = seen.findIndex((x) => x.startsWith('vfio_device_rollback'));
@@ -174,8 +187,10 @@ test('rollback waits for every device\'s phase to settle before touching any dev
     assert.ok(gateAt >= 0 && gateAt < settled && settled < firstRollback, `rollback began before wt1's stop-and-copy settled: ${seen.join(' ')}`);
     for (const d of devs) assert.ok(running(d));
   } finally {
+    clearTimeout(fallback);
     off();
     open();
+    wt1Held();
     for (const d of devs) d.destroy();
   }
 });
