@@ -82,6 +82,8 @@ export interface NativeAddon {
   emuReset(id: number): void;
   /** Fault injection; see docs/EMULATED-DEVICE.md. kind '' clears. */
   emuSetFault(id: number, kind: string, arg: number): void;
+  /** Test entry point only: refuse trapped data accesses other than naturally aligned 1/2/4/8-byte ones. */
+  emuSetStrictTrapped(id: number, on: boolean): void;
   /** Copy device state bytes [off, off+dst.length) into dst (verification digests). */
   emuReadState(id: number, off: number, dst: Uint8Array): void;
   /** Write one byte of device state and mark its page dirty, as the workload would (deterministic tests). */
@@ -129,6 +131,8 @@ export interface NativeAddon {
   regionOpenEmu(id: number): number;
   regionOpenFd(fd: number, regionOffset: number, regionSize: number, areas: RegionAreaSpec[], mmap: boolean): number;
   regionClose(h: number): void;
+  /** Trapped data access mode of a region: 0 bulk (one pread/pwrite per piece), 1 aligned (QEMU's <= 8-byte accesses). */
+  regionSetAccess(h: number, mode: number): void;
   /** Mapped sparse areas of the open region (areas whose mmap failed are absent: slow path). */
   regionAreas(h: number): RegionAreaSpec[];
   /** One access of exactly `width` bytes at `off` (naturally aligned, inside the region). */

@@ -25,7 +25,7 @@ export {
   connectVfioUser, VfioUserClient, VfioUserTransport, DeviceServer, type VfioUserOptions, type DeviceServerOptions,
 } from './reach/vfio-user/index.js';
 export type { DeviceTransport } from './transport/transport.js';
-export { MigrationRegion } from './protocol/migration-region.js';
+export { MigrationRegion, type TrappedAccess } from './protocol/migration-region.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
 export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
 export { saveDevices, loadStream, runEmulated, pendingRollback, type PendingRollback, type SaveOptions, type RunOptions, type RunReport } from './api.js';

@@ -57,6 +57,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'stagingChunk', 4096, 256 << 20, true);
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
+  optTrappedAccess(o);
   optBoolean(o, 'digests');
   optBoolean(o, 'force');
   optSignal(o);
@@ -75,7 +76,12 @@ export function checkLoadOptions(opts: unknown): void {
   optNumber(o, 'maxStateBytes', 0, 2 ** 53);
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
+  optTrappedAccess(o);
   optSignal(o);
+}
+
+function optTrappedAccess(o: Record<string, unknown>): void {
+  if (o.trappedAccess !== undefined && o.trappedAccess !== 'bulk' && o.trappedAccess !== 'aligned') throw bad('trappedAccess', o.trappedAccess, 'bulk or aligned');
 }
 
 export function checkPath(p: unknown, what: string): asserts p is string {

@@ -196,6 +196,9 @@ int Device::access(bool write, uint64_t off, void* buf, size_t len) {
   if (cfg_.profile == kV2) return fail(EINVAL, "a v2 device has no migration region");
   if (off >= kDataStart) {
     if (!vm::fits(off, len, regionSize_)) return fail(EINVAL, fmt("access beyond the region (off=%llu len=%zu)", static_cast<unsigned long long>(off), len));
+    if (strictTrapped_ && (len > 8 || (len & (len - 1)) || len == 0 || off % len))
+      return fail(EINVAL, fmt("trapped %s off=%llu len=%zu refused: this vendor takes only naturally aligned 1, 2, 4 or 8-byte accesses",
+                              write ? "write" : "read", static_cast<unsigned long long>(off), len));
     uint8_t* p = data_ + (off - kDataStart);
     if (!write) {
       memcpy(buf, p, len);
@@ -711,6 +714,11 @@ void Device::setFault(Fault f, uint64_t arg) {
   faultArg_ = arg;
   save_.frozen = false;
   wedged_ = false;
+}
+
+void Device::setStrictTrapped(bool on) {
+  std::lock_guard<std::mutex> lk(mu_);
+  strictTrapped_ = on;
 }
 
 void Device::readState(uint64_t off, uint8_t* dst, size_t len) {

@@ -88,6 +88,7 @@ class Device {
   std::vector<uint8_t> regionInfo(uint32_t index) const;  // throws EINVAL for a bad index
   void reset();
   void setFault(Fault f, uint64_t arg);
+  void setStrictTrapped(bool on);  // refuse trapped data accesses other than naturally aligned 1/2/4/8 bytes
   void readState(uint64_t off, uint8_t* dst, size_t len);
   void touch(uint64_t off, uint8_t value);
   void configRead(uint8_t* dst);
@@ -148,7 +149,8 @@ class Device {
   uint64_t fillChunk(uint8_t* out, uint64_t cap);
   uint64_t estimate() const;
   bool stuckActive() const { return fault_ == Fault::kStuck && save_.k >= faultArg_; }
-  bool wedged_ = false;  // `wedged` fault fired: state writes, staging and reset fail EIO
+  bool wedged_ = false;
+  bool strictTrapped_ = false;  // `wedged` fault fired: state writes, staging and reset fail EIO
   uint64_t slotOffset(uint64_t k) const;
   uint64_t trappedBytes(uint64_t lo, uint64_t hi) const;
   template <typename F> void forEachTrapped(uint64_t lo, uint64_t hi, F fn) const;

@@ -97,6 +97,25 @@ static void sections(const Region& r, uint64_t off, uint64_t len, F fn) {
   }
 }
 
+int trappedRw(Region& r, bool write, uint64_t off, uint8_t* buf, uint64_t len, uint64_t* failOff, uint64_t* failLen) {
+  if (!r.alignedAccess()) {
+    int rc = r.rw(write, off, buf, len);
+    if (rc < 0) *failOff = off, *failLen = len;
+    return rc;
+  }
+  // QEMU vfio_mig_rw: 8 bytes where 8 are left and the offset is 8-aligned, else 4, 2, 1 likewise.
+  while (len > 0) {
+    uint64_t w = len >= 8 && off % 8 == 0 ? 8 : len >= 4 && off % 4 == 0 ? 4 : len >= 2 && off % 2 == 0 ? 2 : 1;
+    int rc = r.rw(write, off, buf, static_cast<size_t>(w));
+    if (rc < 0) {
+      *failOff = off, *failLen = w;
+      return rc;
+    }
+    off += w, buf += w, len -= w;
+  }
+  return 0;
+}
+
 static void trappedFail(const Region& r, int rc, bool write, uint64_t off, uint64_t n) {
   std::string t = r.errorText();
   throw vm::NativeError(-rc, vm::fmt("trapped %s at off=%llu len=%llu", write ? "write" : "read",
@@ -112,8 +131,9 @@ uint64_t copyOut(Region& r, uint64_t off, uint64_t len, uint8_t* dst) {
       memcpy(d, map, n);
       return;
     }
-    int rc = r.rw(false, o, d, n);
-    if (rc < 0) trappedFail(r, rc, false, o, n);
+    uint64_t fo, fl;
+    int rc = trappedRw(r, false, o, d, n, &fo, &fl);
+    if (rc < 0) trappedFail(r, rc, false, fo, fl);
     trapped += n;
   });
   return trapped;
@@ -156,8 +176,9 @@ uint64_t sendRecord(Region& r, uint64_t off, uint64_t len, uint8_t* scratch, int
     uint8_t* p = map;
     if (!p) {
       p = scratch + (o - start);
-      int rc = r.rw(false, o, p, n);
-      if (rc < 0) trappedFail(r, rc, false, o, n);
+      uint64_t fo, fl;
+      int rc = trappedRw(r, false, o, p, n, &fo, &fl);
+      if (rc < 0) trappedFail(r, rc, false, fo, fl);
     }
     crc = crc32c::copyUpdate(crc, p, nullptr, n);
     iov.push_back({p, n});
@@ -191,8 +212,9 @@ uint64_t copyIn(Region& r, uint64_t off, uint64_t len, const uint8_t* src, int w
       return;
     }
     if (!(which & kCopyTrapped)) return;
-    int rc = r.rw(true, o, const_cast<uint8_t*>(s), n);
-    if (rc < 0) trappedFail(r, rc, true, o, n);
+    uint64_t fo, fl;
+    int rc = trappedRw(r, true, o, const_cast<uint8_t*>(s), n, &fo, &fl);
+    if (rc < 0) trappedFail(r, rc, true, fo, fl);
     trapped += n;
   });
   return trapped;

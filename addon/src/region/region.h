@@ -1,6 +1,7 @@
 // A VFIO region: trapped access (rw) plus directly mapped sparse areas. FdRegion is a real device fd,
 // EmuRegion the emulated device; the copy helpers split ranges like QEMU's get_data_section_size().
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -24,11 +25,22 @@ class Region {
   virtual std::string errorText() const { return {}; }
   uint64_t size() const { return size_; }
   const std::vector<MappedArea>& areas() const { return areas_; }  // sorted, non-overlapping
+  // How trapped data pieces are accessed: one pread/pwrite per piece (bulk, the default), or QEMU v1's vfio_mig_rw
+  // pattern (aligned): naturally aligned accesses of 8, 4, 2 or 1 bytes, for drivers only ever driven by QEMU.
+  void setAlignedAccess(bool on) { aligned_.store(on, std::memory_order_relaxed); }
+  bool alignedAccess() const { return aligned_.load(std::memory_order_relaxed); }
 
  protected:
   uint64_t size_ = 0;
   std::vector<MappedArea> areas_;
+
+ private:
+  std::atomic<bool> aligned_{false};
 };
+
+// One trapped data piece [off, off+len) in the region's access mode. Returns 0 or -errno; on failure *failOff and
+// *failLen name the access that failed. The caller bounds-checked the range.
+int trappedRw(Region& r, bool write, uint64_t off, uint8_t* buf, uint64_t len, uint64_t* failOff, uint64_t* failLen);
 
 struct AreaSpec { uint64_t offset, size; };
 

@@ -13,7 +13,7 @@ import {
   type DeviceTableEntry, type EndRecord, validateAbort, validateEnd,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
-import type { MigrationRegion } from '../protocol/migration-region.js';
+import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
 import { DATA_PREFIX, FLAG_DEV_DATA_STATE, checkStreamEnd, getBe64, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import { digestTask, type DeviceTransport } from '../transport/transport.js';
@@ -71,6 +71,11 @@ export interface LoadOptions {
   signal?: AbortSignal;
   /** Period of the sampled `progress` events (default 200 ms; 0: only at the end). */
   progressIntervalMs?: number;
+  /**
+   * Trapped data access of v1 destinations (docs/CONFIG.md): `bulk` (default) one pwrite per trapped piece; `aligned`
+   * QEMU's naturally aligned 8/4/2/1-byte accesses, for drivers only ever driven by QEMU.
+   */
+  trappedAccess?: TrappedAccess;
 }
 
 /** One destination's progress: device data bytes applied so far. */
@@ -384,6 +389,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
         throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${transport.profile.name}`, { device: entry.name });
       }
       const region = transport.openRegion();
+      region.setTrappedAccess(this.o.trappedAccess);
       const shared = DeviceShared.create();
       const maxData = v1PacketLimit(entry, region.profile.headerSize);
       const d: Dest = {

@@ -17,6 +17,7 @@ import { RateLimiter } from './rate.js';
 import { DEFAULT_STAGING_CHUNK, RollbackOutcome, SourceDevice, seamDevice, type DeviceStats, type EngineDevice, type RollbackResult, type VendorAnomaly } from './source-device.js';
 import { DeviceClaims } from './claims.js';
 import type { VendorMode } from '../../workers/tasks.js';
+import type { TrappedAccess } from '../protocol/migration-region.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
 
@@ -55,6 +56,11 @@ export interface MigrationOptions {
    * retried and too many in a row fail with VFM_VENDOR_STUCK.
    */
   vendorMode?: VendorMode;
+  /**
+   * Trapped data access of v1 devices (docs/CONFIG.md): `bulk` (default) one pread/pwrite per trapped piece;
+   * `aligned` QEMU's naturally aligned 8/4/2/1-byte accesses, for drivers only ever driven by QEMU.
+   */
+  trappedAccess?: TrappedAccess;
   /** Bounds of one pre-copy round per device, whatever pending_bytes says (default 2 GiB, 2000 ms). */
   roundBytes?: number;
   roundTimeMs?: number;
@@ -166,7 +172,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P' | 'trappedAccess'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -225,7 +231,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const onAnomaly = (a: VendorAnomaly) => { this.anomalies.push(a); this.emit('vendor', a); };
     const exitAfter = testHooks(opts)?.exitAfterChunks;
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
-      lanes, vendorMode: this.o.vendorMode, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
+      lanes, vendorMode: this.o.vendorMode, trappedAccess: this.o.trappedAccess, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
       maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, stagingChunk: this.o.stagingChunk,
       testExitAfterChunks: exitAfter?.device === i ? exitAfter.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },

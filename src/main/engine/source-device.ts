@@ -4,7 +4,7 @@
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { encodeConfigBlob } from '../protocol/config-blob.js';
-import type { MigrationRegion } from '../protocol/migration-region.js';
+import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
 import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
@@ -88,6 +88,8 @@ export interface SourceDeviceOptions {
   /** Worker lanes this device may use at once (when the sink takes positioned writes). */
   lanes?: number;
   vendorMode: VendorMode;
+  /** v1: how trapped data pieces are accessed (default bulk). */
+  trappedAccess?: TrappedAccess;
   /** Per pre-copy round: data bytes and milliseconds at most (at least one chunk moves). */
   roundBytes: number;
   roundTimeMs: number;
@@ -204,6 +206,7 @@ export class SourceDevice {
       return;
     }
     this.region = this.transport.openRegion();
+    this.region.setTrappedAccess(this.opts.trappedAccess);
     this.declaredChunk = this.transport.geometry().maxChunk;
     await this.locked(() => {
       const s = this.region.state();

@@ -2,6 +2,7 @@
 // not reachable through the package's exports. The suite imports this module by path. A hook rides on an options
 // object under a module-private symbol, which no embedder's plain object can carry by accident.
 import { LOCK_WORD_DISABLED, type RegionLock } from './region-lock.js';
+import { native } from '../../addon/native.js';
 
 const TEST_HOOKS = Symbol('vfio-mig test hooks');
 
@@ -38,4 +39,13 @@ export function noSse42(pool: object): boolean { return noSse42Pools.has(pool); 
 /** Run `lock` without mutual exclusion, to show the corruption it prevents (test/lock.test.ts). */
 export function disableRegionLock(lock: RegionLock, off: boolean): void {
   Atomics.store(new Int32Array(lock.buffer), lock.index + LOCK_WORD_DISABLED, off ? 1 : 0);
+}
+
+/**
+ * The emulated vendor refuses trapped data accesses that are not naturally aligned 1, 2, 4 or 8-byte ones, as a
+ * driver only ever driven by QEMU's vfio_mig_rw may (test/trapped-access.test.ts): a strictness knob of the emulated
+ * device that is not part of its public options or fault kinds.
+ */
+export function strictTrappedAccess(deviceId: number, on: boolean): void {
+  native().emuSetStrictTrapped(deviceId, on);
 }

@@ -18,6 +18,14 @@ export interface RegionDesc {
   size: number;
 }
 
+/**
+ * How trapped data pieces (outside the mmap'd areas) are read and written. `bulk` (default): one pread/pwrite per
+ * piece. `aligned`: QEMU v1's vfio_mig_rw pattern, naturally aligned accesses of 8, 4, 2 or 1 bytes, for drivers that
+ * were only ever driven by QEMU and refuse anything else.
+ */
+export type TrappedAccess = 'bulk' | 'aligned';
+export const TRAPPED_ACCESS_MODES: readonly TrappedAccess[] = ['bulk', 'aligned'];
+
 export interface ChunkInfo {
   /** pending_bytes as read at the start of this step (0: nothing copied). */
   pending: bigint;
@@ -66,6 +74,15 @@ export class MigrationRegion {
     const ne = e as { errno?: number; code?: string; message?: string };
     return new MigError(accessErrorCode(ne?.errno), `${op} failed: ${ne?.message ?? String(e)}`,
       { device: this.device, register: name, offset: off, errno: ne?.errno, cause: e });
+  }
+
+  /** Set how this region's trapped data pieces are accessed (the native region handle keeps it for every thread). */
+  setTrappedAccess(mode: TrappedAccess = 'bulk'): void {
+    if (!TRAPPED_ACCESS_MODES.includes(mode)) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `trapped access '${String(mode)}' is not bulk or aligned`, { device: this.device });
+    }
+    native().regionSetAccess(this.handle, mode === 'aligned' ? 1 : 0);
+    trace('vfio_region_trapped_access', { device: this.device, mode });
   }
 
   // ---- device_state -------------------------------------------------------------------------------------------
