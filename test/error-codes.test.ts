@@ -182,6 +182,8 @@ const SCENARIOS: Record<ErrorCode, () => Promise<MigError>> = {
   [ErrorCode.PEER_REFUSED]: () => liveError({ destinations: devices({ profile: 'draft-2019' }) }, {}),
   [ErrorCode.PEER_NOT_ALLOWED]: () => liveError({ tlsDir: tls().server }, { tlsDir: tls().intruder }),
   [ErrorCode.TLS]: () => liveError({ tlsDir: tls().server }, { tlsDir: tls().wrongCa }),
+  // An embedder's config save hook that fails: the migration fails with the device named, sources RUNNING again.
+  [ErrorCode.CONFIG_HOOK]: () => saveError(undefined, { config: { save: () => { throw new Error('vmm state unavailable'); } } }),
   [ErrorCode.INTERNAL]: () => caught(() => loadStream(GOOD, pool, { makeDestination: () => (null as unknown as { x: number }).x as never })),
 };
 

@@ -199,7 +199,7 @@ test('region info: hostile buffers are rejected, never read out of bounds', () =
 test('config blob: round trip and every corruption detected', () => {
   const space = new Uint8Array(256).map((_, i) => i * 7);
   const blob = encodeConfigBlob(space);
-  assert.equal(decodeConfigBlob(blob, 'd', 0), space);
+  assert.equal(decodeConfigBlob(blob, 'd', 0), { bytes: space, flags: 0 });
   for (const at of [0, 4, 8, 100, blob.length - 1]) {
     const bad = blob.slice();
     bad[at] ^= 0x40;

@@ -39,6 +39,7 @@ export const ErrorCode = {
   PEER_REFUSED: 'VFM_PEER_REFUSED',            // the live destination refused the migration (reasons per device)
   PEER_NOT_ALLOWED: 'VFM_PEER_NOT_ALLOWED',    // the peer's TLS identity is not on the allow list
   TLS: 'VFM_TLS',                              // TLS setup or handshake failed (bad files, wrong CA, ...)
+  CONFIG_HOOK: 'VFM_CONFIG_HOOK',              // an embedder's config save/restore hook threw or returned bytes a CONFIG section cannot carry
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

@@ -26,6 +26,8 @@ export {
 } from './reach/vfio-user/index.js';
 export type { DeviceTransport } from './transport/transport.js';
 export { MigrationRegion, type TrappedAccess } from './protocol/migration-region.js';
+export type { ConfigHooks, ConfigHookDevice } from './engine/config-hook.js';
+export type { DeviceTableEntry, DeviceGeometry } from './container/format.js';
 export { PROFILE_DEFS, profileDef, type ProfileName } from './protocol/profiles.js';
 export { STATE_TABLE, NEXT_STATE, statePath } from './protocol/states.js';
 export { saveDevices, loadStream, runEmulated, pendingRollback, type PendingRollback, type SaveOptions, type RunOptions, type RunReport } from './api.js';

@@ -1,6 +1,7 @@
 // Checks of API options, run before anything is opened or created: a bad option must never leave a truncated file
 // or a leaked descriptor behind. Unknown keys are ignored (options grow); every known key has its type and range.
 import { ErrorCode, MigError } from './errors.js';
+import { checkConfigHooks } from './engine/config-hook.js';
 
 const bad = (what: string, v: unknown, want: string) =>
   new MigError(ErrorCode.BAD_ARGUMENT, `${what}: ${describe(v)} is invalid (${want})`);
@@ -58,6 +59,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
   optTrappedAccess(o);
+  checkConfigHooks(o.config);
   optBoolean(o, 'digests');
   optBoolean(o, 'force');
   optSignal(o);
@@ -77,6 +79,7 @@ export function checkLoadOptions(opts: unknown): void {
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
   optTrappedAccess(o);
+  checkConfigHooks(o.config);
   optSignal(o);
 }
 

@@ -11,7 +11,7 @@ import {
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, decodeRecordHeader, verifyRecord } from '../main/container/format.js';
 import { reservePosition } from '../main/container/sink.js';
-import { restoreConfig, type ConfigTarget } from '../main/transport/config.js';
+import { applyConfig, type ConfigTarget } from '../main/transport/config.js';
 import { emitRecord } from './emit-record.js';
 import type { LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
 
@@ -121,8 +121,9 @@ export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
       res.dataPackets++;
       res.dataBytes += e.size;
     } else if (e.kind === 'config') {
-      const space = decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), t.device, t.fileOffset + e.blobAt);
-      restoreConfig(t.config as ConfigTarget, space);
+      const blobOff = t.fileOffset + e.blobAt;
+      const blob = applyConfig(t.config as ConfigTarget, decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), t.device, blobOff), t.device, blobOff);
+      if (blob) res.config = { ...blob, offset: blobOff };
       res.configLoaded = true;
     }
   }

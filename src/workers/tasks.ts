@@ -5,6 +5,7 @@ import type { QemuLimits, QemuParseState } from '../main/protocol/qemu-stream.js
 import type { RingDesc } from '../main/engine/staging.js';
 import type { DirectTarget } from '../main/container/sink.js';
 import type { ConfigTarget } from '../main/transport/config.js';
+import type { ConfigBlob } from '../main/protocol/config-blob.js';
 import type { DataPathDesc } from '../main/device/seam.js';
 
 export interface SaveTask {
@@ -138,6 +139,8 @@ export interface LoadResult {
   dataPackets: number;
   dataBytes: number;
   configLoaded: boolean;
+  /** The CONFIG section for the main thread's restore hook (target `hook`), with its blob offset in the stream. */
+  config?: ConfigBlob & { offset: number };
 }
 
 /** Hash an emulated device's state, or read a device's own digest region (handle of a 32-byte region). */

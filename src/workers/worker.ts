@@ -16,7 +16,7 @@ import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition } from '../main/container/sink.js';
 import { crc32c, nativeCrcAvailable, simulateNoSse42 } from '../main/container/checksum.js';
 import { workerData } from 'node:worker_threads';
-import { restoreConfig } from '../main/transport/config.js';
+import { applyConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
 import { loadPath, savePath } from './path-tasks.js';
 import { emitRecord } from './emit-record.js';
@@ -174,8 +174,8 @@ function load(t: LoadTask): LoadResult {
       res.dataBytes += e.size;
     } else if (e.kind === 'config') {
       const blobOff = t.fileOffset + e.blobAt;
-      const space = decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), region.device, blobOff);
-      restoreConfig(t.config, space);
+      const blob = applyConfig(t.config, decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), region.device, blobOff), region.device, blobOff);
+      if (blob) res.config = { ...blob, offset: blobOff };
       res.configLoaded = true;
     }
   }

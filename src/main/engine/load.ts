@@ -14,6 +14,7 @@ import {
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
 import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
+import { restoreWithHook, type ConfigHooks } from './config-hook.js';
 import { DATA_PREFIX, FLAG_DEV_DATA_STATE, checkStreamEnd, getBe64, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
 import { EmulatedTransport } from '../transport/emulated.js';
 import { digestTask, type DeviceTransport } from '../transport/transport.js';
@@ -76,6 +77,12 @@ export interface LoadOptions {
    * QEMU's naturally aligned 8/4/2/1-byte accesses, for drivers only ever driven by QEMU.
    */
   trappedAccess?: TrappedAccess;
+  /**
+   * Config space restore as an embedder hook (docs/CONFIG.md): `config.restore(device, bytes, restoreDefault)` gets
+   * each device's CONFIG section bytes (the source's default config space, or a source save hook's own bytes) on the
+   * main thread, before the device leaves RESUMING, instead of the reach's default restore; may be async.
+   */
+  config?: ConfigHooks;
 }
 
 /** One destination's progress: device data bytes applied so far. */
@@ -538,11 +545,16 @@ export class Loader extends EventEmitter<LoaderEvents> {
         if (d.dev && !path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
         const res = d.dev ? await this.pool.loadPath({
           op: 'load-path', path: path!, device: d.entry.name, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
-          fileOffset: at, streamOffset: Number(streamOffset), parse: d.parse, limits: d.limits, config: d.dev.configTarget() as ConfigTarget,
+          fileOffset: at, streamOffset: Number(streamOffset), parse: d.parse, limits: d.limits, config: this.configTarget(d),
         }).catch((e) => { throw withVendorText(e, d); }) : await this.pool.load({
           op: 'load', region: d.region.desc, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
-          fileOffset: at, parse: d.parse, limits: d.limits, config: d.transport.configTarget(),
+          fileOffset: at, parse: d.parse, limits: d.limits, config: this.configTarget(d),
         });
+        if (res.config) {
+          const target = d.dev ?? d.transport;
+          await restoreWithHook(this.o.config!, { name: d.entry.name, index: d.entry.index, device: target, entry: d.entry },
+            res.config.bytes, res.config.flags, res.config.offset, (b) => target.writeConfig(b));
+        }
         d.parse = res.parse;
         d.stats.dataPackets += res.dataPackets;
         d.stats.dataBytes += res.dataBytes;
@@ -558,6 +570,12 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
       d.chain.catch(() => undefined);
     }
+  }
+
+  /** Where a worker puts a loaded CONFIG section: the device (default restore), or back to the main thread's hook. */
+  private configTarget(d: Dest): ConfigTarget {
+    if (this.o.config?.restore) return { kind: 'hook' };
+    return (d.dev ? d.dev.configTarget() : d.transport.configTarget()) as ConfigTarget;
   }
 
   /** The record's header + [DATA][size] if it is exactly one data packet the zero-copy path can take. */

@@ -18,6 +18,7 @@ import { DEFAULT_STAGING_CHUNK, RollbackOutcome, SourceDevice, seamDevice, type 
 import { DeviceClaims } from './claims.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import type { TrappedAccess } from '../protocol/migration-region.js';
+import type { ConfigHooks } from './config-hook.js';
 
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
 
@@ -61,6 +62,12 @@ export interface MigrationOptions {
    * `aligned` QEMU's naturally aligned 8/4/2/1-byte accesses, for drivers only ever driven by QEMU.
    */
   trappedAccess?: TrappedAccess;
+  /**
+   * Config space save as an embedder hook (docs/CONFIG.md): `config.save(device)` returns the bytes to carry in the
+   * device's CONFIG section (a VMM's own PCI config / MSI-X state, as QEMU's vmstate_vfio_pci_config), or undefined
+   * for the reach's default. Called on the main thread after stop-and-copy; may be async.
+   */
+  config?: ConfigHooks;
   /** Bounds of one pre-copy round per device, whatever pending_bytes says (default 2 GiB, 2000 ms). */
   roundBytes?: number;
   roundTimeMs?: number;
@@ -172,7 +179,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P' | 'trappedAccess'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P' | 'trappedAccess' | 'config'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -231,7 +238,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const onAnomaly = (a: VendorAnomaly) => { this.anomalies.push(a); this.emit('vendor', a); };
     const exitAfter = testHooks(opts)?.exitAfterChunks;
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
-      lanes, vendorMode: this.o.vendorMode, trappedAccess: this.o.trappedAccess, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
+      lanes, vendorMode: this.o.vendorMode, trappedAccess: this.o.trappedAccess, config: this.o.config, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
       maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, stagingChunk: this.o.stagingChunk,
       testExitAfterChunks: exitAfter?.device === i ? exitAfter.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },

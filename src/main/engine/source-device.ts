@@ -3,7 +3,7 @@
 // the main thread and only touches registers (under the region lock) and the staging ring's bookkeeping.
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
-import { encodeConfigBlob } from '../protocol/config-blob.js';
+import { configBlob, type ConfigHooks } from './config-hook.js';
 import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
 import type { V1State } from '../protocol/states.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
@@ -88,6 +88,8 @@ export interface SourceDeviceOptions {
   /** Worker lanes this device may use at once (when the sink takes positioned writes). */
   lanes?: number;
   vendorMode: VendorMode;
+  /** The embedder's config save hook (docs/CONFIG.md). */
+  config?: ConfigHooks;
   /** v1: how trapped data pieces are accessed (default bulk). */
   trappedAccess?: TrappedAccess;
   /** Per pre-copy round: data bytes and milliseconds at most (at least one chunk moves). */
@@ -283,7 +285,8 @@ export class SourceDevice {
 
   /** save_state: [CONFIG][len][blob][END] after all iterables (QEMU 6.0+ placement). */
   async saveState(): Promise<void> {
-    const blob = encodeConfigBlob(this.dev ? await this.locked(() => this.dev!.readConfig(), 'config read') : this.transport.readConfig());
+    const blob = await configBlob(this.opts.config, { name: this.name, index: this.index, device: this.dev ?? this.transport },
+      () => (this.dev ? this.locked(() => this.dev!.readConfig(), 'config read') : this.transport.readConfig()));
     await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
     this.stats.streamBytes = this.shared.streamBytes;
     this.stats.finalState = await this.locked(() => (this.dev ? this.dev.state() : this.region.state()));
