@@ -20,7 +20,7 @@ const pool = new EnginePool({ threads: 2 });
 const GEO = { stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 } as const;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-type Dev = EngineDevice & { readConfig(): Uint8Array; writeConfig(b: Uint8Array): void };
+type Dev = EngineDevice & { readConfig(): Uint8Array | Promise<Uint8Array>; writeConfig(b: Uint8Array): void | Promise<void> };
 function make(profile: 'draft-2019' | 'linux-5.8' | 'v2', seed: number, zero = false): Dev {
   const o = { ...GEO, seed, zeroFill: zero, name: `${profile}-${seed}` };
   return (profile === 'v2' ? emulatedV2({ ...o, profile: 'v2' }) : EmulatedTransport.create({ ...o, profile })) as unknown as Dev;
@@ -40,7 +40,7 @@ for (const profile of ['draft-2019', 'linux-5.8', 'v2'] as const) {
         assert.ok(isMainThread);
         await sleep(5);
         // Device 1: the reach's default.
-        const b = d.index === 0 ? vmmBytes(d.index, (d.device as Dev).readConfig()) : undefined;
+        const b = d.index === 0 ? vmmBytes(d.index, await (d.device as Dev).readConfig()) : undefined;
         sent[d.index] = b;
         return b;
       },
