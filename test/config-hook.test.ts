@@ -95,7 +95,7 @@ test('embedder bytes without a restore hook: VFM_LOAD_REJECTED naming the device
     assert.is(e.device, 'linux-5.8-0', 'the destination');
     assert.ok(e.offset! > 0);
     assert.match(e.message, /config restore hook/);
-    assert.is(((dst as unknown as EmulatedTransport).device.info().deviceState & 7), 4, 'still RESUMING, never started');
+    assert.is(((dst as unknown as EmulatedTransport).device.info().deviceState & 7), 0, 'reset and stopped (the failed-load rule), never started');
   } finally {
     destroy(src);
     if (dst) destroy(dst);
