@@ -148,7 +148,7 @@ export async function benchLive(o: LiveBenchOptions) {
     ...(tls ? [['tls-1', 'tcp-1', 'mutual TLS vs plain TCP, 1 channel', ''], [`tls-${N}`, `tcp-${N}`, `mutual TLS vs plain TCP, ${N} channels`, '']] as [string, string, string, string][] : []),
   ];
   const out: Record<string, unknown> = { scenario: { devices: 4, perDeviceBytes: per, maxRounds: 0, channels: N }, warmupVerified: warm, runs, ratios: {} };
-  for (const [a, b, what, target] of pairs) {
+  for (const [a, b, what, target] of pairs.filter(([x, y]) => runs[x] && runs[y])) {
     const dt = ratio(a, b, 'downtimeMs');
     const tt = ratio(a, b, 'totalMs');
     (out.ratios as Record<string, unknown>)[`${a}/${b}`] = { downtime: dt, total: tt };

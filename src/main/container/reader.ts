@@ -31,6 +31,11 @@ export interface RecordSource {
   /** The next record header, or null at a clean end. */
   next(): Promise<RecordRef | null>;
   body(r: RecordRef, dst: Uint8Array, dstOff: number, device?: string, verify?: boolean): Promise<Uint8Array>;
+  /**
+   * Optional: the current record already in shared memory laid out as a staging slot (header at 0, body at 32), for
+   * a worker to take without a copy (a network source receives bodies there); null when it has none.
+   */
+  takeSlot?(r: RecordRef): { sab: SharedArrayBuffer; release: () => void } | null;
   metaBody<T>(r: RecordRef): Promise<T>;
   /** Skip a body (only called when `descriptor` is set: a worker reads it from there). */
   skip(r: RecordRef): void;

@@ -212,6 +212,15 @@ export class SlotPool {
     const w = this.waiters.shift();
     if (w) w.go(this.fit(b, w.size)); else this.free.push(b);
   }
+  /** Count a record staged elsewhere (a source's own shared buffer) against the same bound, without memory. */
+  async hold(): Promise<void> {
+    if (this.made < this.n) { this.made++; return; }
+    const b = await this.get(0);
+    this.bytes -= b.byteLength; // its place is taken by the held record; the buffer itself is dropped
+  }
+  unhold(): void {
+    if (this.waiters.length) this.put(this.alloc(this.waiters[0].size)); else this.made--;
+  }
   /** Bytes of the slots held now (allocated and not replaced). */
   get allocatedBytes(): number { return this.bytes; }
   private fit(b: SharedArrayBuffer, size: number): SharedArrayBuffer {
@@ -528,14 +537,19 @@ export class Loader extends EventEmitter<LoaderEvents> {
         continue;
       }
       d.openBatch = null; // a record that is not a lone data packet closes the batch: order is kept
-      const sab = await slots.get(RECORD_HEADER_SIZE + r.h.length);
-      const slot = new Uint8Array(sab);
-      slot.set(r.header, 0);
-      try {
-        await reader.body(r, slot, RECORD_HEADER_SIZE, d.entry.name, false);
-      } catch (e) {
-        slots.put(sab);
-        throw e;
+      // A network source may hold the record in shared memory already: no copy, but the same bound on records held.
+      const handed = reader.takeSlot?.(r);
+      const sab = handed ? handed.sab : await slots.get(RECORD_HEADER_SIZE + r.h.length);
+      const done = handed ? (await slots.hold(), () => { handed.release(); slots.unhold(); }) : () => slots.put(sab);
+      if (!handed) {
+        const slot = new Uint8Array(sab);
+        slot.set(r.header, 0);
+        try {
+          await reader.body(r, slot, RECORD_HEADER_SIZE, d.entry.name, false);
+        } catch (e) {
+          slots.put(sab);
+          throw e;
+        }
       }
       const at = r.at;
       const len = r.h.length;
@@ -567,7 +581,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
           d.loaded = true;
           this.o.onDeviceLoaded?.(d);
         }
-      }).catch((e) => { failed ??= e; throw e; }).finally(() => slots.put(sab));
+      }).catch((e) => { failed ??= e; throw e; }).finally(done);
       d.chain.catch(() => undefined);
     }
   }

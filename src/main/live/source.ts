@@ -11,7 +11,11 @@ import type { FileSink } from '../container/sink.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { FRAME_NAMES, SocketReader, decodeFrameHeader } from './wire.js';
 
-interface Rec { h: RecordHeader; header: Uint8Array; body: Buffer; channel: number }
+interface Rec {
+  h: RecordHeader; header: Uint8Array; body: Uint8Array; channel: number;
+  /** A CHUNK received straight into shared memory, laid out as the loader's staging slot (header at 0, body at 32). */
+  sab?: SharedArrayBuffer;
+}
 
 interface Chan {
   index: number;
@@ -26,6 +30,27 @@ interface Chan {
 
 /** Bytes of records a channel may read ahead of the loader (at least one record). */
 const CHANNEL_QUEUE_BYTES = 8 << 20;
+/**
+ * CHUNKs from this size up are received into shared memory that the loader hands to its worker as is (no copy on the
+ * main thread, which reads every channel and is the destination's busiest thread); smaller ones are copied.
+ */
+const SHARED_BODY_MIN = 64 << 10;
+
+/**
+ * Reused shared buffers in power-of-two size classes. What is held at once is bounded by the channels' read-ahead
+ * and the loader's records in flight, so the free lists stay small.
+ */
+class SharedBodies {
+  private free = new Map<number, SharedArrayBuffer[]>();
+  get(size: number): SharedArrayBuffer {
+    const cls = 2 ** Math.ceil(Math.log2(size));
+    return this.free.get(cls)?.pop() ?? new SharedArrayBuffer(cls);
+  }
+  put(b: SharedArrayBuffer): void {
+    const l = this.free.get(b.byteLength);
+    if (l) l.push(b); else this.free.set(b.byteLength, [b]);
+  }
+}
 
 export class LiveSource implements RecordSource {
   offset = FILE_HEADER_SIZE;
@@ -39,6 +64,7 @@ export class LiveSource implements RecordSource {
   /** The record loader asked for a body of (body is in memory already). */
   private current: Rec | undefined;
   private done: Promise<void> | undefined;
+  private readonly bodies = new SharedBodies();
 
   constructor(private readonly hooks: {
     onControl: (h: RecordHeader, header: Uint8Array, body: Buffer, at: number) => void;
@@ -131,9 +157,18 @@ export class LiveSource implements RecordSource {
         await new Promise<void>((r) => { c.space = r; });
         c.space = null;
       }
-      const body = (await c.reader.read(h.length, `${what}: ${name} body`))!;
+      let rec: Rec;
+      if (h.type === REC_CHUNK && h.length >= SHARED_BODY_MIN) {
+        const sab = this.bodies.get(RECORD_HEADER_SIZE + h.length);
+        const slot = new Uint8Array(sab, 0, RECORD_HEADER_SIZE + h.length);
+        slot.set(hb, 0);
+        await c.reader.readInto(slot, RECORD_HEADER_SIZE, h.length, `${what}: ${name} body`);
+        rec = { h, header: slot.subarray(0, RECORD_HEADER_SIZE), body: slot.subarray(RECORD_HEADER_SIZE), channel: c.index, sab };
+      } else {
+        rec = { h, header: hb, body: (await c.reader.read(h.length, `${what}: ${name} body`))!, channel: c.index };
+      }
       c.rx += RECORD_HEADER_SIZE + h.length;
-      c.queue.push({ h, header: hb, body, channel: c.index });
+      c.queue.push(rec);
       c.queuedBytes += h.length;
       this.wake();
     }
@@ -154,8 +189,9 @@ export class LiveSource implements RecordSource {
     this.current = r;
     if (this.save) {
       const failed = (e: unknown) => this.fail(new MigError(ErrorCode.IO, `saving the received stream: ${(e as Error).message}`, { cause: e }));
-      this.save.write(r.header).catch(failed);
-      this.save.write(r.body).catch(failed);
+      // Shared bodies are reused once the loader is done with them: the file gets its own copy.
+      this.save.write(r.sab ? Buffer.from(r.header) : r.header).catch(failed);
+      this.save.write(r.sab ? Buffer.from(r.body) : r.body).catch(failed);
     }
     if (r.h.type === REC_ABORT) {
       try { verifyRecord(r.header, r.body, r.h, at); this.hooks.onAbort(decodeJson<AbortRecord>(r.body, 'ABORT', at + RECORD_HEADER_SIZE)); } catch { /* the loader reports it */ }
@@ -192,6 +228,18 @@ export class LiveSource implements RecordSource {
       }
       await new Promise<void>((r) => { this.waiter = r; });
     }
+  }
+
+  /**
+   * The current record as a staging slot the loader may hand to a worker as is (header at 0, body at 32), or null
+   * when it has none (then `body()` copies). `release()` once the worker is done with it.
+   */
+  takeSlot(r: RecordRef): { sab: SharedArrayBuffer; release: () => void } | null {
+    const rec = this.current;
+    if (!rec?.sab || rec.header !== r.header) return null;
+    const sab = rec.sab;
+    rec.sab = undefined;
+    return { sab, release: () => this.bodies.put(sab) };
   }
 
   async body(r: RecordRef, dst: Uint8Array, dstOff: number, device?: string, verify = true): Promise<Uint8Array> {
