@@ -6,7 +6,7 @@ import { send, type SendReport } from '../live/sender.js';
 import { receive, type ReceiveReport } from '../live/receiver.js';
 import type { LiveEvent } from '../live/events.js';
 import { fmtBytes, parseSize } from './args.js';
-import { deviceOpts, loadText, migOpts, saveText, type DeviceFlags } from './run.js';
+import { deviceOpts, emulatedSources, loadText, migOpts, saveText, type DeviceFlags } from './run.js';
 import { CommandOutput, type OutputFlags } from './output.js';
 import { openDevices } from './devices.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
@@ -62,13 +62,7 @@ export async function cmdSend(o: SendFlags): Promise<void> {
   const cmd = new CommandOutput('send', o, o);
   const sources: EngineDevice[] = [];
   try {
-    if (o.device?.length) sources.push(...await openDevices(o.device, o));
-    else {
-      for (let i = 0; i < o.devices; i++) {
-        const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
-        sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
-      }
-    }
+    sources.push(...(o.device?.length ? await openDevices(o.device, o) : emulatedSources(dev, o.devices, o.seed)));
     const r = await send(sources, {
       ...migOpts(o), to: o.to, channels: o.channels, tlsDir: o.tlsDir, timeoutMs: o.timeout, threads: o.threads,
       switchoverAckTimeoutMs: o.switchoverAckTimeout, keepaliveMs: o.keepalive,
@@ -165,10 +159,7 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
       void exited.then((code) => reject(new MigError(ErrorCode.IO, `the destination process exited (${code}) before listening: ${err.trim()}`)));
       child.on('error', (e) => reject(new MigError(ErrorCode.IO, `cannot start the destination process: ${e.message}`, { cause: e })));
     });
-    for (let i = 0; i < o.devices; i++) {
-      const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
-      sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
-    }
+    sources.push(...emulatedSources(dev, o.devices, o.seed));
     const r = await send(sources, {
       ...migOpts(o), to, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet),
       onMigration: (m) => { cmd.attachMigration(m); },

@@ -36,6 +36,14 @@ export interface DeviceFlags extends ReachFlags, OutputFlags {
   memoryBudget?: number; trappedAccess?: TrappedAccess;
 }
 
+/** `count` emulated source devices emu0.. with consecutive seeds (v2 or v1 by the profile in `dev`). */
+export function emulatedSources(dev: EmulatedDeviceOptions, count: number, seed: number): EngineDevice[] {
+  return Array.from({ length: count }, (_, i) => {
+    const d = { ...dev, name: `emu${i}`, seed: seed + i };
+    return d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d);
+  });
+}
+
 export function deviceOpts(o: DeviceFlags): EmulatedDeviceOptions {
   if (o.size % 4096 || o.size < 8192) throw new MigError(ErrorCode.BAD_ARGUMENT, `--size: ${o.size} must be a multiple of 4096 and at least 8 KiB`);
   if (o.chunk % 4096 || o.chunk < 8192) throw new MigError(ErrorCode.BAD_ARGUMENT, `--chunk: ${o.chunk} must be a multiple of 4096 and at least 8 KiB`);
@@ -201,13 +209,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
   const sources: EngineDevice[] = [];
   let failure: unknown;
   try {
-    if (o.device?.length) sources.push(...await openDevices(o.device, o));
-    else {
-      for (let i = 0; i < o.devices; i++) {
-        const d = { ...dev, name: `emu${i}`, seed: o.seed + i };
-        sources.push(d.profile === 'v2' ? emulatedV2(d) : EmulatedTransport.create(d));
-      }
-    }
+    sources.push(...(o.device?.length ? await openDevices(o.device, o) : emulatedSources(dev, o.devices, o.seed)));
     let r;
     try {
       r = await saveDevices(sources, o.stream, pool, { ...migOpts(o), force: o.force, signal: o.signal }, (m) => cmd.attachMigration(m));
