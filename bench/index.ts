@@ -198,7 +198,7 @@ async function main() {
       const run = m.run().finally(() => { done = true; });
       const q = (async () => {
         while (!done) {
-          for (const d of m.devices) if (!done && d.region && d.phase === 'stopcopy') await m.dirty.query(d);
+          for (const d of m.devices) if (!done && d.phase === 'stopcopy') await m.dirty.query(d);
           await new Promise((r) => setImmediate(r));
         }
       })();

@@ -34,8 +34,9 @@ async function loadFails(file: string, code: string | string[]): Promise<MigErro
     const e = await rejectsCode(loadStream(file, pool, { verify: true }).then((r) => { loader = r.loader; }), code);
     loader = (e as unknown as { loader?: Loader }).loader;
     for (const d of loader?.dests ?? []) {
-      assert.is.not(d.region.state(), 'RUNNING', `${d.entry.name} must not run`);
-      assert.is.not(d.region.state(), 'RESUMING', `${d.entry.name} must not be left half-resumed`);
+      const st = await d.dev.state();
+      assert.is.not(st, 'RUNNING', `${d.entry.name} must not run`);
+      assert.is.not(st, 'RESUMING', `${d.entry.name} must not be left half-resumed`);
     }
     return e;
   } finally {

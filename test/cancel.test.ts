@@ -196,7 +196,7 @@ test('load cancelled by its AbortSignal mid-stream: every destination reset and 
     assert.is(loader!.status().status, 'cancelled');
     assert.is(loader!.dests.length, 3);
     for (const d of loader!.dests) {
-      const now = d.dev ? await d.dev.state() : d.region.state();
+      const now = await d.dev.state();
       assert.is(now, 'STOP', `${d.entry.name}: neither RESUMING nor RUNNING`);
       assert.is(d.stats.state, 'reset (state discarded), STOP', d.entry.name);
       assert.ok(states.includes(`${d.entry.name}:RESUMING`), `${d.entry.name} had started resuming`);

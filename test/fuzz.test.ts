@@ -44,7 +44,7 @@ async function mustRefuse(file: string, what: string): Promise<string> {
     assert.instance(e, MigError, `${what}: ${String(e)}`);
     assert.ok(CODES.has((e as MigError).code), `${what}: code ${(e as MigError).code}`);
     loader = (e as { loader?: Loader }).loader;
-    for (const d of loader?.dests ?? []) assert.is.not(d.region.state(), 'RUNNING', `${what}: ${d.entry.name} runs`);
+    for (const d of loader?.dests ?? []) assert.is.not(await d.dev.state(), 'RUNNING', `${what}: ${d.entry.name} runs`);
     return (e as MigError).code;
   } finally {
     for (const d of loader?.dests ?? []) (d.transport as EmulatedTransport).destroy();

@@ -57,7 +57,7 @@ async function refused(file: string, code: string, p: EnginePool = pool): Promis
       .then((r) => { loader = r.loader; }), code);
     loader = (e as unknown as { loader?: Loader }).loader;
     assert.ok(loader && loader.dests.length === 2, 'both destinations were set up');
-    for (const d of loader!.dests) assert.is.not(d.region.state(), 'RUNNING', `${d.entry.name} must not run`);
+    for (const d of loader!.dests) assert.is.not(await d.dev.state(), 'RUNNING', `${d.entry.name} must not run`);
     assert.not.ok(states.some((s) => s.endsWith(':RUNNING')), `no destination was started: ${states.join(' ')}`);
     return e;
   } finally {
@@ -127,9 +127,9 @@ async function roundTrip(p: EnginePool, tagName: string) {
   const saved: SaveResult[] = [];
   let loadTasks = 0;
   let zeroCopyLoads = 0;
-  const orig = { save: p.save, load: p.load, loadData: p.loadData };
+  const orig = { save: p.save, loadPath: p.loadPath, loadData: p.loadData };
   p.save = async (t) => { const r = await orig.save.call(p, t); saved.push(r); return r; };
-  p.load = async (t) => { loadTasks++; return orig.load.call(p, t); };
+  p.loadPath = async (t) => { loadTasks++; return orig.loadPath.call(p, t); };
   p.loadData = async (t) => { zeroCopyLoads++; return orig.loadData.call(p, t); };
   // Every data-area flavour: mmap'd, trapped (pread/pwrite) and both; a workload dirtying state during pre-copy.
   const devs = (['mmap', 'trapped', 'mixed'] as const).map((dataMode, i) => EmulatedTransport.create({

@@ -50,7 +50,7 @@ async function race(lockOn: boolean, dev: EmulatedDeviceOptions, devices: number
     const run = m.run().finally(() => { done = true; });
     const queries = (async () => {
       while (!done) {
-        for (const d of m.devices) if (d.region && (d.phase === 'precopy' || d.phase === 'stopcopy')) await m.dirty.query(d).catch(() => undefined);
+        for (const d of m.devices) if (d.phase === 'precopy' || d.phase === 'stopcopy') await m.dirty.query(d).catch(() => undefined);
         await new Promise((r) => setImmediate(r));
       }
     })();

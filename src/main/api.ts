@@ -191,7 +191,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
 
     async function release(): Promise<void> {
       for (const s of sources) destroyEmulated(s);
-      for (const d of loader?.dests ?? []) destroyEmulated(d.dev ?? d.transport);
+      for (const d of loader?.dests ?? []) destroyEmulated(d.dev);
       if (!o.stream && !o.keepStream) fs.rmSync(stream, { force: true });
       forget();
       if (!o.pool) await pool.close();

@@ -4,7 +4,7 @@ import { openDataPath } from '../main/device/registry.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
 import { OWNER_WORKER } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
-import type { MigError } from '../main/errors.js';
+import { ErrorCode, MigError } from '../main/errors.js';
 import {
   DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_DEV_INIT_DATA_SENT, FLAG_END_OF_STATE, parsePackets, putBe64,
 } from '../main/protocol/qemu-stream.js';
@@ -13,10 +13,11 @@ import { RECORD_HEADER_SIZE, decodeRecordHeader, verifyRecord } from '../main/co
 import { reservePosition } from '../main/container/sink.js';
 import { applyConfig, type ConfigTarget } from '../main/transport/config.js';
 import { emitRecord } from './emit-record.js';
-import type { LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
+import type { LoadDataPathTask, LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
 
 export async function savePath(t: SavePathTask): Promise<SaveResult> {
   const path = await openDataPath(t.path);
+  if (path.save) return path.save(t);
   const ring = new StagingRing(t.ring);
   const shared = new DeviceShared(t.shared);
   const lock = shared.lock;
@@ -94,6 +95,7 @@ export async function savePath(t: SavePathTask): Promise<SaveResult> {
 
 export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
   const path = await openDataPath(t.path);
+  if (path.load) return path.load(t);
   const slot = new Uint8Array(t.slot);
   const header = slot.subarray(0, RECORD_HEADER_SIZE);
   const body = slot.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen);
@@ -128,4 +130,11 @@ export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
     }
   }
   return res;
+}
+
+/** Records that are each one data packet, loaded straight from the stream file by a data path that can (fileLoad). */
+export async function loadDataPath(t: LoadDataPathTask): Promise<LoadResult | null> {
+  const path = await openDataPath(t.path);
+  if (!path.loadFromFile) throw new MigError(ErrorCode.BAD_ARGUMENT, 'this data path cannot load from the stream file', { device: t.path.device });
+  return path.loadFromFile(t);
 }

@@ -62,6 +62,13 @@ export interface SavePathTask {
   /** Emit DEV_INIT_DATA_SENT when the initial bytes reach 0 (a pre-copy device; not yet sent). */
   initPending: boolean;
   direct?: DirectTarget;
+  /** For a data path with its own save (v1 region): see SaveTask. */
+  vendorMode?: VendorMode;
+  maxEmptyChunks?: number;
+  maxNoProgress?: number;
+  lane?: number;
+  lanes?: number;
+  testExitAfterChunks?: number;
 }
 
 /** Load one record through the seam's DataPath. */
@@ -143,6 +150,12 @@ export interface LoadResult {
   config?: ConfigBlob & { offset: number };
 }
 
+/** load-data through a data path that loads from the file itself (DataPathDesc.fileLoad: the v1 region). */
+export interface LoadDataPathTask extends Omit<LoadDataTask, 'op' | 'region'> {
+  op: 'load-data-path';
+  path: DataPathDesc;
+}
+
 /** Hash an emulated device's state, or read a device's own digest region (handle of a 32-byte region). */
 export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op: 'digest'; digestRegion: number };
 
@@ -150,7 +163,7 @@ export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op:
 export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }
 export interface BaselineResult { bytes: number; ns: number }
 
-export type Task = SaveTask | SavePathTask | LoadPathTask | LoadTask | LoadDataTask | DigestTask | BaselineTask;
+export type Task = SavePathTask | LoadPathTask | LoadDataPathTask | DigestTask | BaselineTask;
 
 /** Errors cross the thread boundary as plain objects carrying the MigError fields. */
 export interface TaskError { __migError: true; code: string; message: string; device?: string; offset?: number; register?: string; errno?: number }

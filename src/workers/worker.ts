@@ -18,7 +18,7 @@ import { crc32c, nativeCrcAvailable, simulateNoSse42 } from '../main/container/c
 import { workerData } from 'node:worker_threads';
 import { applyConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
-import { loadPath, savePath } from './path-tasks.js';
+import { loadDataPath, loadPath, savePath } from './path-tasks.js';
 import { emitRecord } from './emit-record.js';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
@@ -34,7 +34,8 @@ const zeroCopy = nativeCrcAvailable();
 
 try { native().lowerThreadPriority(Number(process.env.VFIO_MIG_WORKER_NICE ?? 5)); } catch { /* best effort */ }
 
-function save(t: SaveTask): SaveResult {
+/** The v1 region's save loop (reached through protocol/v1/region-path.ts). */
+export function save(t: SaveTask): SaveResult {
   const ring = new StagingRing(t.ring);
   const shared = new DeviceShared(t.shared);
   const region = new MigrationRegion(t.region);
@@ -147,7 +148,7 @@ function save(t: SaveTask): SaveResult {
   return r;
 }
 
-function load(t: LoadTask): LoadResult {
+export function load(t: LoadTask): LoadResult {
   const slot = new Uint8Array(t.slot);
   const header = slot.subarray(0, RECORD_HEADER_SIZE);
   const body = slot.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen);
@@ -182,7 +183,7 @@ function load(t: LoadTask): LoadResult {
   return res;
 }
 
-function loadData(t: LoadDataTask): LoadResult | null {
+export function loadData(t: LoadDataTask): LoadResult | null {
   const region = new MigrationRegion(t.region);
   const lock = new DeviceShared(t.shared).lock;
   const scratch = new Uint8Array(t.scratch);
@@ -279,15 +280,13 @@ export default async function run(task: Task): Promise<unknown> {
     switch (task.op) {
       case 'save-path': return await savePath(task);
       case 'load-path': return await loadPath(task);
-      case 'save': return save(task);
-      case 'load': return load(task);
-      case 'load-data': return loadData(task);
+      case 'load-data-path': return await loadDataPath(task);
       case 'digest': return digest(task);
       case 'baseline': return baseline(task);
       default: throw new Error(`unknown task ${(task as { op: string }).op}`);
     }
   } catch (e) {
     // Returned, not thrown: piscina would flatten a thrown MigError into a plain Error and lose the code.
-    return toTaskError(e, 'region' in task ? task.region.device : undefined);
+    return toTaskError(e, 'path' in task ? task.path.device : undefined);
   }
 }

@@ -251,7 +251,7 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
     noteCleanup(`; no destination started${n ? ` (${n} reset and stopped)` : ''}`);
     throw e;
   } finally {
-    if (!reached.length) for (const d of loader?.dests ?? []) await releaseDestination(d.dev ?? d.transport);
+    if (!reached.length) for (const d of loader?.dests ?? []) await releaseDestination(d.dev);
     for (const t of reached) await t.close();
     await pool.close();
   }

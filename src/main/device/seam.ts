@@ -8,8 +8,10 @@
 //     module it names, so a new reach or protocol needs no edit to the engine and no switch in the worker.
 // Each protocol lives in src/main/protocol/<p>/ and each reach in its own folder; docs/ARCHITECTURE.md shows how one
 // chunk travels for each combination. This file is types only: it is the contract the reaches are coded against.
+import type { TrappedAccess } from '../protocol/migration-region.js';
 import type { DigestTarget } from '../transport/transport.js';
 import type { DeviceGeometry, DeviceTableEntry } from '../container/format.js';
+import type { LoadDataPathTask, LoadPathTask, LoadResult, SavePathTask, SaveResult } from '../../workers/tasks.js';
 
 /**
  * A value now or later. Main-thread seam methods that touch the device return one: an in-process or kernel device
@@ -89,6 +91,12 @@ export interface DataPathDesc<P = unknown> {
   device: string;
   /** Protocol/reach-specific parameters (a data fd, a region descriptor, a socket handle...). */
   params: P;
+  /** Several workers may share one phase of this session, each taking the device lock per chunk (v1 region). */
+  lanes?: boolean;
+  /** Largest chunk the device can stage at once (v1: the region's data area): staging is never sized above it. */
+  maxChunk?: number;
+  /** The module loads a record that is one data packet straight from the stream file (DataPath.loadFromFile). */
+  fileLoad?: boolean;
 }
 
 /** Outcome of one save read (DataPath.read). */
@@ -125,6 +133,15 @@ export interface DataPath {
   write(src: Uint8Array, at: number, n: number, streamOffset: number, signal?: AbortProbe): void;
   /** Release per-session worker resources (never the device's own fd: the main thread owns that). */
   close?(): void;
+  /**
+   * Optional whole-task forms, for a protocol whose hot path is not read()/write() into staging: the v1 region
+   * writes a record straight from its mmap'd data area to the file and loads one straight from the file into it,
+   * checks vendor hints (vendor modes) and serves several lanes. When present the worker hands it the task.
+   */
+  save?(task: SavePathTask): SaveResult;
+  load?(task: LoadPathTask): LoadResult;
+  /** Zero-copy load of records that are each one data packet (null: the addon cannot, e.g. no SSE4.2). */
+  loadFromFile?(task: LoadDataPathTask): LoadResult | null;
 }
 
 /** Polled while a data path waits for a slow device, so a cancel lands within ~100 ms. */
@@ -181,6 +198,8 @@ export interface MigDevice {
   configTarget(): ConfigTargetDesc;
   /** VFIO_DEVICE_RESET: back to RUNNING, data sessions closed; the only way out of ERROR. */
   reset(): Awaitable<void>;
+  /** v1 region data: how trapped (non-mmap) pieces are accessed (docs/CONFIG.md); a data fd has no such choice. */
+  setTrappedAccess?(mode: TrappedAccess): void;
   /** Dirty logging of its DMA, or null if it has none. */
   readonly dirtyLog: DirtyLog | null;
   /** What a destination needs to be made identical (recorded in the container's device table). */

@@ -1,6 +1,7 @@
 // Guest dirty pages, queried from the main thread and kept as a union per device for the embedder (the VMM migrates
-// guest RAM; vfio-mig tells it which pages the devices dirtied). draft-2019 queries through the migration region
-// (pfn registers, bitmap in the data area) under the region lock; linux-5.8 asks the type1 container.
+// guest RAM; vfio-mig tells it which pages the devices dirtied), through each device's DirtyLog: draft-2019 queries
+// the migration region (pfn registers, bitmap in the data area) under the device lock; linux-5.8 asks the type1
+// container; v2 the device's DMA logging.
 import { OWNER_MAIN } from './region-lock.js';
 import { Histogram } from './histogram.js';
 import type { SourceDevice } from './source-device.js';
@@ -22,61 +23,40 @@ export class DirtyTracker {
   }
 
   async start(): Promise<void> {
-    for (const d of this.devices) if (d.dev) await d.dev.dirtyLog?.start();
-    for (const d of this.devices) if (!d.dev && d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(true);
+    for (const d of this.devices) await d.dev.dirtyLog?.start();
   }
 
   async stop(): Promise<void> {
     for (const d of this.devices) {
       try {
-        if (d.dev) await d.dev.dirtyLog?.stop();
-        else if (d.transport.profile.dirtySource === 'container' && d.transport.guestPages) d.transport.containerDirty?.(false);
+        await d.dev.dirtyLog?.stop();
       } catch { /* stopping is best effort during rollback */ }
     }
   }
 
-  /** One query of one device; returns pages newly reported dirty. */
+  /** One query of one device; returns the pages it reported dirty. */
   async query(d: SourceDevice, signal?: AbortSignal): Promise<number> {
     const pages = pagesOf(d);
     if (!pages) return 0;
     const out = this.union.get(d.index)!;
     const t0 = performance.now();
     let found = 0;
-    if (d.dev) {
-      // v2 DMA logging and the container's log need no device lock; a log read through the data channel
-      // (draft-2019's region pfns) does, held across the report (which may answer later, over a socket).
-      const log = d.dev.dirtyLog!;
-      const bm = this.scratch.get(d.index)!;
-      bm.fill(0);
-      if (log.sharesDataChannel) {
-        const lock = d.shared.lock;
-        await lock.lockAsync(OWNER_MAIN, signal); // abandoned on cancel: the lock may be held by a stalled vendor call
-        this.lockWaitMs.record(performance.now() - t0);
-        try { await log.report(bm); } finally { lock.unlock(); }
-      } else {
-        await log.report(bm);
-      }
-      for (let i = 0; i < bm.length; i++) {
-        if (bm[i] & ~out[i]) found += popcount8(bm[i] & ~out[i]);
-        out[i] |= bm[i];
-      }
-    } else if (d.transport.profile.dirtySource === 'region') {
+    // The device's own log (v2 DMA logging) and the container's need no device lock; a log read through the data
+    // channel (draft-2019's region pfns) does, held across the report (which may answer later, over a socket).
+    const log = d.dev.dirtyLog!;
+    const bm = this.scratch.get(d.index)!;
+    bm.fill(0);
+    if (log.sharesDataChannel) {
       const lock = d.shared.lock;
       await lock.lockAsync(OWNER_MAIN, signal); // abandoned on cancel: the lock may be held by a stalled vendor call
-      const t1 = performance.now();
-      this.lockWaitMs.record(t1 - t0);
-      try {
-        found = d.region.queryDirtyPfns(0, pages, 4096, out, this.scratch.get(d.index)!);
-      } finally {
-        lock.unlock();
-      }
+      this.lockWaitMs.record(performance.now() - t0);
+      try { await log.report(bm); } finally { lock.unlock(); }
     } else {
-      const bm = this.scratch.get(d.index)!;
-      bm.fill(0);
-      d.transport.containerDirty?.('get', bm);
-      for (let i = 0; i < bm.length; i++) {
-        if (bm[i]) { out[i] |= bm[i]; found += popcount8(bm[i]); }
-      }
+      await log.report(bm);
+    }
+    // Pages this query reported (a page dirtied again since an earlier query counts again: the dirty rate).
+    for (let i = 0; i < bm.length; i++) {
+      if (bm[i]) { out[i] |= bm[i]; found += popcount8(bm[i]); }
     }
     const ms = performance.now() - t0;
     this.latencyMs.record(ms);
@@ -102,7 +82,7 @@ export class DirtyTracker {
 
 /** Guest pages a device reports dirty through its tracking (0: none). */
 function pagesOf(d: SourceDevice): number {
-  return d.dev ? d.dev.dirtyLog?.pages ?? 0 : d.transport.guestPages;
+  return d.dev.dirtyLog?.pages ?? 0;
 }
 
 function popcount8(x: number): number {

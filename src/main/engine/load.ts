@@ -13,7 +13,7 @@ import {
   type DeviceTableEntry, type EndRecord, validateAbort, validateEnd,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
-import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
+import type { TrappedAccess } from '../protocol/migration-region.js';
 import { restoreWithHook, type ConfigHooks } from './config-hook.js';
 import { DATA_PREFIX, FLAG_DEV_DATA_STATE, checkStreamEnd, getBe64, newParseState, type QemuLimits, type QemuParseState } from '../protocol/qemu-stream.js';
 import { EmulatedTransport } from '../transport/emulated.js';
@@ -26,7 +26,9 @@ import type { Awaitable, MigDevice } from '../device/seam.js';
 import { reachForSpec, reachProvider, registeredReaches } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
 import type { ConfigTarget } from '../transport/config.js';
-import { DEFAULT_STAGING_CHUNK, seamDevice } from './source-device.js';
+import { DEFAULT_STAGING_CHUNK } from './source-device.js';
+import { asMigDevice } from '../protocol/v1/device.js';
+import { PROFILE_DEFS } from '../protocol/profiles.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import type { DataItem } from '../../workers/tasks.js';
 import { OWNER_MAIN } from './region-lock.js';
@@ -159,6 +161,16 @@ function v1PacketLimit(e: DeviceTableEntry, headerSize: number): number {
 /** Largest data packet a seam destination takes (a v2 packet is one source read of its staging chunk). */
 const MAX_SEAM_PACKET = 64 << 20;
 
+/**
+ * Largest data packet the stream of `e` may carry, from what its source declared: a v1 packet is one chunk of the
+ * source's data area (v1PacketLimit); a v2 packet one source read (its staging chunk).
+ */
+function packetLimit(e: DeviceTableEntry): number {
+  const v1 = (PROFILE_DEFS as Record<string, { headerSize: number } | undefined>)[e.profile];
+  if (v1) return v1PacketLimit(e, v1.headerSize);
+  return Math.min(Math.max(e.geometry.maxChunk || 0, DEFAULT_STAGING_CHUNK), MAX_SEAM_PACKET);
+}
+
 /** A seam destination's refusal with the vendor's own reason appended (the worker cannot ask the device). */
 function withVendorText(e: unknown, d: Dest): unknown {
   const v = d.dev?.vendorError?.();
@@ -173,10 +185,12 @@ const MAX_BATCH = 32;
 export interface Dest {
   openBatch: DataItem[] | null;
   entry: DeviceTableEntry;
-  /** The destination behind the device seam (v2...), or null for a v1 transport (`transport`, `region`). */
-  dev: MigDevice | null;
-  transport: DeviceTransport;
-  region: MigrationRegion;
+  /** The destination, whatever its protocol and reach. */
+  dev: MigDevice;
+  /** What it was made from (makeDestination's own object, e.g. an embedder's v1 DeviceTransport; else `dev`). */
+  transport: DeviceTransport | MigDevice;
+  /** Its resuming session loads records that are one data packet straight from the stream file (DataPathDesc.fileLoad). */
+  fileLoad: boolean;
   shared: DeviceShared;
   limits: QemuLimits;
   parse: QemuParseState;
@@ -262,7 +276,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
   async close(): Promise<void> {
     if (this.o.makeDestination) return;
     // Emulated destinations are destroyed; those a reach opened or connected to (kernel, vfio-user) are closed.
-    for (const d of this.dests) await releaseDestination(d.dev ?? d.transport);
+    for (const d of this.dests) await releaseDestination(d.dev);
     this.dests = [];
   }
 
@@ -392,32 +406,12 @@ export class Loader extends EventEmitter<LoaderEvents> {
         { offset: FILE_HEADER_SIZE, value: total });
     }
     for (const entry of table.devices) {
+      // The edge: a v1 transport from makeDestination becomes its V1Device; from here on, one path.
       const made = await this.destinationFor(entry, make);
+      const dev = asMigDevice(made);
       // Refused before it is touched; leaveNotRunning then only sees the destinations this load took.
-      this.claims.claimOne(made as DeviceTransport);
-      const dev = seamDevice(made);
-      if (dev) {
-        await this.setupSeam(entry, dev);
-        continue;
-      }
-      const transport = made as DeviceTransport;
-      if (transport.profile.name !== entry.profile) {
-        throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${transport.profile.name}`, { device: entry.name });
-      }
-      const region = transport.openRegion();
-      region.setTrappedAccess(this.o.trappedAccess);
-      const shared = DeviceShared.create();
-      const maxData = v1PacketLimit(entry, region.profile.headerSize);
-      const d: Dest = {
-        entry, dev: null, transport, region, shared, limits: { maxData, maxConfig: MAX_CONFIG_BLOB }, parse: newParseState(),
-        chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,
-        stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
-      };
-      this.dests.push(d);
-      await shared.lock.lockAsync(OWNER_MAIN);
-      try { region.setState('RESUMING'); } finally { shared.lock.unlock(); }
-      this.setDestState(d, 'RESUMING');
-      trace('vfio_load_setup', { device: entry.name });
+      this.claims.claimOne(dev);
+      await this.setupDest(entry, dev, made);
     }
   }
 
@@ -439,13 +433,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
     return make(entry);
   }
 
-  /** load_setup for a device behind the seam: its protocol must be the stream's, then RESUMING (a data session). */
-  private async setupSeam(entry: DeviceTableEntry, dev: MigDevice): Promise<void> {
+  /** load_setup for one destination: its protocol must be the stream's, then RESUMING (a data session). */
+  private async setupDest(entry: DeviceTableEntry, dev: MigDevice, made: DeviceTransport | MigDevice): Promise<void> {
     const shared = DeviceShared.create();
     const d: Dest = {
-      entry, dev, transport: undefined as unknown as DeviceTransport, region: undefined as unknown as MigrationRegion, shared,
-      // A v2 packet is one source read (the source's staging chunk); refuse more than the stream's device declared.
-      limits: { maxData: Math.min(Math.max(entry.geometry.maxChunk || 0, DEFAULT_STAGING_CHUNK), MAX_SEAM_PACKET), maxConfig: MAX_CONFIG_BLOB },
+      entry, dev, transport: made, shared, limits: { maxData: packetLimit(entry), maxConfig: MAX_CONFIG_BLOB }, fileLoad: false,
       parse: newParseState(entry.profile === 'v2'), chain: Promise.resolve(), nextSeq: 0n, nextOffset: 0n, openBatch: null, loaded: false,
       stats: { name: entry.name, dataPackets: 0, dataBytes: 0, state: '', verified: null },
     };
@@ -453,8 +445,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
     if (dev.caps.protocol !== entry.profile) {
       throw new MigError(ErrorCode.LOAD_REJECTED, `stream profile ${entry.profile} but destination speaks ${dev.caps.protocol}`, { device: entry.name });
     }
+    dev.setTrappedAccess?.(this.o.trappedAccess ?? 'bulk');
     await shared.lock.lockAsync(OWNER_MAIN);
     try { await dev.setState('RESUMING'); } finally { shared.lock.unlock(); }
+    // A session whose data path takes records straight from the stream file (the v1 region's zero-copy load).
+    d.fileLoad = dev.dataPath()?.fileLoad === true;
     this.setDestState(d, 'RESUMING');
     trace('vfio_load_setup', { device: entry.name });
   }
@@ -504,7 +499,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       // worker reads the data from the file straight into the device's data area. Consecutive ones of a device go
       // in one task (a batch stays open until its task starts), which hides the per-task round trip.
       const fd = reader.descriptor;
-      const head = fd === undefined || d.dev ? null : this.dataPacketHead(r, d);
+      const head = fd === undefined || !d.fileLoad ? null : this.dataPacketHead(r, d);
       if (head && fd !== undefined) {
         reader.skip(r);
         while (this.queued >= MAX_QUEUED) await new Promise<void>((res) => this.dequeued.push(res));
@@ -517,9 +512,10 @@ export class Loader extends EventEmitter<LoaderEvents> {
             if (d.openBatch === batch) d.openBatch = null;
             const sab = await scratch.get(Math.max(...batch.map((i) => i.size)));
             try {
+              const path = d.dev.dataPath();
+              if (!path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
               const res = await this.pool.loadData({
-                op: 'load-data', region: d.region.desc, shared: d.shared.sab, fd, items: batch,
-                parse: d.parse, limits: d.limits, scratch: sab,
+                op: 'load-data-path', path, shared: d.shared.sab, fd, items: batch, parse: d.parse, limits: d.limits, scratch: sab,
               });
               if (!res) throw new MigError(ErrorCode.NATIVE, 'zero-copy load unavailable on this CPU', { device: d.entry.name });
               d.parse = res.parse;
@@ -555,17 +551,14 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const len = r.h.length;
       const streamOffset = r.h.streamOffset;
       d.chain = d.chain.then(async () => {
-        const path = d.dev?.dataPath();
-        if (d.dev && !path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
-        const res = d.dev ? await this.pool.loadPath({
-          op: 'load-path', path: path!, device: d.entry.name, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
+        const path = d.dev.dataPath();
+        if (!path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
+        const res = await this.pool.loadPath({
+          op: 'load-path', path, device: d.entry.name, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
           fileOffset: at, streamOffset: Number(streamOffset), parse: d.parse, limits: d.limits, config: this.configTarget(d),
-        }).catch((e) => { throw withVendorText(e, d); }) : await this.pool.load({
-          op: 'load', region: d.region.desc, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
-          fileOffset: at, parse: d.parse, limits: d.limits, config: this.configTarget(d),
-        });
+        }).catch((e) => { throw withVendorText(e, d); });
         if (res.config) {
-          const target = d.dev ?? d.transport;
+          const target = d.dev;
           await restoreWithHook(this.o.config!, { name: d.entry.name, index: d.entry.index, device: target, entry: d.entry },
             res.config.bytes, res.config.flags, res.config.offset, (b) => target.writeConfig(b));
         }
@@ -589,7 +582,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
   /** Where a worker puts a loaded CONFIG section: the device (default restore), or back to the main thread's hook. */
   private configTarget(d: Dest): ConfigTarget {
     if (this.o.config?.restore) return { kind: 'hook' };
-    return (d.dev ? d.dev.configTarget() : d.transport.configTarget()) as ConfigTarget;
+    return d.dev.configTarget() as ConfigTarget;
   }
 
   /** The record's header + [DATA][size] if it is exactly one data packet the zero-copy path can take. */
@@ -618,7 +611,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       // A stream that cannot be verified is not started: every digest-capable destination needs its source digest.
       for (const d of this.dests) {
         const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
-        if ((d.dev ?? d.transport).digestTarget() && !(typeof exp === 'string' && exp.startsWith('sha256:'))) {
+        if (d.dev.digestTarget() && !(typeof exp === 'string' && exp.startsWith('sha256:'))) {
           throw new MigError(ErrorCode.VERIFY_FAILED, 'the END record carries no source digest for this device', { device: d.entry.name });
         }
       }
@@ -632,7 +625,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
     if (this.o.verify !== false) {
       await Promise.all(this.dests.map(async (d) => {
         const exp = end.devices?.find((x) => x.index === d.entry.index)?.digest;
-        const t = (d.dev ?? d.transport).digestTarget();
+        const t = d.dev.digestTarget();
         if (!exp || !t) return;
         d.stats.expectedDigest = exp;
         d.stats.digest = await this.pool.digest(digestTask(t));
@@ -645,7 +638,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }
     }
     if (this.o.start === false) return;
-    for (const d of this.dests) if (d.dev?.caps.p2p) await this.destSet(d, 'RUNNING_P2P');
+    for (const d of this.dests) if (d.dev.caps.p2p) await this.destSet(d, 'RUNNING_P2P');
     for (const d of this.dests) await this.destSet(d, 'RUNNING');
   }
 
@@ -654,12 +647,11 @@ export class Loader extends EventEmitter<LoaderEvents> {
     let now: string;
     try {
       try {
-        if (d.dev) await d.dev.setState(target);
-        else d.region.setState(target === 'RUNNING_P2P' ? 'RUNNING' : target);
+        await d.dev.setState(target);
       } catch (e) {
         throw new MigError(ErrorCode.LOAD_REJECTED, why(`${(e as Error).message}${lastError(d)}`), { device: d.entry.name, cause: e });
       }
-      now = d.dev ? await d.dev.state() : d.region.state();
+      now = await d.dev.state();
     } finally {
       d.shared.lock.unlock();
     }
@@ -679,7 +671,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
     const attempt = async (d: Dest, to: 'RUNNING' | 'RUNNING_P2P') => {
       try { await this.destSet(d, to, (m) => `destination refused to start: ${m}`); } catch (e) { first ??= e as MigError; }
     };
-    for (const d of this.dests) if (d.dev?.caps.p2p) await attempt(d, 'RUNNING_P2P');
+    for (const d of this.dests) if (d.dev.caps.p2p) await attempt(d, 'RUNNING_P2P');
     for (const d of this.dests) await attempt(d, 'RUNNING');
     if (first) throw first;
   }
@@ -692,22 +684,20 @@ export class Loader extends EventEmitter<LoaderEvents> {
    */
   private async leaveNotRunning(): Promise<void> {
     for (const d of this.dests) {
-      // Awaited: a device behind the seam may answer asynchronously.
-      const state = async () => (d.dev ? await d.dev.state() : d.region.state());
+      const dev = d.dev;
       try {
-        if (await state() === 'STOP') continue;
-        const reset = async () => { if (d.dev) await d.dev.reset(); else d.transport.reset(); };
-        await reset();
+        if (await dev.state() === 'STOP') continue;
+        await dev.reset();
         let note = '';
         try {
-          if (d.dev) await d.dev.setState('STOP'); else d.region.setState('STOP');
+          await dev.setState('STOP');
         } catch (e) {
           // A vendor that refuses STOP even fresh from a reset (or falls into ERROR): reset once more, so it is left
           // in the uAPI's reset state (RUNNING with nothing loaded), never in ERROR.
           note = ` (STOP refused: ${(e as Error).message})`;
-          await reset();
+          await dev.reset();
         }
-        this.setDestState(d, `reset (state discarded), ${await state()}${note}`);
+        this.setDestState(d, `reset (state discarded), ${await dev.state()}${note}`);
       } catch (e) {
         d.stats.state = `unknown (${(e as Error).message})`;
       }
@@ -716,12 +706,6 @@ export class Loader extends EventEmitter<LoaderEvents> {
 }
 
 function lastError(d: Dest): string {
-  if (d.dev) {
-    const v = d.dev.vendorError?.();
-    return v ? ` (vendor: ${v})` : '';
-  }
-  const t = d.transport.digestTarget();
-  if (!t) return '';
-  const le = (d.transport as EmulatedTransport).device?.info().lastError;
-  return le ? ` (vendor: ${le})` : '';
+  const v = d.dev.vendorError?.();
+  return v ? ` (vendor: ${v})` : '';
 }

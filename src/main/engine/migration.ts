@@ -14,8 +14,9 @@ import { testHooks } from './test-hooks.js';
 import { Estimate, addDirtyTracking, admit, memoryBudget } from './budget.js';
 import { keepAlive, type EnginePool } from './pool.js';
 import { RateLimiter } from './rate.js';
-import { DEFAULT_STAGING_CHUNK, RollbackOutcome, SourceDevice, seamDevice, type DeviceStats, type EngineDevice, type RollbackResult, type VendorAnomaly } from './source-device.js';
+import { DEFAULT_STAGING_CHUNK, RollbackOutcome, SourceDevice, type DeviceStats, type EngineDevice, type RollbackResult, type VendorAnomaly } from './source-device.js';
 import { DeviceClaims } from './claims.js';
+import { asMigDevice } from '../protocol/v1/device.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import type { TrappedAccess } from '../protocol/migration-region.js';
 import type { ConfigHooks } from './config-hook.js';
@@ -202,7 +203,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
    */
   get settled(): Promise<RollbackResult[]> { return this.settledP; }
 
-  constructor(transports: EngineDevice[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
+  constructor(given: EngineDevice[], private readonly pool: EnginePool, private readonly writer: ContainerWriter,
     opts: MigrationOptions = {}) {
     super();
     this.o = {
@@ -210,10 +211,12 @@ export class Migration extends EventEmitter<MigrationEvents> {
       vendorMode: 'compatible', roundBytes: 2 ** 31, roundTimeMs: 2000,
       ...opts,
     };
-    if (transports.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
+    if (!Array.isArray(given) || given.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
+    // The edge: a v1 transport as embedders passed before the seam becomes its V1Device; from here on, one path.
+    const transports = given.map(asMigDevice);
     // QEMU (vfio_multiple_devices_migration_is_supported): several devices migrate together only if each can be
     // quiesced to P2P first, unless the user allows it. v1 predates P2P, and QEMU's v1 never asked: v2 devices only.
-    const noP2P = transports.map(seamDevice).filter((d) => d && !d.caps.p2p);
+    const noP2P = transports.filter((d) => d.caps.protocol === 'v2' && !d.caps.p2p);
     if (transports.length > 1 && noP2P.length && !opts.allowWithoutP2P) {
       throw new MigError(ErrorCode.BAD_ARGUMENT,
         `multi-device migration needs P2P on every v2 device (${noP2P.map((d) => d!.name).join(', ')} lacks it): pass allowWithoutP2P (--allow-no-p2p) to migrate anyway`,
@@ -229,7 +232,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     }
     // Admission: what this migration allocates itself (the devices exist already; the caller admitted them).
     const cost = new Estimate();
-    addDirtyTracking(cost, transports.map((t) => seamDevice(t)?.dirtyLog?.pages ?? (t as { guestPages?: number }).guestPages ?? 0));
+    addDirtyTracking(cost, transports.map((t) => t.dirtyLog?.pages ?? 0));
     cost.add('save staging', pool.threads * pool.rings.nslots * Math.ceil((128 + Math.min(this.o.stagingChunk ?? DEFAULT_STAGING_CHUNK, 256 << 20)) / 4096) * 4096);
     admit(cost, memoryBudget(this.o.memoryBudget), `a migration of ${transports.length} device(s)`, 'options');
     const limiter = this.o.bandwidthCap ? new RateLimiter(this.o.bandwidthCap) : undefined;
@@ -317,8 +320,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     return {
       version: 1,
       devices: this.devices.map((d) => ({
-        index: d.index, name: d.name, profile: d.dev ? d.dev.caps.protocol : d.transport.profile.name,
-        transport: d.dev ? d.dev.caps.reach : d.transport.kind, geometry: tableGeometry(d),
+        index: d.index, name: d.name, profile: d.dev.caps.protocol, transport: d.dev.caps.reach, geometry: tableGeometry(d),
       })),
     };
   }
@@ -342,7 +344,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     sampler?.unref();
     try {
       // All devices or none, before any is touched: a refused migration never rolls back devices it did not take.
-      this.claims.claim(this.devices.map((d) => d.transport));
+      this.claims.claim(this.devices.map((d) => d.dev));
     } catch (e) {
       clearInterval(sampler);
       release();
@@ -527,7 +529,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   }
 
   private async digest(d: SourceDevice): Promise<string> {
-    const t = (d.dev ?? d.transport).digestTarget();
+    const t = d.dev.digestTarget();
     if (!t) return '';
     return this.pool.digest(digestTask(t));
   }
@@ -554,8 +556,8 @@ export class Migration extends EventEmitter<MigrationEvents> {
 
 /** A v2 device's entry always says which VFIO_MIGRATION_* flags it has: PRE_COPY ones gate a live switchover-ack. */
 function tableGeometry(d: SourceDevice): DeviceGeometry {
-  const g = (d.dev ?? d.transport).geometry();
-  return d.dev?.caps.protocol === 'v2' && g.migFlags === undefined ? { ...g, migFlags: d.dev.caps.migrationFlags } : g;
+  const g = d.dev.geometry();
+  return d.dev.caps.protocol === 'v2' && g.migFlags === undefined ? { ...g, migFlags: d.dev.caps.migrationFlags } : g;
 }
 
 /** One entry per device and kind: the last occurrence, with the empty chunks of all of them. */

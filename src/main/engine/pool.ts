@@ -6,7 +6,7 @@ import { Piscina } from 'piscina';
 import { ErrorCode, MigError, toMigError } from '../errors.js';
 import { RingPool } from './staging.js';
 import { markNoSse42, testHooks } from './test-hooks.js';
-import type { BaselineResult, BaselineTask, DigestTask, LoadDataTask, LoadPathTask, LoadResult, LoadTask, SavePathTask, SaveResult, SaveTask, Task, TaskError } from '../../workers/tasks.js';
+import type { BaselineResult, BaselineTask, DigestTask, LoadDataPathTask, LoadPathTask, LoadResult, SavePathTask, SaveResult, Task, TaskError } from '../../workers/tasks.js';
 
 export interface EnginePoolOptions {
   threads?: number;
@@ -88,7 +88,7 @@ export class EnginePool {
     try {
       out = await this.piscina.run(task);
     } catch (e) {
-      const dev = 'region' in task ? task.region.device : 'path' in task ? task.path.device : undefined;
+      const dev = 'path' in task ? task.path.device : undefined;
       throw new MigError(ErrorCode.WORKER_FAILED, `worker failed during ${task.op}: ${(e as Error).message}`, { device: dev, cause: e });
     }
     if (out && typeof out === 'object' && (out as TaskError).__migError) {
@@ -98,10 +98,9 @@ export class EnginePool {
     return out as R;
   }
 
-  save(t: SaveTask | SavePathTask): Promise<SaveResult> { return this.run<SaveResult>(t); }
+  save(t: SavePathTask): Promise<SaveResult> { return this.run<SaveResult>(t); }
   loadPath(t: LoadPathTask): Promise<LoadResult> { return this.run<LoadResult>(t); }
-  load(t: LoadTask): Promise<LoadResult> { return this.run<LoadResult>(t); }
-  loadData(t: LoadDataTask): Promise<LoadResult | null> { return this.run<LoadResult | null>(t); }
+  loadData(t: LoadDataPathTask): Promise<LoadResult | null> { return this.run<LoadResult | null>(t); }
   digest(t: DigestTask): Promise<string> { return this.run<string>(t); }
   baseline(t: BaselineTask): Promise<BaselineResult> { return this.run<BaselineResult>(t); }
 

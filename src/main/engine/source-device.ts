@@ -4,11 +4,11 @@
 import { ErrorCode, MigError } from '../errors.js';
 import { trace } from '../trace.js';
 import { configBlob, type ConfigHooks } from './config-hook.js';
-import type { MigrationRegion, TrappedAccess } from '../protocol/migration-region.js';
-import type { V1State } from '../protocol/states.js';
+import type { TrappedAccess } from '../protocol/migration-region.js';
 import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js';
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
+import { asMigDevice } from '../protocol/v1/device.js';
 import type { Awaitable, MigDevice, TargetState } from '../device/seam.js';
 import type { SaveResult, VendorMode } from '../../workers/tasks.js';
 import { DeviceShared } from './device-shared.js';
@@ -19,9 +19,11 @@ import type { RateLimiter } from './rate.js';
 
 const ABORTED = Symbol('aborted');
 
-/** What the engine migrates: a v1 transport (the seed's region path) or a device behind the seam (v2 and after). */
-export type EngineDevice = DeviceTransport | MigDevice;
-export function seamDevice(t: EngineDevice): MigDevice | null { return 'caps' in t ? t : null; }
+/**
+ * What an embedder may hand the engine: a device behind the seam, or a v1 DeviceTransport as before the seam (the
+ * engine sees it through its V1Device adapter: asMigDevice). Inside the engine every device is a MigDevice.
+ */
+export type EngineDevice = MigDevice | DeviceTransport;
 /** Staging per chunk when the device does not declare its chunk size (QEMU v2 reads the data fd in 1 MiB pieces). */
 export const DEFAULT_STAGING_CHUNK = 1 << 20;
 
@@ -61,7 +63,7 @@ export interface VendorAnomaly {
 
 /** How a source device's rollback ended (issue 7 §4.2). */
 export const RollbackOutcome = {
-  /** setup never opened the region: the device was not touched. */
+  /** setup never reached the device (its first state read failed or never ran): the device was not touched. */
   NOT_OPENED: 'not-opened',
   WAS_RUNNING: 'was-running',
   /** Its state was set back to RUNNING. */
@@ -108,7 +110,6 @@ export interface SourceDeviceOptions {
 
 export class SourceDevice {
   readonly shared = DeviceShared.create();
-  region!: MigrationRegion;
   phase: DevicePhase = 'idle';
   stats: DeviceStats;
   private ring: StagingRing | null = null;
@@ -124,9 +125,12 @@ export class SourceDevice {
   /** Set when rollback had to wait for a worker stuck inside a vendor call: its final outcome. */
   deferredRollback?: Promise<RollbackResult>;
 
-  /** The device behind the seam (v2...), or null for a v1 transport (then `transport` is set). */
-  readonly dev: MigDevice | null;
-  readonly transport: DeviceTransport;
+  /** The device, whatever its protocol and reach. */
+  readonly dev: MigDevice;
+  /** setup read the device's state: rollback has something to undo. */
+  private touched = false;
+  /** The data session's largest chunk, when the device says (v1: its region's data area). */
+  private areaChunk = Number.MAX_SAFE_INTEGER;
   /** v2: PRECOPY_INFO initial_bytes at the last estimate, and whether DEV_INIT_DATA_SENT went out. */
   private initialBytes = 0;
   initDataSent = false;
@@ -135,8 +139,7 @@ export class SourceDevice {
 
   constructor(readonly index: number, device: EngineDevice, private readonly pool: EnginePool,
     private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
-    this.dev = seamDevice(device);
-    this.transport = device as DeviceTransport; // only used when dev is null
+    this.dev = asMigDevice(device);
     this.stats = {
       name: device.name, rounds: 0, precopyBytes: 0, precopyChunks: 0, stopCopyBytes: 0, stopCopyChunks: 0,
       stopCopyMs: 0, streamBytes: 0, lastPending: 0, lockWaitMs: 0,
@@ -144,11 +147,11 @@ export class SourceDevice {
     this.abortedP = new Promise((r) => { this.wakeAbort = () => r(ABORTED); });
   }
 
-  get name(): string { return this.dev?.name ?? this.transport.name; }
+  get name(): string { return this.dev.name; }
 
   /** A seam device's state change, one arc at a time (traced by the protocol), reported like a v1 write. */
   private async devSet(target: TargetState): Promise<void> {
-    await this.dev!.setState(target);
+    await this.dev.setState(target);
     this.opts.onState?.(target);
   }
 
@@ -163,10 +166,6 @@ export class SourceDevice {
     return Math.max(0, this.stats.lastPending - (this.taskActive ? this.shared.sent : 0));
   }
 
-  private setState(s: Exclude<V1State, 'ERROR'>): void {
-    this.region.setState(s);
-    this.opts.onState?.(s);
-  }
 
   private setPhase(p: DevicePhase): void {
     trace('vfio_device_phase', { device: this.name, from: this.phase, to: p });
@@ -191,31 +190,19 @@ export class SourceDevice {
   /** save_setup: [SETUP][END]; RUNNING -> PRE_COPY (a stopped device goes straight to STOP_COPY). */
   async setup(): Promise<void> {
     this.setPhase('setup');
-    if (this.dev) {
-      const dev = this.dev;
-      this.declaredChunk = dev.geometry().maxChunk;
-      await this.locked(async () => {
-        const st = await dev.state();
-        if (st !== 'RUNNING' && st !== 'STOP') {
-          throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${st} (expected RUNNING or STOP)`, { device: this.name });
-        }
-        // QEMU 8+: a running device with PRE_COPY enters it (RUNNING is the recovery); without, it stays RUNNING.
-        if (st === 'RUNNING' && dev.caps.precopy) await this.devSet('PRE_COPY');
-        if (st === 'STOP') await this.devSet('STOP_COPY');
-      });
-      await this.writer.deviceBytes(this.index, this.shared, setupSection());
-      this.setPhase('precopy');
-      return;
-    }
-    this.region = this.transport.openRegion();
-    this.region.setTrappedAccess(this.opts.trappedAccess);
-    this.declaredChunk = this.transport.geometry().maxChunk;
-    await this.locked(() => {
-      const s = this.region.state();
-      if (s !== 'RUNNING' && s !== 'STOP') {
-        throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${s} (expected RUNNING or STOP)`, { device: this.name });
+    const dev = this.dev;
+    this.declaredChunk = dev.geometry().maxChunk;
+    dev.setTrappedAccess?.(this.opts.trappedAccess ?? 'bulk');
+    await this.locked(async () => {
+      const st = await dev.state();
+      this.touched = true;
+      if (st !== 'RUNNING' && st !== 'STOP') {
+        throw new MigError(ErrorCode.BAD_STATE, `cannot start saving from ${st} (expected RUNNING or STOP)`, { device: this.name });
       }
-      this.setState(s === 'RUNNING' ? 'PRE_COPY' : 'STOP_COPY');
+      // QEMU 8+: a running device with PRE_COPY enters it (RUNNING is the recovery); without, it stays RUNNING.
+      // A v1 device always has pre-copy (SAVING|RUNNING).
+      if (st === 'RUNNING' && dev.caps.precopy) await this.devSet('PRE_COPY');
+      if (st === 'STOP') await this.devSet('STOP_COPY');
     });
     await this.writer.deviceBytes(this.index, this.shared, setupSection());
     this.setPhase('precopy');
@@ -223,16 +210,11 @@ export class SourceDevice {
 
   /** save_pending: pending_bytes as the vendor reports it. */
   async pending(): Promise<number> {
-    if (this.dev) {
-      const dev = this.dev;
-      const e = await this.locked(() => dev.estimate());
-      this.initialBytes = e.initialBytes;
-      // Nothing to read outside a data session (a v2 device without PRE_COPY stays RUNNING until stop-and-copy).
-      this.stats.lastPending = dev.dataPath() ? e.pending : 0;
-      return this.stats.lastPending;
-    }
-    const p = await this.locked(() => this.region.read('pending_bytes'));
-    this.stats.lastPending = Number(p);
+    const dev = this.dev;
+    const e = await this.locked(() => dev.estimate());
+    this.initialBytes = e.initialBytes;
+    // Nothing to read outside a data session (a v2 device without PRE_COPY stays RUNNING until stop-and-copy).
+    this.stats.lastPending = dev.dataPath() ? e.pending : 0;
     return this.stats.lastPending;
   }
 
@@ -247,7 +229,7 @@ export class SourceDevice {
 
   async iterate(pending: number): Promise<SaveResult> {
     // QEMU's vfio_is_active_iterate: a v2 device that is not in pre-copy does not iterate.
-    if (this.dev && !this.dev.dataPath()) return { ...SourceDevice.NOTHING };
+    if (!this.dev.dataPath()) return { ...SourceDevice.NOTHING };
     const r = await this.runPhase('iterate', Math.min(pending, this.opts.roundBytes), Date.now() + this.opts.roundTimeMs);
     this.stats.rounds++;
     this.stats.precopyBytes += r.bytes;
@@ -260,10 +242,10 @@ export class SourceDevice {
   async complete(): Promise<void> {
     const t0 = performance.now();
     this.setPhase('stopcopy');
-    await this.locked(() => (this.dev ? this.devSet('STOP_COPY') : this.setState('STOP_COPY')));
+    await this.locked(() => this.devSet('STOP_COPY'));
     const r = await this.runPhase('complete', Number.MAX_SAFE_INTEGER);
     await this.writer.deviceBytes(this.index, this.shared, endTag());
-    await this.locked(() => (this.dev ? this.devSet('STOP') : this.setState('STOP')));
+    await this.locked(() => this.devSet('STOP'));
     this.stats.stopCopyBytes += r.bytes;
     this.stats.stopCopyChunks += r.chunks;
     this.stats.stopCopyMs = performance.now() - t0;
@@ -275,7 +257,7 @@ export class SourceDevice {
    */
   async quiesce(): Promise<void> {
     const dev = this.dev;
-    if (!dev?.caps.p2p) return;
+    if (!dev.caps.p2p) return;
     await this.locked(async () => {
       const st = await dev.state();
       if (st === 'PRE_COPY') await this.devSet('PRE_COPY_P2P');
@@ -285,11 +267,11 @@ export class SourceDevice {
 
   /** save_state: [CONFIG][len][blob][END] after all iterables (QEMU 6.0+ placement). */
   async saveState(): Promise<void> {
-    const blob = await configBlob(this.opts.config, { name: this.name, index: this.index, device: this.dev ?? this.transport },
-      () => (this.dev ? this.locked(() => this.dev!.readConfig(), 'config read') : this.transport.readConfig()));
+    const blob = await configBlob(this.opts.config, { name: this.name, index: this.index, device: this.dev },
+      () => this.locked(() => this.dev.readConfig(), 'config read'));
     await this.writer.deviceBytes(this.index, this.shared, configSection(blob));
     this.stats.streamBytes = this.shared.streamBytes;
-    this.stats.finalState = await this.locked(() => (this.dev ? this.dev.state() : this.region.state()));
+    this.stats.finalState = await this.locked(() => this.dev.state());
     this.setPhase('saved');
   }
 
@@ -342,7 +324,7 @@ export class SourceDevice {
   private async rollbackNow(): Promise<RollbackResult> {
     if (this.shared.lock.owner === OWNER_WORKER && !this.taskActive) this.shared.lock.forceRelease();
     let r: RollbackResult;
-    if (!this.region && !this.dev) r = { device: this.name, outcome: RollbackOutcome.NOT_OPENED, detail: 'the region was never opened: nothing changed' };
+    if (!this.touched) r = { device: this.name, outcome: RollbackOutcome.NOT_OPENED, detail: 'the device was never reached: nothing changed' };
     else {
       try {
         r = await this.withLock(() => this.backToRunning());
@@ -357,19 +339,11 @@ export class SourceDevice {
     return r;
   }
 
-  /** Under the lock. Throws if the device cannot be brought back to RUNNING. Seam (v2) devices and v1 regions alike. */
+  /** Under the lock. Throws if the device cannot be brought back to RUNNING. */
   private async backToRunning(): Promise<RollbackResult> {
     const dev = this.dev;
-    const read = async (): Promise<string> => {
-      if (dev) return dev.state();
-      try {
-        return this.region.state();
-      } catch (e) {
-        if ((e as MigError).code !== ErrorCode.DEVICE_ERROR_STATE) throw e;
-        return 'ERROR';
-      }
-    };
-    const running = async () => { if (dev) await this.devSet('RUNNING'); else this.setState('RUNNING'); };
+    const read = async (): Promise<string> => dev.state();
+    const running = () => this.devSet('RUNNING');
     const from = await read();
     if (from === 'RUNNING') return { device: this.name, outcome: RollbackOutcome.WAS_RUNNING, from, detail: 'was RUNNING' };
     let first: MigError | undefined;
@@ -383,7 +357,7 @@ export class SourceDevice {
       }
     }
     // ERROR, or RUNNING refused: VFIO_DEVICE_RESET (QEMU's v1 hw_error()s here), then RUNNING again if need be.
-    if (dev) await dev.reset(); else this.transport.reset();
+    await dev.reset();
     trace('vfio_device_reset', { device: this.name, from, after: first?.code });
     if (await read() !== 'RUNNING') await running();
     const now = await read();
@@ -400,7 +374,7 @@ export class SourceDevice {
     // emulated vendor's maxChunk) or the engine's (stagingChunk, 1 MiB by default as QEMU v2's buffer), never the
     // region size a vendor advertises (a 1 GiB region must not cost GiBs of shared memory). A vendor that stages a
     // bigger chunk is refused with VENDOR_BAD_VALUE naming the limit.
-    const area = this.dev ? Number.MAX_SAFE_INTEGER : this.region.size - this.region.profile.headerSize;
+    const area = this.areaChunk;
     const chunk = Math.min(area, this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK));
     return Math.ceil((64 + chunk + 64) / 4096) * 4096; // head (or zero-copy scratch offset) + data + trailer
   }
@@ -428,7 +402,10 @@ export class SourceDevice {
     // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
     // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
     const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;
-    const lanes = direct && !this.dev ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
+    const path = this.dev.dataPath();
+    if (!path) throw new MigError(ErrorCode.BAD_STATE, `${phase}: no data session is open`, { device: this.name });
+    this.areaChunk = path.maxChunk ?? Number.MAX_SAFE_INTEGER;
+    const lanes = direct && path.lanes ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
     await this.pool.acquire(lanes);
     if (this.aborted) {
       this.pool.release(lanes); // aborted while waiting for a place: give it straight back
@@ -440,15 +417,12 @@ export class SourceDevice {
     this.taskActive = true;
     let handedOff = false; // the ring and pool places go back when the workers end, not here
     try {
-      const path = this.dev?.dataPath();
-      if (this.dev && !path) throw new MigError(ErrorCode.BAD_STATE, `${phase}: no data session is open`, { device: this.name });
-      const tasks = this.dev ? [this.pool.save({
-        op: 'save-path', path: path!, maxRead: this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK), deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase, budget, deadline,
-        initialBytes: this.initialBytes, initPending: this.dev.caps.precopy && !this.initDataSent, direct,
-      })] : Array.from({ length: lanes }, (_, lane) => this.pool.save({
-        op: 'save', region: this.region.desc, deviceIndex: this.index, shared: this.shared.sab, ring: ring.desc, phase,
-        budget, deadline, vendorMode: this.opts.vendorMode, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
-        testExitAfterChunks: lane === 0 ? this.opts.testExitAfterChunks : undefined, lane, lanes, direct,
+      const tasks = Array.from({ length: lanes }, (_, lane) => this.pool.save({
+        op: 'save-path', path, maxRead: this.opts.stagingChunk ?? (this.declaredChunk || DEFAULT_STAGING_CHUNK), deviceIndex: this.index,
+        shared: this.shared.sab, ring: ring.desc, phase, budget, deadline, direct,
+        initialBytes: this.initialBytes, initPending: this.dev.caps.precopy && !this.initDataSent,
+        vendorMode: this.opts.vendorMode, maxEmptyChunks: this.opts.maxEmptyChunks, maxNoProgress: this.opts.maxNoProgress,
+        testExitAfterChunks: lane === 0 ? this.opts.testExitAfterChunks : undefined, lane, lanes,
       }));
       const task = Promise.all(tasks).finally(() => { this.taskActive = false; });
       const drain = this.drain(ring);

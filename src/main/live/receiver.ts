@@ -11,8 +11,8 @@ import { type AbortRecord, type DeviceTable, type DeviceTableEntry, type RecordH
 import { ErrorCode, MigError } from '../errors.js';
 import { EnginePool } from '../engine/pool.js';
 import { Loader, emulatedDestination, type LoadReport } from '../engine/load.js';
-import type { DeviceTransport } from '../transport/transport.js';
-import { DEFAULT_STAGING_CHUNK, seamDevice, type EngineDevice } from '../engine/source-device.js';
+import { DEFAULT_STAGING_CHUNK, type EngineDevice } from '../engine/source-device.js';
+import { asMigDevice } from '../protocol/v1/device.js';
 import { reachProvider } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js';
 import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
@@ -196,7 +196,7 @@ export class Receiver extends LiveEndpoint {
           { device: refused[0].name });
       }
       // A CHUNK body is one packet of the source's staging chunk: a v1 region's data area, a seam device's chunk.
-      const maxBody = Math.max(24 + MAX_CONFIG_BLOB + 8, ...this.destinations.map((d) => (seamDevice(d)
+      const maxBody = Math.max(24 + MAX_CONFIG_BLOB + 8, ...this.destinations.map((d) => (asMigDevice(d).caps.protocol === 'v2'
         ? Math.min(Math.max(d.geometry().maxChunk, DEFAULT_STAGING_CHUNK), 64 << 20) : d.geometry().regionSize) + 64));
       src.start(maxBody);
       // switchover-ack (QEMU 8.1+ qemu_loadvm_approve_switchover): the source may stop its devices once every device
@@ -461,9 +461,9 @@ export class Receiver extends LiveEndpoint {
         }
       }
       this.destinations[e.index] = d;
-      const dev = seamDevice(d);
-      const profile = dev ? dev.caps.protocol : (d as DeviceTransport).profile.name;
-      const kind = dev ? dev.caps.reach : (d as DeviceTransport).kind;
+      const dev = asMigDevice(d); // a v1 DeviceTransport is seen through its V1Device, as the loader sees it
+      const profile = dev.caps.protocol;
+      const kind = dev.caps.reach;
       if (profile !== e.profile) { no('profile', `source speaks ${e.profile}, destination ${profile}`); continue; }
       if (kind !== e.transport && !(this.created.has(d))) {
         no('transport', `source is ${e.transport}, destination ${kind}`);
@@ -474,7 +474,7 @@ export class Receiver extends LiveEndpoint {
         no('geometry', `source state ${e.geometry.stateSize} B / chunk ${e.geometry.maxChunk} B, destination ${g.stateSize} B / chunk ${g.maxChunk} B`);
         continue;
       }
-      if (!dev && g.regionSize < e.geometry.regionSize) {
+      if (profile !== 'v2' && g.regionSize < e.geometry.regionSize) {
         no('geometry', `source migration region ${e.geometry.regionSize} B is larger than the destination's ${g.regionSize} B`);
       }
     }

@@ -8,7 +8,7 @@ import { ErrorCode, MigError, accessErrorCode } from '../errors.js';
 import { trace } from '../trace.js';
 import { DIRTY_PFNS_ALL, DIRTY_PFNS_NONE, type ProfileDef, type RegName } from './profiles.js';
 import {
-  STATE_BITS, fmtState, isErrorState, isValidState, stateName, statePath, withStateBits, type V1State,
+  STATE_BITS, arcFailure, checkedState, fmtState, stateName, statePath, withStateBits, type V1State,
 } from './states.js';
 
 export interface RegionDesc {
@@ -94,12 +94,8 @@ export class MigrationRegion {
   /** Current state, refusing a value the profile calls invalid; ERROR is reported as such (needs a reset). */
   state(): V1State {
     const raw = this.rawState();
-    if (isErrorState(raw)) {
+    if (checkedState(raw, this.profile.name, this.device) === 'ERROR') {
       throw new MigError(ErrorCode.DEVICE_ERROR_STATE, `device is in the error state ${fmtState(raw)}; a reset is required`,
-        { device: this.device, register: 'device_state', value: raw });
-    }
-    if (!isValidState(raw, this.profile.name)) {
-      throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `device_state reads ${fmtState(raw)}, not a valid state`,
         { device: this.device, register: 'device_state', value: raw });
     }
     return stateName(raw) as V1State;
@@ -122,17 +118,7 @@ export class MigrationRegion {
         let after: number | undefined;
         try { after = this.rawState(); } catch { /* reported below */ }
         trace('vfio_migration_set_state_failed', { device: this.device, from: fmtState(cur), to: next, after });
-        if (after !== undefined && isErrorState(after)) {
-          throw new MigError(ErrorCode.DEVICE_ERROR_STATE,
-            `transition ${stateName(cur)} -> ${next} put the device in the error state ${fmtState(after)}`,
-            { device: this.device, register: 'device_state', value: after, cause: e });
-        }
-        const ne = e as MigError;
-        // A peer that died, stalled or broke the protocol (vfio-user) did not refuse anything: say which it was.
-        const code = accessErrorCode(ne.errno, ErrorCode.TRANSITION_FAILED);
-        throw new MigError(code,
-          `${code === ErrorCode.TRANSITION_FAILED ? 'vendor refused' : 'connection to the device failed during'} ${stateName(cur)} -> ${next}${after !== undefined ? ` (state now ${fmtState(after)})` : ''}: ${ne.message}`,
-          { device: this.device, register: 'device_state', errno: ne.errno, cause: e });
+        throw arcFailure(this.device, cur, next, after, e);
       }
       trace('vfio_migration_set_state', { device: this.device, from: stateName(cur), to: next, raw: val });
     }

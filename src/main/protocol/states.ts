@@ -1,5 +1,6 @@
 // VFIO migration v1 device_state: bits, valid combinations and the allowed arcs, as data in one place (the style of
 // the kernel's vfio_mig_get_next_state table). Sources: ../shared/vfio-facts.md §1.4 (2019 drafts) and §2.2 (5.8 uAPI).
+import { ErrorCode, MigError, accessErrorCode } from '../errors.js';
 import type { ProfileName } from './profiles.js';
 
 export const BIT_RUNNING = 1 << 0;
@@ -83,4 +84,28 @@ export function statePath(from: Requestable, to: Requestable): Requestable[] | n
 
 export function fmtState(raw: number): string {
   return `0x${(raw >>> 0).toString(16)} (${stateName(raw)})`;
+}
+
+/** device_state as read, checked: ERROR (SAVING|RESUMING, needs a reset) is reported as such, an invalid value refused. */
+export function checkedState(raw: number, profile: ProfileName, device: string): V1State {
+  if (isErrorState(raw)) return 'ERROR';
+  if (!isValidState(raw, profile)) {
+    throw new MigError(ErrorCode.VENDOR_BAD_VALUE, `device_state reads ${fmtState(raw)}, not a valid state`,
+      { device, register: 'device_state', value: raw });
+  }
+  return stateName(raw) as V1State;
+}
+
+/** A refused device_state write, given the state re-read after it (the 5.8 uAPI: unchanged unless it went to ERROR). */
+export function arcFailure(device: string, cur: number, next: string, after: number | undefined, e: unknown): MigError {
+  if (after !== undefined && isErrorState(after)) {
+    return new MigError(ErrorCode.DEVICE_ERROR_STATE, `transition ${stateName(cur)} -> ${next} put the device in the error state ${fmtState(after)}`,
+      { device, register: 'device_state', value: after, cause: e });
+  }
+  const ne = e as MigError;
+  // A peer that died, stalled or broke the protocol (vfio-user) did not refuse anything: say which it was.
+  const code = accessErrorCode(ne.errno, ErrorCode.TRANSITION_FAILED);
+  return new MigError(code,
+    `${code === ErrorCode.TRANSITION_FAILED ? 'vendor refused' : 'connection to the device failed during'} ${stateName(cur)} -> ${next}${after !== undefined ? ` (state now ${fmtState(after)})` : ''}: ${ne.message}`,
+    { device, register: 'device_state', errno: ne.errno, cause: e });
 }

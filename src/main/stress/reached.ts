@@ -15,10 +15,10 @@ import path from 'node:path';
 import { loadStream, saveDevices } from '../api.js';
 import { walk } from '../container/inspect.js';
 import { EnginePool } from '../engine/pool.js';
-import { seamDevice, type EngineDevice } from '../engine/source-device.js';
+import type { EngineDevice } from '../engine/source-device.js';
+import { asMigDevice } from '../protocol/v1/device.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { newParseState, parsePackets } from '../protocol/qemu-stream.js';
-import type { DeviceTransport } from '../transport/transport.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import { mulberry32, stressLoop, type IterationSummary, type RunHooks, type StressSummary } from './stress.js';
 
@@ -45,7 +45,7 @@ export interface ReachedIteration extends IterationSummary {
   verifiedBy: ('digest' | 'fixed-point')[];
 }
 
-const isV2 = (d: EngineDevice) => seamDevice(d)?.caps.protocol === 'v2';
+const isV2 = (d: EngineDevice) => asMigDevice(d).caps.protocol === 'v2';
 
 function pick<T>(r: () => number, xs: readonly T[]): T { return xs[Math.floor(r() * xs.length)]!; }
 
@@ -78,14 +78,10 @@ export async function deviceDataDigests(file: string): Promise<string[]> {
   return Array.from({ length: res.table.devices.length }, (_, i) => hashes[i]?.digest('hex') ?? crypto.createHash('sha256').digest('hex'));
 }
 
-/** RUNNING again after it was saved (a v2 or vfio-user seam device, or a v1 region device). */
+/** RUNNING again after it was saved. */
 async function resume(d: EngineDevice): Promise<void> {
-  const dev = seamDevice(d);
-  if (dev) {
-    if ((await dev.state()) !== 'RUNNING') await dev.setState('RUNNING');
-    return;
-  }
-  (d as DeviceTransport).openRegion().setState('RUNNING');
+  const dev = asMigDevice(d);
+  if ((await dev.state()) !== 'RUNNING') await dev.setState('RUNNING');
 }
 
 export async function stressReached(o: ReachedStressOptions): Promise<StressSummary> {
@@ -96,7 +92,7 @@ export async function stressReached(o: ReachedStressOptions): Promise<StressSumm
     throw new MigError(ErrorCode.BAD_ARGUMENT, `--dest: ${dests.length} destination(s) for ${sources.length} --device source(s)`);
   }
   // Several v2 devices in one migration need P2P on each (QEMU's rule): else one migration per pair.
-  const grouped = !!o.allowWithoutP2P || [...sources, ...dests].every((d) => { const m = seamDevice(d); return !m || m.caps.protocol !== 'v2' || m.caps.p2p; });
+  const grouped = !!o.allowWithoutP2P || [...sources, ...dests].every((d) => { const m = asMigDevice(d); return m.caps.protocol !== 'v2' || m.caps.p2p; });
   // The fixed point: each pair's device stream digest, from the first iteration that saved it.
   const reference: (string | undefined)[] = [];
   return stressLoop(o, (pool, seed, iteration) => reachedIteration(pool, seed, iteration, o, grouped, reference));

@@ -59,6 +59,7 @@ export class EmulatedTransport implements DeviceTransport {
   digestTarget() { return { kind: 'emulated' as const, id: this.device.id, stateSize: this.device.opts.stateSize }; }
   geometry() { return this.device.geometry(); }
   claimKey(): string { return `emulated:${this.device.id}`; }
+  vendorError(): string { return this.device.info().lastError; }
 
   close(): void {
     if (this.handle >= 0) native().regionClose(this.handle);

@@ -36,5 +36,7 @@ export interface DeviceTransport {
   geometry(): DeviceGeometry;
   /** Identity of the device behind this transport (two transports of one device share it): one owner at a time. */
   claimKey?(): string;
+  /** The vendor's own text for its last failure, where the reach can tell (the emulated vendor's lastError). */
+  vendorError?(): string;
   close(): void;
 }

@@ -64,13 +64,17 @@ export function emulatedDeviceOf(x: object): EmulatedDevice | null {
   const ops = (x as { ops?: unknown }).ops;
   if (ops instanceof EmulatedV2Ops) return ops.device;
   const dev = (x as { device?: unknown }).device;
-  return dev instanceof EmulatedDevice ? dev : null;
+  if (dev instanceof EmulatedDevice) return dev;
+  // A v1 device behind the seam (protocol/v1/device.ts) wraps its transport.
+  const t = (x as { transport?: unknown }).transport;
+  return t instanceof EmulatedTransport ? t.device : null;
 }
 
-/** Destroy an emulated source or destination of either protocol (closing a v1 transport's region first). */
-/** Destroy an emulated device (either shape); false when `x` is not one. */
+/** Destroy an emulated device (either protocol, a v1 one behind its V1Device too); false when `x` is not one. */
 export function destroyEmulated(x: object): boolean {
+  const t = (x as { transport?: unknown }).transport;
   if (x instanceof EmulatedTransport) x.destroy();
+  else if (t instanceof EmulatedTransport) t.destroy();
   else {
     const d = emulatedDeviceOf(x);
     if (!d) return false;
