@@ -4,6 +4,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { EnginePool } from '../src/main/engine/pool.js';
@@ -476,6 +477,42 @@ test('destinations from the device table (no makeDestination): a load connects t
     assert.match(e.message, /not a socket path: name the destination/);
   } finally {
     src.stop(); rm(stream);
+  }
+});
+
+test('CLI load without --device: the vfio-user destinations the device table named are closed as soon as the load ends, loaded or failed (the server sees the client go before the command returns)', async () => {
+  const { cmdLoad } = await import('../src/main/cli/run.js');
+  for (const profile of ['linux-5.8', 'v2'] as const) {
+    const socket = sockPath(`cl-${profile}`);
+    const stream = path.join(TMP, `cl-${profile}.vfmig`);
+    const cut = path.join(TMP, `cl-${profile}-cut.vfmig`);
+    const src = DeviceServer.start({ socket, profile, stateSize: 1 << 20, maxChunk: 64 << 10, seed: 22, dirtyRate: 0, dmaRate: 0 });
+    let dst: DeviceServer | undefined;
+    const exitCode = process.exitCode;
+    try {
+      const s = await connectVfioUser(socket);
+      assert.ok((await saveDevices([s], stream, pool, {})).ok);
+      await s.close();
+      src.stop();
+      dst = DeviceServer.start({ socket, profile, stateSize: 1 << 20, maxChunk: 64 << 10, zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+      const closed = async () => {
+        for (let i = 0; i < 100 && dst!.stats().connected; i++) await new Promise((r) => setTimeout(r, 10));
+        return !dst!.stats().connected;
+      };
+      const clients = dst.stats().clients;
+      await cmdLoad(stream, { quiet: true });
+      assert.is(dst.stats().clients, clients + 1, `${profile}: the load connected to the socket the table names`);
+      assert.ok(await closed(), `${profile}: connection closed once the load finished`);
+      // A stream cut before its END: the destination was connected and put in RESUMING, then the load fails.
+      const buf = fs.readFileSync(stream);
+      fs.writeFileSync(cut, buf.subarray(0, buf.length - 200));
+      await rejectsCode(cmdLoad(cut, { quiet: true }), ErrorCode.STREAM_TRUNCATED);
+      assert.is(dst.stats().clients, clients + 2, `${profile}: the failed load connected too`);
+      assert.ok(await closed(), `${profile}: connection closed once the load failed`);
+    } finally {
+      process.exitCode = exitCode;
+      src.stop(); dst?.stop(); rm(stream, cut);
+    }
   }
 });
 
