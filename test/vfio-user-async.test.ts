@@ -5,13 +5,16 @@
 // call against the same stall, which shows the measurement catches a blocked loop.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import crypto from 'node:crypto';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { native } from '../src/addon/native.js';
 import { EnginePool } from '../src/main/engine/pool.js';
 import { loadStream, saveDevices } from '../src/main/api.js';
 import type { MigDevice } from '../src/main/device/seam.js';
-import { DeviceServer, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
+import { DeviceServer, VfioUserClient, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
+import { ErrorCode, MigError } from '../src/main/errors.js';
 import { rm } from './helpers.js';
 import { TMP, kill, killAll, loopGap, serverProcess, sockPath, stallProxy } from './vfu-procs.js';
 
@@ -87,6 +90,86 @@ test('v2 over vfio-user through the engine: the server answers a state change 1.
     assert.is(report.devices[0].verified, true);
   } finally {
     await s.close(); await d.close(); dst.stop(); kill(proxy.child, 'SIGTERM'); kill(src.child, 'SIGTERM'); rm(stream);
+  }
+});
+
+/** pending_bytes by REGION_READ (16-byte access header: offset, region 9, count 8). */
+const PENDING_READ = (() => { const b = Buffer.alloc(16); b.writeBigUInt64LE(8n, 0); b.writeUInt32LE(9, 8); b.writeUInt32LE(8, 12); return b; })();
+const pbkdf2 = promisify(crypto.pbkdf2);
+/** How long one job of the libuv pool takes to run from now (it waits for a free pool thread). */
+async function poolJobMs(): Promise<number> {
+  const t0 = performance.now();
+  await pbkdf2('x', 'y', 1, 32, 'sha256');
+  return performance.now() - t0;
+}
+async function until(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 2000 && !cond(); i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(cond(), what);
+}
+
+test('interrupt: requests held by stalled servers fill every libuv pool thread; interrupted, they fail at once with VFM_CANCELLED naming device and command, the pool runs again, and each connection stays in step', async () => {
+  const STALL = 3000;
+  const n = Number(process.env.UV_THREADPOOL_SIZE) || 4; // the pool's size: every thread of it gets a stalled request
+  const servers = Array.from({ length: n }, (_, i) => DeviceServer.start({ socket: sockPath(`intr${i}`), stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', dirtyRate: 0, dmaRate: 0 }));
+  const proxies = await Promise.all(servers.map((srv) => stallProxy(srv.socket, CMD.REGION_READ, 8, STALL, 2)));
+  const clients = await Promise.all(proxies.map((p, i) => VfioUserClient.connect(p.socket, { name: `stalled${i}`, timeoutMs: 30_000 })));
+  try {
+    // The control: n held reads occupy the whole pool, so a pool job queued behind them waits for the servers.
+    const held = clients.map((c) => c.ask(CMD.REGION_READ, PENDING_READ, 24, 24));
+    const control = await poolJobMs();
+    assert.ok(control >= STALL - 300, `control: a pool job waited ${control.toFixed(0)} ms behind ${n} stalled requests`);
+    await Promise.all(held);
+    // Again, and this time the requests are interrupted once every server holds its read.
+    const again = clients.map((c) => c.ask(CMD.REGION_READ, PENDING_READ, 24, 24).then(() => null, (e: unknown) => e as MigError));
+    await until(() => proxies.every((p) => p.out().includes('stall 2')), 'every proxy holds its second read');
+    const job = poolJobMs();
+    const t0 = performance.now();
+    for (const c of clients) c.interrupt();
+    const errs = await Promise.all(again);
+    const settled = performance.now() - t0;
+    errs.forEach((e, i) => {
+      assert.ok(e instanceof MigError, `stalled${i}: rejected`);
+      assert.is(e!.code, ErrorCode.CANCELLED);
+      assert.is(e!.device, `stalled${i}`);
+      assert.match(e!.message, /REGION_READ: interrupted while waiting for the reply/);
+    });
+    const jobMs = await job;
+    // Generous bounds that only say "not the stall": the pool thread was released by the interrupt.
+    assert.ok(settled < STALL / 2, `interrupted requests settled ${settled.toFixed(0)} ms after the interrupt (stall ${STALL} ms)`);
+    assert.ok(jobMs < STALL / 2, `a pool job queued behind them ran after ${jobMs.toFixed(0)} ms (stall ${STALL} ms)`);
+    // In step: the next request drops the reply owed to the interrupted one and gets its own.
+    for (const c of clients) {
+      const r = await c.ask(CMD.REGION_READ, PENDING_READ, 24, 24);
+      assert.is(Buffer.from(r.reply).readBigUInt64LE(16), 0n, 'pending_bytes of a running device');
+    }
+  } finally {
+    for (const c of clients) c.close();
+    for (const p of proxies) kill(p.child, 'SIGTERM');
+    for (const srv of servers) srv.stop();
+  }
+});
+
+test('close during a stalled request: it fails at once with VFM_CANCELLED ("closed by this client"), naming device and command; a region still holding the connection fails at once', async () => {
+  const srv = DeviceServer.start({ socket: sockPath('intr-close'), stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', dirtyRate: 0, dmaRate: 0 });
+  const proxy = await stallProxy(srv.socket, CMD.REGION_READ, 8, 3000, 1);
+  const c = await VfioUserClient.connect(proxy.socket, { name: 'closing', timeoutMs: 30_000 });
+  // A region handle (as a worker's data path holds one) keeps the connection object alive after the close.
+  const h = c.openRegion(c.findByType(3, 1)!);
+  try {
+    const p = c.ask(CMD.REGION_READ, PENDING_READ, 24, 24).then(() => null, (e: unknown) => e as MigError);
+    await until(() => proxy.out().includes('stall 1'), 'the proxy holds the read');
+    const t0 = performance.now();
+    c.close();
+    const e = await p;
+    assert.ok(performance.now() - t0 < 1500, 'settled at the close, not at the stall');
+    assert.is(e?.code, ErrorCode.CANCELLED);
+    assert.is(e?.device, 'closing');
+    assert.match(e!.message, /REGION_READ: the connection was closed by this client while waiting for the reply/);
+    const e2 = await native().regionRwAsync(h, 0, 4).then(() => null, (x: { code: string; message: string }) => x);
+    assert.is(e2?.code, 'ECANCELED');
+    assert.match(e2!.message, /closed by this client/);
+  } finally {
+    native().regionClose(h); c.close(); kill(proxy.child, 'SIGTERM'); srv.stop();
   }
 });
 

@@ -206,7 +206,14 @@ export interface NativeAddon {
   vfuRequest(conn: number, cmd: number, body: Uint8Array, minReply: number, maxReply: number, maxFds: number): VfuReply;
   /** vfuRequest on the libuv pool (the main thread does not wait on the socket). */
   vfuRequestAsync(conn: number, cmd: number, body: Uint8Array, minReply: number, maxReply: number, maxFds: number): Promise<VfuReply>;
+  /** Shut the connection down (a request in flight fails at once with ECANCELED); the last owner closes the socket. */
   vfuClose(conn: number): void;
+  /**
+   * Release the request in flight (and ones already asked for) at once with ECANCELED, without waiting for the server
+   * or the timeout. The connection stays usable when the request was sent and its reply had not begun (the reply is
+   * dropped by the next request); otherwise it is broken.
+   */
+  vfuInterrupt(conn: number): void;
   /** Requests sent on this connection so far. */
   vfuRequests(conn: number): number;
   /** A region of a vfio-user device: trapped access by REGION_READ/WRITE, `areas` mapped from `fd` (-1: none) at fdOffset + area.offset. */

@@ -121,6 +121,7 @@ export function accessErrorCode(errno: number | undefined, fallback: ErrorCode =
     case 32: return ErrorCode.PEER_GONE;      // EPIPE
     case 110: return ErrorCode.PEER_TIMEOUT;  // ETIMEDOUT
     case 71: return ErrorCode.PEER_PROTOCOL;  // EPROTO
+    case 125: return ErrorCode.CANCELLED;     // ECANCELED (a request interrupted by a cancel or a close)
     default: return fallback;
   }
 }

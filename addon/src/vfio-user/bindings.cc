@@ -86,11 +86,13 @@ Req reqArgs(const Napi::CallbackInfo& info) {
 // The same request on the libuv pool: the main thread never waits on the socket for discovery.
 class RequestWorker : public Napi::AsyncWorker {
  public:
-  RequestWorker(Napi::Env env, Req r) : Napi::AsyncWorker(env), r_(std::move(r)), d_(Napi::Promise::Deferred::New(env)) {}
+  // The interrupt count is taken now: a vfuInterrupt() after this call cancels the request even before it runs.
+  RequestWorker(Napi::Env env, Req r)
+      : Napi::AsyncWorker(env), r_(std::move(r)), gen_(r_.conn->interrupts()), d_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise promise() { return d_.Promise(); }
   void Execute() override {
     try {
-      r_.conn->request(r_.cmd, r_.body.data(), r_.body.size(), &reply_, r_.minReply, r_.maxReply, &fds_, r_.maxFds);
+      r_.conn->request(r_.cmd, r_.body.data(), r_.body.size(), &reply_, r_.minReply, r_.maxReply, &fds_, r_.maxFds, gen_);
     } catch (const NativeError& e) {
       err_ = e.err;
       text_ = e.what();
@@ -114,6 +116,7 @@ class RequestWorker : public Napi::AsyncWorker {
 
  private:
   Req r_;
+  uint64_t gen_;
   Napi::Promise::Deferred d_;
   std::vector<uint8_t> reply_;
   std::vector<int> fds_;
@@ -166,7 +169,16 @@ Napi::Value vfuRequestAsync(const Napi::CallbackInfo& info) {
 Napi::Value vfuClose(const Napi::CallbackInfo& info) {
   return guarded(info, "vfuClose", [&] {
     auto c = takeConn(u32(info[0], "conn"));
-    c->shutdownNow();  // regions still holding it fail fast from now on
+    c->closeNow();  // a request in flight fails at once; regions still holding it fail fast from now on
+    return info.Env().Undefined();
+  });
+}
+
+// Release the request in flight on this connection (and ones already asked for) with ECANCELED; the connection
+// stays usable when the request had been sent and its reply had not begun (see Conn::interrupt).
+Napi::Value vfuInterrupt(const Napi::CallbackInfo& info) {
+  return guarded(info, "vfuInterrupt", [&] {
+    getConn(u32(info[0], "conn"))->interrupt();
     return info.Env().Undefined();
   });
 }
@@ -242,7 +254,7 @@ Napi::Value closeFd(const Napi::CallbackInfo& info) {
 
 void exportBindings(Napi::Env env, Napi::Object exports) {
 #define EXPORT(f) exports.Set(#f, Napi::Function::New(env, f, #f))
-  EXPORT(vfuConnect); EXPORT(vfuSetLimits); EXPORT(vfuRequest); EXPORT(vfuRequestAsync); EXPORT(vfuClose);
+  EXPORT(vfuConnect); EXPORT(vfuSetLimits); EXPORT(vfuRequest); EXPORT(vfuRequestAsync); EXPORT(vfuClose); EXPORT(vfuInterrupt);
   EXPORT(vfuRequests); EXPORT(regionOpenUser); EXPORT(vfuServerStart); EXPORT(vfuServerStop); EXPORT(vfuServerStats);
   EXPORT(closeFd);
 #undef EXPORT

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -28,9 +29,16 @@ const char* cmdName(uint16_t cmd) {
   return cmd < sizeof names / sizeof names[0] ? names[cmd] : "UNKNOWN";
 }
 
-Conn::Conn(int sock, std::string name) : sock_(sock), name_(std::move(name)) {}
+Conn::Conn(int sock, std::string name) : sock_(sock), wakeFd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), name_(std::move(name)) {
+  if (wakeFd_ < 0) {
+    int e = errno;
+    close(sock_);
+    throw NativeError(e, "eventfd");
+  }
+}
 Conn::~Conn() {
   if (sock_ >= 0) close(sock_);
+  close(wakeFd_);
 }
 
 std::shared_ptr<Conn> Conn::open(const std::string& path, uint32_t timeoutMs) {
@@ -69,7 +77,34 @@ Limits Conn::limits() {
   return lim_;
 }
 
-void Conn::shutdownNow() { ::shutdown(sock_, SHUT_RDWR); }
+static std::string ioText(int rc, uint16_t cmd, uint32_t timeoutMs, const char* what);
+
+void Conn::interrupt() {
+  interrupts_.fetch_add(1);  // before the wake-up: a waiter that sees the wake-up sees the new count
+  uint64_t one = 1;
+  (void)!write(wakeFd_, &one, sizeof one);
+}
+
+void Conn::closeNow() {
+  closed_.store(true);
+  interrupt();
+  ::shutdown(sock_, SHUT_RDWR);  // a send blocked on a full socket returns too; the descriptor stays open until ~Conn
+}
+
+int Conn::awaitReply(int64_t deadline, uint64_t gen) {
+  for (;;) {
+    int rc = waitFor(sock_, POLLIN, deadline, wakeFd_);
+    if (rc != -ECANCELED) return rc;
+    uint64_t n;
+    (void)!read(wakeFd_, &n, sizeof n);  // consumed; a wake-up from an interrupt older than this request is ignored
+    if (interrupts_.load() != gen) return -ECANCELED;
+  }
+}
+
+[[noreturn]] void Conn::failIo(int rc, uint16_t cmd, const std::string& what) {
+  if (closed_.load()) broken(ECANCELED, fmt("%s: the connection was closed by this client while %s", cmdName(cmd), what.c_str()));
+  broken(-rc, ioText(rc, cmd, lim_.timeoutMs, what.c_str()));
+}
 
 void Conn::broken(int err, const std::string& why) {
   brokenErr_ = err;
@@ -79,6 +114,7 @@ void Conn::broken(int err, const std::string& why) {
 }
 
 void Conn::checkUsable() {
+  if (closed_.load()) throw NativeError(ECANCELED, "the connection was closed by this client");
   if (brokenErr_) throw NativeError(brokenErr_, "connection unusable after an earlier failure: " + brokenWhy_);
 }
 
@@ -89,10 +125,38 @@ static std::string ioText(int rc, uint16_t cmd, uint32_t timeoutMs, const char* 
   return fmt("%s: %s: %s", cmdName(cmd), what, strerror(-rc));
 }
 
+void Conn::dropOwed(uint16_t cmd, int64_t deadline, uint64_t gen) {
+  const std::string what = fmt("waiting for the reply to an earlier interrupted %s", cmdName(owedCmd_));
+  int rc = awaitReply(deadline, gen);
+  if (rc == -ECANCELED && !closed_.load()) throw NativeError(ECANCELED, fmt("%s: interrupted while %s", cmdName(cmd), what.c_str()));
+  if (rc < 0) failIo(rc, cmd, what);
+  Header r{};
+  std::vector<int> got;
+  rc = recvAll(sock_, &r, sizeof r, &got, deadline);
+  closeAll(got);  // no reply that is dropped keeps a descriptor
+  if (rc < 0) failIo(rc, cmd, what);
+  if ((r.flags & kTypeMask) != kTypeReply || r.msgId != owedId_ || r.cmd != owedCmd_ || r.size < kHeaderSize || r.size > kMaxMessage ||
+      ((r.flags & kErrorFlag) && r.size != kHeaderSize))
+    broken(EPROTO, fmt("%s: the reply owed to an interrupted %s does not match it (msg_id %u cmd %u size %u flags 0x%x)", cmdName(cmd),
+                       cmdName(owedCmd_), r.msgId, r.cmd, r.size, r.flags));
+  uint8_t sink[4096];
+  for (size_t left = r.size - kHeaderSize; left;) {
+    size_t n = std::min(left, sizeof sink);
+    rc = recvAll(sock_, sink, n, &got, deadline);
+    closeAll(got);
+    if (rc < 0) failIo(rc, cmd, what);
+    left -= n;
+  }
+  owed_ = false;
+}
+
 uint32_t Conn::exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, size_t maxReply, int64_t deadline,
-                        std::vector<int>* fds) {
+                        std::vector<int>* fds, uint64_t gen) {
   checkUsable();
   if (bodyLen > kMaxMessage - kHeaderSize) throw NativeError(E2BIG, fmt("%s: request of %zu bytes", cmdName(cmd), bodyLen));
+  if (gen == UINT64_MAX) gen = interrupts_.load();
+  else if (interrupts_.load() != gen) throw NativeError(ECANCELED, fmt("%s: interrupted before it was sent", cmdName(cmd)));
+  if (owed_) dropOwed(cmd, deadline, gen);
   Header h{};
   h.msgId = nextId_++;
   h.cmd = cmd;
@@ -103,10 +167,19 @@ uint32_t Conn::exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, si
   for (int i = 0; i < nbody; i++) iov[1 + i] = body[i];
   requests_++;
   int rc = sendAll(sock_, iov, 1 + nbody, nullptr, 0, deadline);
-  if (rc < 0) broken(-rc, ioText(rc, cmd, lim_.timeoutMs, "sending"));
+  if (rc < 0) failIo(rc, cmd, "sending");
+  // Sent whole: until the first byte of the reply, an interrupt leaves the stream in step (the reply is owed).
+  rc = awaitReply(deadline, gen);
+  if (rc == -ECANCELED && !closed_.load()) {
+    owed_ = true;
+    owedId_ = h.msgId;
+    owedCmd_ = cmd;
+    throw NativeError(ECANCELED, fmt("%s: interrupted while waiting for the reply (dropped when it comes)", cmdName(cmd)));
+  }
+  if (rc < 0) failIo(rc, cmd, "waiting for the reply");
   Header r{};
   rc = recvAll(sock_, &r, sizeof r, fds, deadline);
-  if (rc < 0) broken(-rc, ioText(rc, cmd, lim_.timeoutMs, "reading the reply header"));
+  if (rc < 0) failIo(rc, cmd, "reading the reply header");
   if ((r.flags & kTypeMask) != kTypeReply || r.msgId != h.msgId || r.cmd != cmd)
     broken(EPROTO, fmt("%s: reply does not match the request (msg_id %u cmd %u flags 0x%x, expected msg_id %u cmd %u reply)",
                        cmdName(cmd), r.msgId, r.cmd, r.flags, h.msgId, cmd));
@@ -126,17 +199,17 @@ uint32_t Conn::exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, si
 
 void Conn::readBody(uint16_t cmd, void* dst, size_t len, int64_t deadline, std::vector<int>* fds) {
   int rc = recvAll(sock_, dst, len, fds, deadline);
-  if (rc < 0) broken(-rc, ioText(rc, cmd, lim_.timeoutMs, "reading the reply body"));
+  if (rc < 0) failIo(rc, cmd, "reading the reply body");
 }
 
 void Conn::request(uint16_t cmd, const uint8_t* body, size_t len, std::vector<uint8_t>* reply, size_t minReply,
-                   size_t maxReply, std::vector<int>* fds, size_t maxFds) {
+                   size_t maxReply, std::vector<int>* fds, size_t maxFds, uint64_t gen) {
   std::lock_guard<std::mutex> lk(mu_);
   int64_t deadline = nowMs() + lim_.timeoutMs;
   std::vector<int> got;
   iovec b{const_cast<uint8_t*>(body), len};
   try {
-    uint32_t payload = exchange(cmd, &b, len ? 1 : 0, len, maxReply, deadline, &got);
+    uint32_t payload = exchange(cmd, &b, len ? 1 : 0, len, maxReply, deadline, &got, gen);
     reply->assign(payload, 0);  // bounded by maxReply, which the caller derived from its request
     if (payload) readBody(cmd, reply->data(), payload, deadline, &got);
     if (payload < minReply) broken(EPROTO, fmt("%s: reply of %u bytes, at least %zu expected", cmdName(cmd), payload, minReply));
@@ -157,7 +230,7 @@ void Conn::regionRead(uint32_t region, uint64_t off, void* dst, uint32_t count) 
   iovec b{&a, sizeof a};
   std::vector<int> got;
   try {
-    uint32_t payload = exchange(kRegionRead, &b, 1, sizeof a, sizeof a + count, deadline, &got);
+    uint32_t payload = exchange(kRegionRead, &b, 1, sizeof a, sizeof a + count, deadline, &got, UINT64_MAX);
     if (payload != sizeof a + count) {
       broken(EPROTO, fmt("REGION_READ: reply of %u bytes for a %u-byte read", payload, count));
     }
@@ -183,7 +256,7 @@ void Conn::regionWrite(uint32_t region, uint64_t off, const void* src, uint32_t 
   iovec b[2] = {{&a, sizeof a}, {const_cast<void*>(src), count}};
   std::vector<int> got;
   try {
-    uint32_t payload = exchange(kRegionWrite, b, 2, sizeof a + count, sizeof a, deadline, &got);
+    uint32_t payload = exchange(kRegionWrite, b, 2, sizeof a + count, sizeof a, deadline, &got, UINT64_MAX);
     RegionAccess e{};
     if (payload != 0 && payload != sizeof e) broken(EPROTO, fmt("REGION_WRITE: reply of %u bytes", payload));
     if (payload) {

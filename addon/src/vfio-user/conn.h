@@ -3,9 +3,15 @@
 // for), a deadline per request. After any failure that could leave the byte stream out of step (timeout, EOF, a
 // malformed reply) the connection is marked broken and every later request fails at once with the first reason.
 // A mutex makes it safe to share between the main thread and workers; the engine's region lock already orders them.
+// The main thread can release a request that waits for a stalled server without waiting for its deadline:
+// interrupt() wakes it (an eventfd in its poll) and it fails with ECANCELED; if its request had been sent whole and no
+// byte of the reply had come, the connection stays in step (the reply is owed: the next request reads and drops it
+// first, bounded by its own deadline); otherwise the connection is broken. closeNow() interrupts and shuts the socket
+// down (shutdown(2), never close(2) while a pool thread may use the descriptor: the last owner closes it).
 #pragma once
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -38,27 +44,44 @@ class Conn {
   // One request and its reply. The reply payload (header excluded) goes to `reply`; it must be between minReply and
   // maxReply bytes. Up to maxFds descriptors are accepted into `fds` (more, or any with maxFds 0: closed, error).
   // An error reply throws vm::NativeError(server errno). Throws vm::NativeError.
+  // `gen`: interrupts() when the caller decided to make the request (an interrupt since then cancels it before it is
+  // sent); UINT64_MAX: now.
   void request(uint16_t cmd, const uint8_t* body, size_t len, std::vector<uint8_t>* reply, size_t minReply,
-               size_t maxReply, std::vector<int>* fds, size_t maxFds);
+               size_t maxReply, std::vector<int>* fds, size_t maxFds, uint64_t gen = UINT64_MAX);
 
   // REGION_READ/REGION_WRITE of exactly `count` bytes (count <= maxXfer; writes <= writeBound: caller splits).
   void regionRead(uint32_t region, uint64_t off, void* dst, uint32_t count);
   void regionWrite(uint32_t region, uint64_t off, const void* src, uint32_t count);
 
-  void shutdownNow();  // unblock and break (close from another thread)
+  // Release the request in flight (and one queued by a RequestWorker before this call) with ECANCELED. Any thread.
+  void interrupt();
+  // interrupt(), then shut the socket down: every request from now on fails with ECANCELED ("closed"). Any thread.
+  void closeNow();
+  uint64_t interrupts() const { return interrupts_.load(); }
   const std::string& name() const { return name_; }
   uint64_t requests() const { return requests_; }
 
  private:
   // Sends header + iov and reads the reply header; returns the payload length. `lock` is held.
   uint32_t exchange(uint16_t cmd, iovec* body, int nbody, size_t bodyLen, size_t maxReply, int64_t deadline,
-                    std::vector<int>* fds);
+                    std::vector<int>* fds, uint64_t gen);
+  // Reads and drops the reply an interrupted request left owed. `lock` is held.
+  void dropOwed(uint16_t cmd, int64_t deadline, uint64_t gen);
+  // Waits for the first byte of a reply; -ECANCELED if interrupted since `gen`. `lock` is held.
+  int awaitReply(int64_t deadline, uint64_t gen);
   void readBody(uint16_t cmd, void* dst, size_t len, int64_t deadline, std::vector<int>* fds);
   [[noreturn]] void broken(int err, const std::string& why);
+  // broken() for a failed socket call `rc` while doing `what`; ECANCELED ("closed by this client") after closeNow().
+  [[noreturn]] void failIo(int rc, uint16_t cmd, const std::string& what);
   void checkUsable();
 
   std::mutex mu_;
   int sock_;
+  int wakeFd_;                        // eventfd: written by interrupt(), polled by a waiting request
+  std::atomic<uint64_t> interrupts_{0};
+  std::atomic<bool> closed_{false};
+  bool owed_ = false;                 // a reply to (owedId_, owedCmd_) is still to come
+  uint16_t owedId_ = 0, owedCmd_ = 0;
   std::string name_;
   Limits lim_;
   uint16_t nextId_ = 0;

@@ -18,7 +18,7 @@ int64_t nowMs() {
 }
 
 // Wait until `sock` is ready for `events` or the deadline passes (or stopFd becomes readable).
-static int waitFor(int sock, short events, int64_t deadlineMs, int stopFd) {
+int waitFor(int sock, short events, int64_t deadlineMs, int stopFd) {
   for (;;) {
     int64_t left = deadlineMs - nowMs();
     if (left <= 0) return -ETIMEDOUT;

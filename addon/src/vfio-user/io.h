@@ -12,6 +12,10 @@ namespace vfu {
 // Milliseconds on CLOCK_MONOTONIC.
 int64_t nowMs();
 
+// Wait until `sock` is ready for `events` (or hung up): 0; -ETIMEDOUT at the deadline; -ECANCELED as soon as
+// `stopFd` (or -1) is readable.
+int waitFor(int sock, short events, int64_t deadlineMs, int stopFd);
+
 // All of iov (then nothing else) with one sendmsg where the kernel takes it; `fds` ride on the first call.
 int sendAll(int sock, iovec* iov, int niov, const int* fds, int nfds, int64_t deadlineMs);
 

@@ -173,6 +173,15 @@ export class VfioUserClient {
     return r && r.size === 32 ? this.openRegion({ ...r, fd: -1 }) : -1;
   }
 
+  /**
+   * Release the request in flight now (a cancel): it fails with VFM_CANCELLED naming the device and the command, and
+   * its libuv pool thread is free at once instead of at the server's answer or the timeout. The connection stays
+   * usable: the abandoned reply is read and dropped by the next request (which waits for it, bounded by its timeout).
+   */
+  interrupt(): void {
+    if (!this.closed) native().vfuInterrupt(this.conn);
+  }
+
   get requests(): number { return this.closed ? 0 : native().vfuRequests(this.conn); }
 
   close(): void {
