@@ -93,6 +93,32 @@ test('v2 over vfio-user through the engine: the server answers a state change 1.
   }
 });
 
+test('v1 over vfio-user through the engine: the server answers device_state writes and DIRTY_PAGES 1.5 s late, the event loop stays free, the migration verifies', async () => {
+  const src = await serverProcess(['--size', '2MiB', '--chunk', '128KiB', '--data-mode', 'trapped', '--dirty-rate', '2000', '--dma-rate', '500', '--seed', '6']);
+  const dst = DeviceServer.start({ socket: sockPath('v1a'), stateSize: 2 << 20, maxChunk: 128 << 10, dataMode: 'trapped', zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  // Two proxies in a row: the first two device_state writes of the save (RUNNING -> PRE_COPY, then -> STOP_COPY),
+  // and the first DIRTY_PAGES request (START), are held STALL_MS each.
+  const states = await stallProxy(src.socket, CMD.REGION_WRITE, 0, STALL_MS, 2);
+  const dirty = await stallProxy(states.socket, CMD.DIRTY_PAGES, -1, STALL_MS, 1);
+  const stream = path.join(TMP, 'v1-async.vfmig');
+  const s = await VfioUserTransport.connect(dirty.socket, { guest: { iova: 0, size: 4096 * 4096 }, timeoutMs: 10_000 });
+  const d = await VfioUserTransport.connect(dst.socket);
+  try {
+    const t0 = performance.now();
+    const save = await loopGap(() => saveDevices([s], stream, pool, { maxRounds: 2, dirtyQueryIntervalMs: 10 }));
+    assert.ok(save.value.ok);
+    assert.ok(states.out().includes('stall 2'), 'the proxy held both state changes');
+    assert.ok(dirty.out().includes('stall 1'), 'the proxy held DIRTY_PAGES');
+    assert.ok(performance.now() - t0 >= 3 * STALL_MS, 'the save waited for the stalled server');
+    assert.ok(save.value.dirty.pages[0] > 0, 'DIRTY_PAGES reported the DMA the device did');
+    assert.ok(save.gapMs < FREE_MS, `largest event-loop gap ${save.gapMs.toFixed(0)} ms while the server stalled ${STALL_MS} ms three times`);
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+    assert.is(report.devices[0].verified, true);
+  } finally {
+    s.close(); d.close(); dst.stop(); kill(dirty.child, 'SIGTERM'); kill(states.child, 'SIGTERM'); kill(src.child, 'SIGTERM'); rm(stream);
+  }
+});
+
 /** pending_bytes by REGION_READ (16-byte access header: offset, region 9, count 8). */
 const PENDING_READ = (() => { const b = Buffer.alloc(16); b.writeBigUInt64LE(8n, 0); b.writeUInt32LE(9, 8); b.writeUInt32LE(8, 12); return b; })();
 const pbkdf2 = promisify(crypto.pbkdf2);

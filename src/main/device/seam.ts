@@ -210,6 +210,12 @@ export interface MigDevice {
   vendorError?(): string;
   /** Close sessions and handles this object opened (never fds an embedder handed over). */
   close(): Awaitable<void>;
+  /**
+   * Release a call to the device in progress now, without waiting for the device (the engine calls it on cancel and
+   * when another device fails): the call fails with VFM_CANCELLED. Where the reach can (vfio-user: the request
+   * waiting for a stalled server gives its libuv pool thread back); absent or a no-op elsewhere.
+   */
+  interrupt?(): void;
 }
 
 /** A reach's entry in the registry: how to make a destination for a device-table entry of this reach. */

@@ -70,6 +70,39 @@ export class MigrationRegion {
     }
   }
 
+  /**
+   * The same registers on the libuv pool (one regionRwAsync per access, exact offset and width): for a region reached
+   * over a socket (vfio-user) the main thread does not wait for the round trip. Errors as read()/write().
+   */
+  asyncRegisters(): { read(name: RegName): Promise<bigint>; write(name: RegName, v: bigint): Promise<void> } {
+    return {
+      read: async (name) => {
+        const r = this.reg(name);
+        try {
+          const b = await native().regionRwAsync(this.handle, r.off, r.width);
+          const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+          return r.width === 8 ? dv.getBigUint64(0, true) : BigInt(dv.getUint32(0, true));
+        } catch (e) {
+          throw this.regError('read', name, r.off, e);
+        }
+      },
+      write: async (name, v) => {
+        const r = this.reg(name);
+        if (v < 0n || v >= 1n << BigInt(8 * r.width)) {
+          throw this.regError('write', name, r.off, Object.assign(new Error(`value ${v} does not fit ${r.width} bytes`), { errno: 22 }));
+        }
+        const b = new Uint8Array(r.width);
+        const dv = new DataView(b.buffer);
+        if (r.width === 8) dv.setBigUint64(0, v, true); else dv.setUint32(0, Number(v), true);
+        try {
+          await native().regionRwAsync(this.handle, r.off, r.width, b);
+        } catch (e) {
+          throw this.regError('write', name, r.off, e);
+        }
+      },
+    };
+  }
+
   private regError(op: string, name: RegName, off: number, e: unknown): MigError {
     const ne = e as { errno?: number; code?: string; message?: string };
     return new MigError(accessErrorCode(ne?.errno), `${op} failed: ${ne?.message ?? String(e)}`,

@@ -5,6 +5,8 @@ import type { ProfileDef } from '../protocol/profiles.js';
 import type { DeviceGeometry } from '../container/format.js';
 import type { ConfigTarget } from './config.js';
 import type { DigestTask } from '../../workers/tasks.js';
+import type { Awaitable } from '../device/seam.js';
+import type { V1Registers } from '../protocol/v1/device.js';
 
 /** Where a device's state digest comes from: hashed from an in-process emulated device, or read from a digest region. */
 export type DigestTarget = { kind: 'emulated'; id: number; stateSize: number } | { kind: 'region'; handle: number };
@@ -21,16 +23,24 @@ export interface DeviceTransport {
   readonly profile: ProfileDef;
   /** Discover the migration region and open it (VFIO_DEVICE_GET_REGION_INFO walk + mmap of sparse areas). */
   openRegion(): MigrationRegion;
-  readConfig(): Uint8Array;
+  /** A reach whose device answers over a socket (vfio-user) returns Promises here: the main thread never waits. */
+  readConfig(): Awaitable<Uint8Array>;
   /** What a worker needs to write the config blob (workers cannot share this object). */
   configTarget(): ConfigTarget;
-  writeConfig(b: Uint8Array): void;
+  writeConfig(b: Uint8Array): Awaitable<void>;
   /** VFIO_DEVICE_RESET: the only way out of the ERROR state. */
-  reset(): void;
+  reset(): Awaitable<void>;
   /** Guest pages this device can report dirty (0: none). */
   readonly guestPages: number;
   /** Dirty-page query through the container (linux-5.8); region-based queries go through MigrationRegion. */
-  containerDirty?(start: boolean | 'get', bitmap?: Uint8Array): void;
+  containerDirty?(start: boolean | 'get', bitmap?: Uint8Array): Awaitable<void>;
+  /**
+   * The migration region's registers when the region handle's own synchronous access would wait on a socket
+   * (vfio-user: REGION_READ/WRITE on the libuv pool). Absent: the region is read in place (kernel, emulated).
+   */
+  registers?(region: MigrationRegion): V1Registers;
+  /** Release a request to the device in flight now (a cancel), where the reach can (vfio-user). */
+  interrupt?(): void;
   /** Digest of the device's state, if the transport can produce one (the emulated device and the device server can). */
   digestTarget(): DigestTarget | null;
   geometry(): DeviceGeometry;

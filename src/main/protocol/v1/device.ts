@@ -59,7 +59,7 @@ export class V1Device implements MigDevice {
   }
 
   private get registers(): V1Registers {
-    this.regs ??= this.o.registers?.(this.region) ?? this.region;
+    this.regs ??= this.o.registers?.(this.region) ?? this.transport.registers?.(this.region) ?? this.region;
     return this.regs;
   }
 
@@ -111,8 +111,8 @@ export class V1Device implements MigDevice {
     return { module: V1_REGION_PATH, device: this.name, params: { region: r.desc }, lanes: true, maxChunk: r.size - r.profile.headerSize, fileLoad: true };
   }
 
-  readConfig(): Uint8Array { return this.transport.readConfig(); }
-  writeConfig(space: Uint8Array): void { this.transport.writeConfig(space); }
+  readConfig(): Awaitable<Uint8Array> { return this.transport.readConfig(); }
+  writeConfig(space: Uint8Array): Awaitable<void> { return this.transport.writeConfig(space); }
   configTarget(): ConfigTargetDesc { return this.transport.configTarget(); }
   geometry(): DeviceGeometry { return this.transport.geometry(); }
   digestTarget(): DigestTarget | null { return this.transport.digestTarget(); }
@@ -122,11 +122,16 @@ export class V1Device implements MigDevice {
 
   setTrappedAccess(mode: TrappedAccess): void { this.region.setTrappedAccess(mode); }
 
-  reset(): void {
-    this.transport.reset();
-    this.cur = 'RUNNING';
-    trace('vfio_device_reset', { device: this.name });
+  reset(): Awaitable<void> {
+    const done = () => {
+      this.cur = 'RUNNING';
+      trace('vfio_device_reset', { device: this.name });
+    };
+    const r = this.transport.reset();
+    return r instanceof Promise ? r.then(done) : done();
   }
+
+  interrupt(): void { this.transport.interrupt?.(); }
 
   close(): void { this.transport.close(); this.regionObj = undefined; this.regs = undefined; }
 }
@@ -151,14 +156,18 @@ class ContainerLog implements DirtyLog {
   readonly pageSize = 4096;
   readonly sharesDataChannel = false;
   constructor(private readonly t: DeviceTransport, readonly pages: number) {}
-  start(): void { this.t.containerDirty?.(true); }
-  report(bitmap: Uint8Array): number {
-    this.t.containerDirty?.('get', bitmap);
-    let n = 0;
-    for (let i = 0; i < Math.ceil(this.pages / 8); i++) for (let x = bitmap[i]; x; x &= x - 1) n++;
-    return n;
+  // DIRTY_PAGES over vfio-user answers later (a Promise); the kernel's and the emulated container's at once.
+  start(): Awaitable<void> { return this.t.containerDirty?.(true); }
+  report(bitmap: Uint8Array): Awaitable<number> {
+    const count = () => {
+      let n = 0;
+      for (let i = 0; i < Math.ceil(this.pages / 8); i++) for (let x = bitmap[i]; x; x &= x - 1) n++;
+      return n;
+    };
+    const r = this.t.containerDirty?.('get', bitmap);
+    return r instanceof Promise ? r.then(count) : count();
   }
-  stop(): void { this.t.containerDirty?.(false); }
+  stop(): Awaitable<void> { return this.t.containerDirty?.(false); }
 }
 
 const adapters = new WeakMap<DeviceTransport, V1Device>();

@@ -47,6 +47,8 @@ export interface V2Ops {
   digestTarget(): DigestTarget | null;
   vendorError?(): string;
   close(): Awaitable<void>;
+  /** Release a request in flight now (MigDevice.interrupt), where the reach can. */
+  interrupt?(): void;
 }
 
 function errnoOf(e: unknown): number | undefined { return (e as { errno?: number })?.errno; }
@@ -192,6 +194,8 @@ export class V2Device<A extends boolean = false> implements MigDevice {
       trace('vfio_device_reset', { device: d.name });
     })(this)) as Answer<A, void>;
   }
+
+  interrupt(): void { this.ops.interrupt?.(); }
 
   close(): Answer<A, void> {
     this.dropFd();

@@ -74,15 +74,6 @@ export class VfioUserClient {
     }
   }
 
-  /** A synchronous request (used under the region lock, where the engine's v1 interface is synchronous). */
-  askSync(cmd: number, body: Uint8Array, minReply: number, maxReply: number) {
-    try {
-      return native().vfuRequest(this.conn, cmd, body, minReply, maxReply, 0);
-    } catch (e) {
-      throw peerError(e, this.name, cmd);
-    }
-  }
-
   private async negotiate(): Promise<void> {
     // VERSION carries no descriptors; a reply that carries one (twin socket) was not asked for: refused.
     const r = await this.ask(CMD.VERSION, encodeVersion({ maxMsgFds: 8, maxDataXfer: this.opts.maxDataXfer }), 4, MAX_VERSION_REPLY, 0);

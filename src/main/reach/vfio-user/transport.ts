@@ -4,16 +4,17 @@
 // device server) makes migrations verifiable. All of it sits behind a native region handle, so the engine's worker
 // data path and register code run unchanged.
 //
-// Plugged into the engine's DeviceTransport (the device seam was not on main when this was written): its register
-// calls are synchronous, so state changes on the main thread wait for one socket round trip each, bounded by the
-// per-request timeout. Data, the bulk of the traffic, moves in the workers.
+// The engine sees it through its V1Device (protocol/v1/device.ts) like any v1 transport, with one difference: every
+// request the main thread makes — register reads and writes (registers()), DIRTY_PAGES, DEVICE_RESET, config space —
+// runs on the libuv pool and answers with a Promise, so the main thread never waits on the socket. Data, the bulk of
+// the traffic, moves in the workers (under the device lock, synchronously there).
 import { native } from '../../../addon/native.js';
 import { ErrorCode, MigError } from '../../errors.js';
 import { MigrationRegion } from '../../protocol/migration-region.js';
 import { PROFILE_DEFS, type ProfileDef } from '../../protocol/profiles.js';
 import type { DeviceTransport, DigestTarget } from '../../transport/transport.js';
 import type { ConfigTarget } from '../../transport/config.js';
-import { restoreConfig } from '../../transport/config.js';
+import type { V1Registers } from '../../protocol/v1/device.js';
 import { VfioUserClient, type DiscoveredRegion, type VfioUserOptions } from './client.js';
 import {
   CMD, DIRTY_GET_BITMAP, DIRTY_START, DIRTY_STOP,
@@ -72,22 +73,20 @@ export class VfioUserTransport implements DeviceTransport {
     return this.configHandle;
   }
 
-  readConfig(): Uint8Array {
-    const b = new Uint8Array(256);
-    try {
-      native().regionCopyOut(this.config(), 0, 256, b, 0);
-    } catch (e) {
-      throw new MigError(ErrorCode.NATIVE, `reading config space: ${(e as Error).message}`, { device: this.name, errno: (e as { errno?: number }).errno, cause: e });
-    }
-    return b;
-  }
+  /** The migration region's registers by REGION_READ/WRITE on the libuv pool (V1Device's register access). */
+  registers(region: MigrationRegion): V1Registers { return region.asyncRegisters(); }
+
+  readConfig(): Promise<Uint8Array> { return this.client.configAccess(this.config()); }
   configTarget(): ConfigTarget { return { kind: 'vfio-user', handle: this.config() }; }
-  writeConfig(b: Uint8Array): void { restoreConfig(this.configTarget(), b); }
+  async writeConfig(b: Uint8Array): Promise<void> { await this.client.configAccess(this.config(), b); }
 
-  reset(): void { this.client.askSync(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
+  async reset(): Promise<void> { await this.client.ask(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
 
-  /** DIRTY_PAGES (cmd 14): START / STOP, or GET_BITMAP over the guest range, ORed into `bitmap`. */
-  containerDirty(op: boolean | 'get', bitmap?: Uint8Array): void {
+  /** A request waiting for the server now fails at once (VFM_CANCELLED); the connection stays usable. */
+  interrupt(): void { this.client.interrupt(); }
+
+  /** DIRTY_PAGES (cmd 14): START / STOP, or GET_BITMAP over the guest range, ORed into `bitmap`; on the libuv pool. */
+  async containerDirty(op: boolean | 'get', bitmap?: Uint8Array): Promise<void> {
     const g = this.guest;
     if (!g) return;
     if (op !== 'get') {
@@ -95,7 +94,7 @@ export class VfioUserTransport implements DeviceTransport {
       const dv = new DataView(q.buffer);
       dv.setUint32(0, 8, true);
       dv.setUint32(4, op ? DIRTY_START : DIRTY_STOP, true);
-      this.client.askSync(CMD.DIRTY_PAGES, q, 0, 8);
+      await this.client.ask(CMD.DIRTY_PAGES, q, 0, 8);
       return;
     }
     const bytes = Math.ceil(g.size / 4096 / 64) * 8;
@@ -108,7 +107,7 @@ export class VfioUserTransport implements DeviceTransport {
     dv.setBigUint64(16, BigInt(g.size), true);
     dv.setBigUint64(24, 4096n, true);
     dv.setBigUint64(32, BigInt(bytes), true);
-    const r = this.client.askSync(CMD.DIRTY_PAGES, q, 40 + bytes, 40 + bytes);
+    const r = await this.client.ask(CMD.DIRTY_PAGES, q, 40 + bytes, 40 + bytes);
     // The reply echoes the range; a server that answers for another range is not believed.
     if (Buffer.compare(Buffer.from(r.reply.subarray(8, 40)), Buffer.from(q.subarray(8, 40))) !== 0) {
       throw new MigError(ErrorCode.PEER_PROTOCOL, 'DIRTY_PAGES reply describes another range', { device: this.name });

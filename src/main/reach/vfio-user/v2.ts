@@ -109,6 +109,7 @@ export class VfioUserV2Ops implements V2Ops {
     for (let i = 0; i < bytes && i < bitmap.length; i++) bitmap[i] |= bm[i];
   }
   async reset(): Promise<void> { await this.client.ask(CMD.DEVICE_RESET, new Uint8Array(0), 0, 0); }
+  interrupt(): void { this.client.interrupt(); }
   closeFd(): void { /* a session token, not a descriptor */ }
   dataPath(): DataPathDesc {
     const l = this.client.negotiated.maxDataXfer;
