@@ -10,8 +10,11 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { native } from '../src/addon/native.js';
 import { EnginePool } from '../src/main/engine/pool.js';
-import { loadStream, saveDevices } from '../src/main/api.js';
+import { loadStream, pendingRollback, saveDevices } from '../src/main/api.js';
+import { asMigDevice } from '../src/main/protocol/v1/device.js';
+import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import type { MigDevice } from '../src/main/device/seam.js';
+import type { MigrationReport } from '../src/main/engine/migration.js';
 import { DeviceServer, VfioUserClient, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
@@ -196,6 +199,63 @@ test('close during a stalled request: it fails at once with VFM_CANCELLED ("clos
     assert.match(e2!.message, /closed by this client/);
   } finally {
     native().regionClose(h); c.close(); kill(proxy.child, 'SIGTERM'); srv.stop();
+  }
+});
+
+test('cancel while a v1 state change waits for a stalled server: the request is released (no timeout breaks the connection), the rollback gets the late answer and the device runs again', async () => {
+  // The server answers the first device_state write after 4 s; the client's timeout is 3 s. Cancelled 2 s into the
+  // stall, the request is released at once (without the interrupt it times out at 3 s, the connection is broken and
+  // the device stays in PRE_COPY); the rollback's first request reads and drops the owed answer (at 4 s, within its
+  // own timeout) and walks the device back to RUNNING.
+  const STALL = 4000;
+  const src = await serverProcess(['--size', '1MiB', '--chunk', '64KiB', '--data-mode', 'trapped', '--dirty-rate', '0', '--dma-rate', '0', '--seed', '8']);
+  const proxy = await stallProxy(src.socket, CMD.REGION_WRITE, 0, STALL, 1);
+  const s = await VfioUserTransport.connect(proxy.socket, { name: 'slow', timeoutMs: 3000 });
+  const other = EmulatedTransport.create({ name: 'other', stateSize: 1 << 20, maxChunk: 64 << 10, dirtyRate: 0, dmaRate: 0 });
+  const ac = new AbortController();
+  try {
+    const p = saveDevices([s, other], path.join(TMP, 'cancel-v1.vfmig'), pool, { signal: ac.signal }).then(() => null, (e: unknown) => e as MigError);
+    await until(() => proxy.out().includes('stall 1'), 'the proxy holds the state change');
+    await new Promise((r) => setTimeout(r, STALL / 2));
+    ac.abort();
+    const e = await p;
+    assert.is(e?.code, ErrorCode.CANCELLED, e?.message);
+    const finals = await pendingRollback(e) ?? (e as MigError & { report: MigrationReport }).report.rollback!;
+    const slow = finals.find((r) => r.device === 'slow');
+    assert.is(slow?.outcome, 'resumed', JSON.stringify(finals));
+    assert.is(await asMigDevice(s).state(), 'RUNNING');
+    assert.is(other.device.info().deviceState & 7, 1, 'the other device runs again');
+  } finally {
+    s.close(); other.destroy(); kill(proxy.child, 'SIGTERM'); kill(src.child, 'SIGTERM');
+  }
+});
+
+test('cancel while the RESUMING write of a v1 destination waits for a stalled server: released, the load is cancelled and the destination is left stopped, not RESUMING', async () => {
+  const STALL = 4000;
+  const stream = path.join(TMP, 'cancel-load.vfmig');
+  const src = DeviceServer.start({ socket: sockPath('cl-src'), stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', seed: 9, dirtyRate: 0, dmaRate: 0 });
+  const dst = DeviceServer.start({ socket: sockPath('cl-dst'), stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  const proxy = await stallProxy(dst.socket, CMD.REGION_WRITE, 0, STALL, 1);
+  const ac = new AbortController();
+  try {
+    const s = await VfioUserTransport.connect(src.socket);
+    assert.ok((await saveDevices([s], stream, pool, {})).ok);
+    s.close();
+    const d = await VfioUserTransport.connect(proxy.socket, { name: 'dest', timeoutMs: 3000 });
+    try {
+      const p = loadStream(stream, pool, { signal: ac.signal, makeDestination: () => d }).then(() => null, (e: unknown) => e as MigError);
+      await until(() => proxy.out().includes('stall 1'), 'the proxy holds RESUMING');
+      await new Promise((r) => setTimeout(r, STALL / 2));
+      ac.abort();
+      const e = await p;
+      assert.is(e?.code, ErrorCode.CANCELLED, e?.message);
+      // The failed load reset and stopped its destination through the same connection (in step after the interrupt).
+      assert.is(await asMigDevice(d).state(), 'STOP');
+    } finally {
+      d.close();
+    }
+  } finally {
+    kill(proxy.child, 'SIGTERM'); src.stop(); dst.stop(); rm(stream);
   }
 });
 

@@ -324,7 +324,10 @@ export class Loader extends EventEmitter<LoaderEvents> {
     const sampler = every > 0 ? setInterval(() => { for (const d of this.dests) this.progress(d, true); }, every) : undefined;
     sampler?.unref();
     const signal = this.o.signal;
-    const onAbort = () => { this.aborted = true; };
+    const onAbort = () => {
+      this.aborted = true;
+      for (const d of this.dests) d.dev.interrupt?.(); // a request waiting for a stalled destination ends now
+    };
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       if (signal?.aborted) throw abortError(signal, 'load cancelled');

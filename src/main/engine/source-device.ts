@@ -282,6 +282,9 @@ export class SourceDevice {
     this.aborted = true;
     this.ring?.abort();
     this.wakeAbort();
+    // A call waiting for a device that stopped answering (a stalled vfio-user server) is released now, not at its
+    // timeout: the lock comes back for the rollback, which then waits for that device on its own terms.
+    this.dev.interrupt?.();
   }
 
   private checkAborted(what: string): void {

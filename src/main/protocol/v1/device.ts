@@ -86,9 +86,12 @@ export class V1Device implements MigDevice {
       try {
         await this.registers.write('device_state', BigInt(val));
       } catch (e) {
-        // The 5.8 uAPI: on failure re-read; the driver keeps the old state unless it went to ERROR.
+        // The 5.8 uAPI: on failure re-read; the driver keeps the old state unless it went to ERROR. Not after an
+        // interrupt (a cancel released a write the device has not answered): the re-read would wait for it.
         let after: number | undefined;
-        try { after = await this.raw(); } catch { /* reported below */ }
+        if ((e as MigError).code !== ErrorCode.CANCELLED) {
+          try { after = await this.raw(); } catch { /* reported below */ }
+        }
         trace('vfio_migration_set_state_failed', { device: this.name, from: fmtState(cur), to: next, after });
         throw arcFailure(this.name, cur, next, after, e);
       }
