@@ -15,8 +15,8 @@ import type { MigDevice } from '../src/main/device/seam.js';
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import type { MigrationReport } from '../src/main/engine/migration.js';
-import { rejectsCode, rm } from './helpers.js';
-import { BIN, TMP, fdServer, fdsOn, hostile, kill, killAll, serverProcess, sockPath } from './vfu-procs.js';
+import { rejectsCode, rm, runCli } from './helpers.js';
+import { BIN, TMP, childReady, fdServer, fdsOn, hostile, kill, killAll, serverProcess, sockPath } from './vfu-procs.js';
 
 const GUEST = { iova: 0, size: 4096 * 4096 };
 
@@ -333,6 +333,34 @@ test('CLI: run --device vfio-user: --dest vfio-user:, then save --device and loa
     assert.is(r.code, 2, 'an existing socket path is not replaced');
   } finally {
     kill(src.child, 'SIGTERM'); kill(src2.child, 'SIGTERM'); kill(dst.child, 'SIGTERM'); rm(stream);
+  }
+});
+
+test('CLI with v2 device-server processes: run --device vfio-user: --dest vfio-user:, save --device, then load without --device into the server the device table names', async () => {
+  const V2 = ['--profile', 'v2', '--size', '2MiB', '--chunk', '128KiB'];
+  const a = await serverProcess([...V2, '--dirty-rate', '3000', '--seed', '11']);
+  const b = await serverProcess([...V2, '--zero']);
+  const c = await serverProcess([...V2, '--dirty-rate', '3000', '--seed', '12']);
+  const stream = path.join(TMP, 'cli-v2.vfmig');
+  let c2: Awaited<ReturnType<typeof childReady>> | undefined;
+  try {
+    let r = await runCli(['run', '--device', `vfio-user:${a.socket}`, '--dest', `vfio-user:${b.socket}`, '--json']);
+    assert.is(r.code, 0, r.stderr);
+    let j = JSON.parse(r.stdout).result;
+    assert.is(j.load.devices[0].verified, true);
+    r = await runCli(['save', '--device', `vfio-user:${c.socket}`, '--stream', stream, '--json']);
+    assert.is(r.code, 0, r.stderr);
+    // The destination host serves a zeroed v2 device at the path the table names.
+    await new Promise<void>((resolve) => { c.child.once('exit', () => resolve()); kill(c.child, 'SIGTERM'); });
+    c2 = await childReady(spawn(process.execPath, [BIN, 'device-server', '--socket', c.socket, '--json', ...V2, '--zero'], { stdio: ['ignore', 'pipe', 'pipe'] }), c.socket);
+    r = await runCli(['load', stream, '--json']);
+    assert.is(r.code, 0, r.stderr);
+    j = JSON.parse(r.stdout).result;
+    assert.is(j.load.devices[0].verified, true, 'verified against the source server digest');
+    assert.is(j.load.devices[0].name, c.socket);
+  } finally {
+    for (const x of [a, b, c, c2]) if (x) kill(x.child, 'SIGTERM');
+    rm(stream);
   }
 });
 
