@@ -94,4 +94,33 @@ test('plans are a function of the seed; device data digests ignore how the strea
   }
 });
 
+
+test('the package exports both stresses; bad options are VFM_BAD_ARGUMENT before any device is touched or a pool made', async () => {
+  const api = await import('../src/main/index.js');
+  const d = emulatedV2({ ...V2, name: 'opt', seed: 1 });
+  try {
+    const bad: [string, Record<string, unknown>][] = [
+      ['seconds', { seconds: -1, seed: 1 }], ['seconds', { seconds: Number.NaN, seed: 1 }], ['seed', { seconds: 1 }],
+      ['seed', { seconds: 1, seed: 'x' }], ['count', { seconds: 1, seed: 1, count: 1.5 }], ['threads', { seconds: 1, seed: 1, threads: 0 }],
+      ['vendorMode', { seconds: 1, seed: 1, vendorMode: 'lax' }], ['onIteration', { seconds: 1, seed: 1, onIteration: 3 }],
+    ];
+    for (const [key, o] of bad) {
+      for (const run of [() => api.stressReached({ sources: [d], ...o } as never), () => api.stress(o as never)]) {
+        const e = await run().then(() => null, (x) => x);
+        assert.ok(api.isMigError(e), `${key}: ${String(e)}`);
+        assert.is(e.code, ErrorCode.BAD_ARGUMENT, `${key}: ${e.message}`);
+        assert.match(e.message, new RegExp(`^${key}:`), e.message);
+      }
+    }
+    const e = await api.stressReached({ sources: 'opt' as never, seconds: 1, seed: 1 }).then(() => null, (x) => x);
+    assert.is(e?.code, ErrorCode.BAD_ARGUMENT);
+    assert.is(d.state(), 'RUNNING', 'never touched');
+    const s = await api.stressReached({ sources: [d], seconds: 600, count: 1, seed: 2, threads: 1 });
+    assert.is(s.iterations, 1);
+    assert.is(s.failures, 0, JSON.stringify(s.failed));
+  } finally {
+    destroyEmulated(d);
+  }
+});
+
 test.run();

@@ -76,28 +76,43 @@ test('v2 stuck in pre-copy is "nothing more for now", not an error: only the STO
   assert.equal(r.states, ['RUNNING', 'RUNNING']);
 });
 
-test('v2 eio-on-chunk: the vendor cuts its stream; the destination refuses the torn stream naming itself, is reset, and the other destination does not run', async () => {
+test('v2 eio-on-chunk: the vendor cuts its stream and falls into ERROR: the source fails naming it (never a torn stream passed as saved), both sources RUNNING, the stream ends in ABORT', async () => {
+  // Chunk 3 is cut while the arc to PRE_COPY prepares data; chunk 12 while the engine reads in STOP_COPY.
+  for (const chunk of [3, 12]) await eioOnChunk(chunk);
+});
+
+async function eioOnChunk(chunk: number) {
   const file = tmpFile('v2eio');
   const devs = [0, 1].map((i) => emulatedV2({ ...V2, name: `c${i}`, seed: 50 + i }));
-  emu(devs[1]!).setFault('eio-on-chunk', 3);
+  emu(devs[1]!).setFault('eio-on-chunk', chunk);
   let loader: Loader | undefined;
   try {
-    // The source sees a premature end of stream (a pipe cannot say EIO): the vendor's own error says why.
-    await new Migration(devs, pool, sink(file), { maxRounds: 0 }).run();
-    assert.match(emu(devs[1]!).info().lastError, /injected fault: saving chunk 3 failed/);
+    // The source sees the stream end early (a pipe cannot say EIO); the device's ERROR state says it was no end.
+    const m = new Migration(devs, pool, sink(file), { maxRounds: 0 });
+    const e = await rejectsCode(m.run(), [ErrorCode.DEVICE_ERROR_STATE, ErrorCode.TRANSITION_FAILED]);
+    await m.settled;
+    assert.is(e.device, 'c1', e.message);
+    assert.match(e.message, /ERROR/);
+    assert.match(e.message, new RegExp(`injected fault: saving chunk ${chunk} failed, stream cut, device in ERROR`), `the vendor's reason is carried: ${e.message}`);
+    assert.equal(devs.map((d) => d.state()), ['RUNNING', 'RUNNING'], 'the failed device reset and resumed, the other resumed');
     loader = new Loader(file, pool);
-    const e = await rejectsCode(loader.run(), [ErrorCode.LOAD_REJECTED, ErrorCode.TRANSITION_FAILED]);
-    assert.is(e.device, 'c1');
-    assert.match(e.message, /stream ends inside a record|no END record/);
-    const states = loader.dests.map((d) => d.dev!.state());
-    assert.is(states[1], 'STOP', 'the refusing destination was reset (its state discarded) and stopped');
-    assert.match(loader.dests[1]!.stats.state, /^reset \(state discarded\), STOP$/);
-    assert.not.equal(loader.dests[0]!.stats.state, 'RUNNING', 'the good destination was not started');
+    const a = await rejectsCode(loader.run(), ErrorCode.STREAM_ABORTED);
+    assert.is(a.device, 'c1');
+    for (const d of loader.dests) assert.is.not(await d.dev.state(), 'RUNNING', `${d.entry.name} not started`);
   } finally {
     devs.forEach(destroyEmulated);
     await loader?.close();
     rm(file);
   }
+}
+
+test('vendorStallMs: the public stall bound fails a kernel-like fd that stops giving data in STOP_COPY (no reach hook), naming the device', async () => {
+  // 'stuck' after two fills: the fd neither gives data nor ends. The reach's own default (30 s) is not used.
+  const r = await failedSave(['stuck', 2], { maxRounds: 0, vendorStallMs: 250 });
+  assert.is(r.e.code, ErrorCode.VENDOR_STUCK, r.e.message);
+  assert.is(r.e.device, 'f1');
+  assert.match(r.e.message, /no data from the data fd for 250 ms in STOP_COPY/);
+  assert.equal(r.states, ['RUNNING', 'RUNNING']);
 });
 
 /** Save two fault-free v2 sources; load into destinations made by `make` (fault set there). */

@@ -172,7 +172,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       for (const f of o.faults ?? []) if (sources[f.device]) emulatedDeviceOf(sources[f.device])?.setFault(f.kind, f.arg);
       const save = await saveDevices(sources, stream, pool, o, o.onMigration);
       const res = await loadStream(stream, pool, {
-        verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs, memoryBudget, trappedAccess: o.trappedAccess,
+        verify: true, signal: o.signal, progressIntervalMs: o.progressIntervalMs, memoryBudget, trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStallMs,
       }, o.onLoader);
       loader = res.loader;
       return { ok: save.ok && res.report.ok && res.report.devices.every((d) => d.verified === true), stream, save, load: res.report };

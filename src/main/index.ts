@@ -35,3 +35,7 @@ export { send, Sender, type SendOptions, type SendReport } from './live/sender.j
 export { receive, Receiver, type ReceiveOptions, type ReceiveReport } from './live/receiver.js';
 export type { LiveEvent, LiveState, Cause, RefusedDevice } from './live/events.js';
 export { parseUri, type MigUri } from './live/uri.js';
+// Stress-testing vendor drivers: emulated devices with random geometry and timing faults, or the devices named (any
+// reach) saved and loaded again and again, checked by digest and by the fixed point.
+export { stress, type StressOptions, type StressSummary, type IterationSummary, type RunHooks } from './stress/stress.js';
+export { stressReached, type ReachedStressOptions, type ReachedIteration } from './stress/reached.js';

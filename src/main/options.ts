@@ -51,6 +51,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'dirtyQueryIntervalMs', 0, 3.6e6);
   optNumber(o, 'maxEmptyChunks', 1, 1e9, true);
   optNumber(o, 'maxNoProgress', 1, 1e9, true);
+  optNumber(o, 'vendorStallMs', 1, 8.64e7);
   optNumber(o, 'lanesPerDevice', 1, 64, true);
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
   optNumber(o, 'roundBytes', 1, 2 ** 53, true);
@@ -78,8 +79,26 @@ export function checkLoadOptions(opts: unknown): void {
   optNumber(o, 'maxStateBytes', 0, 2 ** 53);
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   optNumber(o, 'progressIntervalMs', 0, 3.6e6);
+  optNumber(o, 'vendorStallMs', 1, 8.64e7);
   optTrappedAccess(o);
   checkConfigHooks(o.config);
+  optSignal(o);
+}
+
+/** StressOptions and ReachedStressOptions (stress/): the loop's bounds, the seed every iteration is drawn from. */
+export function checkStressOptions(opts: unknown): void {
+  const o = optionsObject(opts, 'stress options');
+  for (const k of ['seconds', 'seed'] as const) if (o[k] === undefined) throw bad(k, o[k], 'required');
+  optNumber(o, 'seconds', 0, 8.64e5);
+  optNumber(o, 'seed', 0, 2 ** 32 - 1, true);
+  optNumber(o, 'count', 0, 1e9, true);
+  optNumber(o, 'threads', 1, 256, true);
+  optNumber(o, 'concurrent', 1, 1024, true);
+  optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
+  if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
+  optBoolean(o, 'allowWithoutP2P');
+  optFunction(o, 'observe');
+  optFunction(o, 'onIteration');
   optSignal(o);
 }
 

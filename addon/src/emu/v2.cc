@@ -171,6 +171,10 @@ int Device::v2SetState(uint32_t target) {
       throw NativeError(-rc, lastError_);
     }
     if (arcFd >= 0) fd = arcFd;
+    if (v2state_ == u::kStateError) {  // the arc's first fill failed (a cut save): the device fell into ERROR
+      if (fd >= 0) close(fd);
+      throw NativeError(EIO, lastError_);
+    }
   }
   return fd;
 }
@@ -256,10 +260,15 @@ void Device::v2Fill() {
       if (fault_ == Fault::kStuck && v2_.fills >= faultArg_) return;  // never produces again: the user waits
       if (fault_ == Fault::kSlowChunk) std::this_thread::sleep_for(std::chrono::microseconds(faultArg_));
       if (fault_ == Fault::kEioOnChunk && v2_.fills == faultArg_) {
-        lastError_ = fmt("injected fault: saving chunk %llu failed, stream cut", static_cast<ull>(v2_.fills));
-        close(v2_.vfd);  // the reader sees a premature EOF; the destination refuses the torn stream
+        lastError_ = fmt("injected fault: saving chunk %llu failed, stream cut, device in ERROR", static_cast<ull>(v2_.fills));
+        // A pipe cannot fail a read with EIO: the reader sees the stream end early. Like a driver whose save failed,
+        // the device falls into ERROR, so the source's next arc (STOP_COPY -> STOP) fails and names it.
+        io::unwatch(v2_.vfd);
+        close(v2_.vfd);
         v2_.vfd = -1;
         v2_.eof = true;
+        v2state_ = u::kStateError;
+        v2Mirror();
         return;
       }
       // While the first pass over the state runs (the initial bytes), a chunk never goes past its end, so the

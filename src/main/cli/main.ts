@@ -42,6 +42,9 @@ const TRAPPED_ACCESS_HELP = 'how v1 trapped data (outside mmap\'d areas) is read
 const trappedAccessOption = () => new Option('--trapped-access <mode>', TRAPPED_ACCESS_HELP)
   .argParser((v) => parseEnum('--trapped-access', v, ['bulk', 'aligned'] as const)).default('bulk', 'bulk');
 
+const vendorStallOption = () => new Option('--vendor-stall <ms>', 'a v2 data fd that gives no data in STOP_COPY (or takes none while RESUMING) this long fails the device with VFM_VENDOR_STUCK')
+  .argParser((v) => parseIntIn('--vendor-stall', v, 1, 86_400_000)).default(30_000);
+
 const MEMORY_BUDGET_HELP = 'refuse to start (exit 2) when what the command would commit (device state, guest RAM, dirty logs, '
   + 'staging, worker threads; for load: the destinations the stream\'s device table asks for) exceeds this (default: half of the available memory)';
 
@@ -65,6 +68,7 @@ function deviceOptions(c: Command): Command {
     .addOption(sizeOption('--bandwidth <bytes/s>', 'cap stream bandwidth, bytes per second (e.g. 200MiB)'))
     .addOption(new Option('--vendor-mode <mode>', VENDOR_MODE_HELP).argParser((v) => parseEnum('--vendor-mode', v, VENDOR_MODES)).default('compatible', 'compatible'))
     .addOption(trappedAccessOption())
+    .addOption(vendorStallOption())
     .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
     .addOption(sizeOption('--round-bytes <bytes>', 'data bound of one pre-copy round per device', 2 ** 31))
     .option('--device <spec>', 'a device reached elsewhere: vfio-user:<socket path> or vfio:<sysfs path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))
@@ -120,11 +124,12 @@ export async function main(argv: string[]): Promise<void> {
     .option('--threads <n>', 'worker threads', (v) => parseIntIn('--threads', v, 1, 256))
     .option('--memory-budget <bytes>', MEMORY_BUDGET_HELP, (v) => parseSize('--memory-budget', v))
     .addOption(trappedAccessOption())
+    .addOption(vendorStallOption())
     .option('--force', 'replace an existing --report or --events file (never the input)'))
     .option('--device <spec>', 'destination for each device of the stream, in table order: vfio-user:<socket path> or vfio:<sysfs path> (repeatable)', (v, p: string[]) => collectDevice(v, p))
     .option('--vfu-timeout <ms>', 'vfio-user per-request timeout', (v) => parseIntIn('--vfu-timeout', v, 1, 3600000), 5000)
     .addOption(sizeOption('--vfu-write-bound <bytes>', 'vfio-user data bytes per write request', 32768))
-    .action((file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number; trappedAccess?: 'bulk' | 'aligned' }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
+    .action((file: string, o: { threads?: number; json?: boolean; device?: string[]; memoryBudget?: number; trappedAccess?: 'bulk' | 'aligned'; vendorStall?: number }) => withSignals((signal) => cmdLoad(file, { ...o, signal })));
   program.command('inspect').description('show the container and each device\'s QEMU packets')
     .argument('<file>', 'stream file')
     .option('--packets', 'list every QEMU packet')

@@ -33,7 +33,7 @@ export interface DeviceFlags extends ReachFlags, OutputFlags {
   devices: number; size: number; profile: ProfileName | 'v2'; allowNoP2p?: boolean; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
   bandwidth?: number; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
-  memoryBudget?: number; trappedAccess?: TrappedAccess;
+  memoryBudget?: number; trappedAccess?: TrappedAccess; vendorStall?: number;
 }
 
 /** `count` emulated source devices emu0.. with consecutive seeds (v2 or v1 by the profile in `dev`). */
@@ -57,7 +57,7 @@ export function migOpts(o: DeviceFlags) {
   return {
     downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
     roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget, allowWithoutP2P: o.allowNoP2p,
-    trappedAccess: o.trappedAccess,
+    trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStall,
   };
 }
 
@@ -120,7 +120,7 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
       noteCleanup(`; ${rollbackText(e)}${o.stream ? `nothing written to ${p(o.stream)}` : 'temporary stream removed'}`);
       throw e;
     }
-    const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index], trappedAccess: o.trappedAccess },
+    const { report } = await loadStream(stream, pool, { verify: true, signal: o.signal, makeDestination: (e) => dests[e.index], trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStall },
       (l) => { dst = cmd.attachLoader(l, src); });
     // A kernel device has no digest (verified null): it counts as loaded when it was started.
     const ok = save.ok && report.ok && report.devices.every(loadedOk);
@@ -228,7 +228,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
   }
 }
 
-export async function cmdLoad(file: string, o: { threads?: number; device?: string[]; memoryBudget?: number; trappedAccess?: TrappedAccess } & OutputFlags & ReachFlags & Cancel): Promise<void> {
+export async function cmdLoad(file: string, o: { threads?: number; device?: string[]; memoryBudget?: number; trappedAccess?: TrappedAccess; vendorStall?: number } & OutputFlags & ReachFlags & Cancel): Promise<void> {
   const cmd = new CommandOutput('load', { file, ...o }, o);
   const pool = new EnginePool({ threads: o.threads });
   let loader;
@@ -241,7 +241,7 @@ export async function cmdLoad(file: string, o: { threads?: number; device?: stri
       if (!t) throw new MigError(ErrorCode.BAD_ARGUMENT, `the stream has more devices than the ${reached.length} --device destination(s)`, { device: e.name });
       return t;
     } : undefined;
-    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, destinations, memoryBudget: o.memoryBudget, trappedAccess: o.trappedAccess }, (l) => cmd.attachLoader(l));
+    const res = await loadStream(file, pool, { verify: true, signal: o.signal, makeDestination, destinations, memoryBudget: o.memoryBudget, trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStall }, (l) => cmd.attachLoader(l));
     loader = res.loader;
     const ok = res.report.devices.every(loadedOk);
     cmd.done({ stream: file, load: loadJson(res.report) }, `${loadText(res.report)}\nverified: ${ok}`, ok, `verified: ${ok}`);

@@ -97,6 +97,16 @@ export interface DataPathDesc<P = unknown> {
   maxChunk?: number;
   /** The module loads a record that is one data packet straight from the stream file (DataPath.loadFromFile). */
   fileLoad?: boolean;
+  /**
+   * How long the data channel may make no progress in STOP_COPY or RESUMING before VFM_VENDOR_STUCK (a data fd that
+   * neither gives nor takes data): the engine sets it from the migration's or load's vendorStallMs.
+   */
+  stallMs?: number;
+}
+
+/** The session's data path with the caller's stall bound, when it gives one. */
+export function withStallBound<P>(path: DataPathDesc<P>, stallMs: number | undefined): DataPathDesc<P> {
+  return stallMs === undefined ? path : { ...path, stallMs };
 }
 
 /** Outcome of one save read (DataPath.read). */

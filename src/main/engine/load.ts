@@ -22,7 +22,7 @@ import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import { DeviceShared } from './device-shared.js';
 import { Estimate, addEmulated, admit, memoryBudget } from './budget.js';
-import type { Awaitable, MigDevice } from '../device/seam.js';
+import { withStallBound, type Awaitable, type MigDevice } from '../device/seam.js';
 import { reachForSpec, reachProvider, registeredReaches } from '../device/registry.js';
 import { destroyEmulated } from '../reach/emulated/v2.js'; // importing it registers the emulated reach's v2 destinations
 import type { ConfigTarget } from '../transport/config.js';
@@ -79,6 +79,8 @@ export interface LoadOptions {
    * QEMU's naturally aligned 8/4/2/1-byte accesses, for drivers only ever driven by QEMU.
    */
   trappedAccess?: TrappedAccess;
+  /** A data fd that takes no data for this long while RESUMING fails with VFM_VENDOR_STUCK (default 30000 ms). */
+  vendorStallMs?: number;
   /**
    * Config space restore as an embedder hook (docs/CONFIG.md): `config.restore(device, bytes, restoreDefault)` gets
    * each device's CONFIG section bytes (the source's default config space, or a source save hook's own bytes) on the
@@ -515,7 +517,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
             if (d.openBatch === batch) d.openBatch = null;
             const sab = await scratch.get(Math.max(...batch.map((i) => i.size)));
             try {
-              const path = d.dev.dataPath();
+              const path = this.dataPath(d);
               if (!path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
               const res = await this.pool.loadData({
                 op: 'load-data-path', path, shared: d.shared.sab, fd, items: batch, parse: d.parse, limits: d.limits, scratch: sab,
@@ -554,7 +556,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const len = r.h.length;
       const streamOffset = r.h.streamOffset;
       d.chain = d.chain.then(async () => {
-        const path = d.dev.dataPath();
+        const path = this.dataPath(d);
         if (!path) throw new MigError(ErrorCode.BAD_STATE, 'no resuming data session is open', { device: d.entry.name });
         const res = await this.pool.loadPath({
           op: 'load-path', path, device: d.entry.name, deviceIndex: d.entry.index, shared: d.shared.sab, slot: sab, bodyLen: len,
@@ -580,6 +582,12 @@ export class Loader extends EventEmitter<LoaderEvents> {
       }).catch((e) => { failed ??= e; throw e; }).finally(done);
       d.chain.catch(() => undefined);
     }
+  }
+
+  /** The destination's resuming data path, with the load's stall bound. */
+  private dataPath(d: Dest) {
+    const path = d.dev.dataPath();
+    return path && withStallBound(path, this.o.vendorStallMs);
   }
 
   /** Where a worker puts a loaded CONFIG section: the device (default restore), or back to the main thread's hook. */

@@ -80,6 +80,11 @@ export interface MigrationOptions {
   /** strict mode: empty chunks in a row tolerated in a pre-copy round (default 64) and in stop-and-copy (default 256). */
   maxEmptyChunks?: number;
   maxNoProgress?: number;
+  /**
+   * A data fd that gives no data in STOP_COPY (and no end of stream) for this long fails with VFM_VENDOR_STUCK
+   * naming the device (default 30000 ms; a PRE_COPY fd with nothing to give is "nothing more for now").
+   */
+  vendorStallMs?: number;
   /** Compute each source device's final digest into the END record (emulated devices). */
   digests?: boolean;
   /** Worker lanes per device when the sink takes positioned writes (default 1). */
@@ -180,7 +185,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
   phase: MigrationPhase = 'idle';
   readonly devices: SourceDevice[];
   readonly dirty: DirtyTracker;
-  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'memoryBudget' | 'allowWithoutP2P' | 'trappedAccess' | 'config'>> & MigrationOptions;
+  private readonly o: Required<Omit<MigrationOptions, 'signal' | 'switchoverGate' | 'bandwidthCap' | 'lanesPerDevice' | 'stagingChunk' | 'vendorStallMs' | 'memoryBudget' | 'allowWithoutP2P' | 'trappedAccess' | 'config'>> & MigrationOptions;
   private cancelled = false;
   private rounds: RoundStats[] = [];
   private anomalies: VendorAnomaly[] = [];
@@ -242,7 +247,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     const exitAfter = testHooks(opts)?.exitAfterChunks;
     this.devices = transports.map((t, i) => new SourceDevice(i, t, pool, writer, {
       lanes, vendorMode: this.o.vendorMode, trappedAccess: this.o.trappedAccess, config: this.o.config, roundBytes: this.o.roundBytes, roundTimeMs: this.o.roundTimeMs,
-      maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, stagingChunk: this.o.stagingChunk,
+      maxEmptyChunks: this.o.maxEmptyChunks, maxNoProgress: this.o.maxNoProgress, vendorStallMs: this.o.vendorStallMs, stagingChunk: this.o.stagingChunk,
       testExitAfterChunks: exitAfter?.device === i ? exitAfter.chunks : undefined,
       onState: (state) => { this.deviceState[i] = state; this.emit('state', { device: t.name, index: i, state }); },
       onAnomaly,

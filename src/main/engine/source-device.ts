@@ -9,7 +9,7 @@ import { configSection, endTag, setupSection } from '../protocol/qemu-stream.js'
 import type { ContainerWriter } from '../container/writer.js';
 import type { DeviceTransport } from '../transport/transport.js';
 import { asMigDevice } from '../protocol/v1/device.js';
-import type { Awaitable, MigDevice, TargetState } from '../device/seam.js';
+import { withStallBound, type Awaitable, type MigDevice, type TargetState } from '../device/seam.js';
 import type { SaveResult, VendorMode } from '../../workers/tasks.js';
 import { DeviceShared } from './device-shared.js';
 import type { EnginePool } from './pool.js';
@@ -99,6 +99,8 @@ export interface SourceDeviceOptions {
   roundTimeMs: number;
   maxEmptyChunks: number;
   maxNoProgress: number;
+  /** Stall bound of the device's data channel (DataPathDesc.stallMs). */
+  vendorStallMs?: number;
   testExitAfterChunks?: number;
   /** Largest vendor chunk staged (bytes); default: the device's declared chunk size, else DEFAULT_STAGING_CHUNK. */
   stagingChunk?: number;
@@ -405,8 +407,9 @@ export class SourceDevice {
     // A positioned sink without a bandwidth cap takes records straight from the workers (no main-thread hop), and
     // then several lanes may share one device: each takes the lock for one chunk, checksums and writes outside it.
     const direct = this.limiter ? undefined : this.writer.sink.direct?.() ?? undefined;
-    const path = this.dev.dataPath();
-    if (!path) throw new MigError(ErrorCode.BAD_STATE, `${phase}: no data session is open`, { device: this.name });
+    const open = this.dev.dataPath();
+    if (!open) throw new MigError(ErrorCode.BAD_STATE, `${phase}: no data session is open`, { device: this.name });
+    const path = withStallBound(open, this.opts.vendorStallMs);
     this.areaChunk = path.maxChunk ?? Number.MAX_SAFE_INTEGER;
     const lanes = direct && path.lanes ? Math.max(1, Math.min(this.opts.lanes ?? 1, this.pool.rings.nslots)) : 1;
     await this.pool.acquire(lanes);

@@ -18,6 +18,7 @@ import { EnginePool } from '../engine/pool.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { asMigDevice } from '../protocol/v1/device.js';
 import { ErrorCode, MigError } from '../errors.js';
+import { checkStressOptions } from '../options.js';
 import { newParseState, parsePackets } from '../protocol/qemu-stream.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import { mulberry32, stressLoop, type IterationSummary, type RunHooks, type StressSummary } from './stress.js';
@@ -85,8 +86,10 @@ async function resume(d: EngineDevice): Promise<void> {
 }
 
 export async function stressReached(o: ReachedStressOptions): Promise<StressSummary> {
+  checkStressOptions(o);
   const { sources } = o;
   const dests = o.dests ?? [];
+  if (!Array.isArray(sources) || !Array.isArray(dests)) throw new MigError(ErrorCode.BAD_ARGUMENT, 'stress: sources and dests are arrays of devices');
   if (!sources.length) throw new MigError(ErrorCode.BAD_ARGUMENT, 'stress needs at least one device');
   if (dests.length && dests.length !== sources.length) {
     throw new MigError(ErrorCode.BAD_ARGUMENT, `--dest: ${dests.length} destination(s) for ${sources.length} --device source(s)`);

@@ -5,6 +5,7 @@ import { pendingRollback, runEmulated, type RunReport } from '../api.js';
 import { EnginePool, defaultThreads } from '../engine/pool.js';
 import { admitEmulated } from '../engine/budget.js';
 import { ErrorCode, MigError } from '../errors.js';
+import { checkStressOptions } from '../options.js';
 import type { DataMode, OffsetPolicy } from '../emulated/device.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { Migration } from '../engine/migration.js';
@@ -76,6 +77,7 @@ export function worstIteration(concurrent: number) {
 }
 
 export async function stress(o: StressOptions): Promise<StressSummary> {
+  checkStressOptions(o);
   const w = worstIteration(o.concurrent ?? 2);
   admitEmulated({ what: `stress (${w.devices} devices at once at most)`, ...w, destinations: true, newPoolThreads: o.threads ?? defaultThreads(), memoryBudget: o.memoryBudget });
   return stressLoop(o, (pool, seed, iteration) => runIteration(pool, seed, o.concurrent ?? 2, iteration, o.vendorMode, o.signal, o.memoryBudget, o.observe));

@@ -20,7 +20,8 @@ export function fdPathDesc(device: string, fd: number, stallMs?: number): DataPa
 const POLL_MS = 50; // how often a waiting worker looks at the abort flag
 
 export default function fdPath(desc: DataPathDesc): DataPath {
-  const { fd, stallMs = 30_000 } = desc.params as FdPathParams;
+  const { fd } = desc.params as FdPathParams;
+  const stallMs = desc.stallMs ?? (desc.params as FdPathParams).stallMs ?? 30_000;
   const device = desc.device;
   const n = native();
   const fail = (e: unknown, what: string, offset?: number): MigError => new MigError(ErrorCode.NATIVE, `${what}: ${(e as Error).message}`,
