@@ -5,7 +5,9 @@
 // call against the same stall, which shows the measurement catches a blocked loop.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
+import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { native } from '../src/addon/native.js';
@@ -19,7 +21,7 @@ import { DeviceServer, VfioUserClient, VfioUserTransport, connectVfioUser } from
 import { CMD } from '../src/main/reach/vfio-user/protocol.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import { rm } from './helpers.js';
-import { TMP, kill, killAll, loopGap, serverProcess, sockPath, stallProxy } from './vfu-procs.js';
+import { TMP, childReady, kill, killAll, loopGap, serverProcess, sockPath, stallProxy } from './vfu-procs.js';
 
 const pool = new EnginePool({ threads: 2 });
 
@@ -119,6 +121,25 @@ test('v1 over vfio-user through the engine: the server answers device_state writ
     assert.is(report.devices[0].verified, true);
   } finally {
     s.close(); d.close(); dst.stop(); kill(dirty.child, 'SIGTERM'); kill(states.child, 'SIGTERM'); kill(src.child, 'SIGTERM'); rm(stream);
+  }
+});
+
+test('connect to a server that does not accept (its listen backlog full): retried on the libuv pool until the timeout, the event loop stays free, VFM_PEER_GONE naming the device', async () => {
+  // A listener with a backlog of 0 that never accepts: the first connection fills it, the next cannot complete.
+  const socket = sockPath('backlog');
+  const py = spawn('python3', ['-c', 'import socket,sys,time\ns=socket.socket(socket.AF_UNIX);s.bind(sys.argv[1]);s.listen(0)\nprint("ready",flush=True)\ntime.sleep(60)', socket],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  const srv = await childReady(py, socket);
+  const filler = net.connect(socket);
+  await new Promise((r) => filler.once('connect', r));
+  try {
+    const c = await loopGap(() => VfioUserClient.connect(socket, { name: 'deaf', timeoutMs: STALL_MS }).then(() => null, (e: unknown) => e as MigError));
+    assert.is(c.value?.code, ErrorCode.PEER_GONE);
+    assert.is(c.value?.device, 'deaf');
+    assert.match(c.value!.message, /cannot connect to vfio-user server: .*did not accept within 1500 ms \(its backlog is full\)/);
+    assert.ok(c.gapMs < FREE_MS, `largest event-loop gap ${c.gapMs.toFixed(0)} ms while connecting for ${STALL_MS} ms`);
+  } finally {
+    filler.destroy(); kill(srv.child);
   }
 });
 

@@ -195,8 +195,8 @@ export interface NativeAddon {
   uapiLayout(): Record<string, number>;
 
   // ---- vfio-user (addon/src/vfio-user) -------------------------------------------------------------------------
-  /** Connect to a vfio-user server's UNIX socket (bounded by timeoutMs). Returns a connection id. */
-  vfuConnect(path: string, timeoutMs: number): number;
+  /** Connect to a vfio-user server's UNIX socket on the libuv pool (bounded by timeoutMs). Resolves to a connection id. */
+  vfuConnect(path: string, timeoutMs: number): Promise<number>;
   /** Negotiated limits: REGION_READ/WRITE bytes per request, data bytes per write-type request, per-request timeout. */
   vfuSetLimits(conn: number, maxXfer: number, writeBound: number, timeoutMs: number): void;
   /**

@@ -83,16 +83,15 @@ Req reqArgs(const Napi::CallbackInfo& info) {
   return r;
 }
 
-// The same request on the libuv pool: the main thread never waits on the socket for discovery.
-class RequestWorker : public Napi::AsyncWorker {
+// A job on the libuv pool that settles a Promise: run() there (a NativeError becomes the rejection, the same shape as
+// a synchronous call's error: {code, errno, message}), value() back on the main thread.
+class PoolJob : public Napi::AsyncWorker {
  public:
-  // The interrupt count is taken now: a vfuInterrupt() after this call cancels the request even before it runs.
-  RequestWorker(Napi::Env env, Req r)
-      : Napi::AsyncWorker(env), r_(std::move(r)), gen_(r_.conn->interrupts()), d_(Napi::Promise::Deferred::New(env)) {}
+  PoolJob(Napi::Env env, const char* op) : Napi::AsyncWorker(env), op_(op), d_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise promise() { return d_.Promise(); }
-  void Execute() override {
+  void Execute() final {
     try {
-      r_.conn->request(r_.cmd, r_.body.data(), r_.body.size(), &reply_, r_.minReply, r_.maxReply, &fds_, r_.maxFds, gen_);
+      run();
     } catch (const NativeError& e) {
       err_ = e.err;
       text_ = e.what();
@@ -101,38 +100,78 @@ class RequestWorker : public Napi::AsyncWorker {
       text_ = e.what();
     }
   }
-  void OnOK() override {
+  void OnOK() final {
     Napi::Env env = Env();
     if (!err_) {
-      d_.Resolve(result(env, reply_, fds_));
+      d_.Resolve(value(env));
       return;
     }
     const char* n = strerrorname_np(err_);
-    Napi::Error e = Napi::Error::New(env, std::string("vfuRequestAsync: ") + (n ? n : "EIO") + ": " + text_);
+    Napi::Error e = Napi::Error::New(env, std::string(op_) + ": " + (n ? n : "EIO") + ": " + text_);
     e.Set("code", Napi::String::New(env, n ? n : "EIO"));
     e.Set("errno", Napi::Number::New(env, err_));
     d_.Reject(e.Value());
   }
 
+ protected:
+  virtual void run() = 0;
+  virtual Napi::Value value(Napi::Env env) = 0;
+
+ private:
+  const char* op_;
+  Napi::Promise::Deferred d_;
+  int err_ = 0;
+  std::string text_;
+};
+
+// The same request on the libuv pool: the main thread never waits on the socket.
+class RequestWorker : public PoolJob {
+ public:
+  // The interrupt count is taken now: a vfuInterrupt() after this call cancels the request even before it runs.
+  RequestWorker(Napi::Env env, Req r) : PoolJob(env, "vfuRequestAsync"), r_(std::move(r)), gen_(r_.conn->interrupts()) {}
+
+ protected:
+  void run() override {
+    r_.conn->request(r_.cmd, r_.body.data(), r_.body.size(), &reply_, r_.minReply, r_.maxReply, &fds_, r_.maxFds, gen_);
+  }
+  Napi::Value value(Napi::Env env) override { return result(env, reply_, fds_); }
+
  private:
   Req r_;
   uint64_t gen_;
-  Napi::Promise::Deferred d_;
   std::vector<uint8_t> reply_;
   std::vector<int> fds_;
-  int err_ = 0;
-  std::string text_;
+};
+
+// connect(2) on the libuv pool: a listener that does not accept (its backlog full: a stopped server) is waited for
+// there, bounded by the timeout, never on the main thread.
+class ConnectWorker : public PoolJob {
+ public:
+  ConnectWorker(Napi::Env env, std::string path, uint32_t timeoutMs) : PoolJob(env, "vfuConnect"), path_(std::move(path)), timeoutMs_(timeoutMs) {}
+
+ protected:
+  void run() override {
+    conn_ = Conn::open(path_, timeoutMs_);
+    Limits l;
+    l.timeoutMs = timeoutMs_;
+    conn_->setLimits(l);
+  }
+  Napi::Value value(Napi::Env env) override { return Napi::Number::New(env, addConn(std::move(conn_))); }
+
+ private:
+  std::string path_;
+  uint32_t timeoutMs_;
+  std::shared_ptr<Conn> conn_;
 };
 
 Napi::Value vfuConnect(const Napi::CallbackInfo& info) {
   return guarded(info, "vfuConnect", [&] {
     if (!info[0].IsString()) throw ArgError("'path' must be a string");
     uint32_t t = static_cast<uint32_t>(intArg(info[1], "timeoutMs", 1, 3600000));
-    auto c = Conn::open(info[0].As<Napi::String>().Utf8Value(), t);
-    Limits l;
-    l.timeoutMs = t;
-    c->setLimits(l);
-    return Napi::Number::New(info.Env(), addConn(std::move(c)));
+    auto* w = new ConnectWorker(info.Env(), info[0].As<Napi::String>().Utf8Value(), t);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
   });
 }
 

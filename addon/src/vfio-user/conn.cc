@@ -49,21 +49,19 @@ std::shared_ptr<Conn> Conn::open(const std::string& path, uint32_t timeoutMs) {
   memcpy(a.sun_path, path.data(), path.size());
   int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (s < 0) throw NativeError(errno, "socket(AF_UNIX)");
-  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+  const int64_t deadline = nowMs() + timeoutMs;
+  while (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     int e = errno;
-    if (e == EINPROGRESS || e == EAGAIN) {
-      // A listener with a full backlog: wait for it, bounded.
-      pollfd p{s, POLLOUT, 0};
-      int n = poll(&p, 1, static_cast<int>(timeoutMs));
-      int soErr = 0;
-      socklen_t sl = sizeof soErr;
-      if (n == 1) getsockopt(s, SOL_SOCKET, SO_ERROR, &soErr, &sl);
-      e = n == 0 ? ETIMEDOUT : n < 0 ? errno : soErr;
+    if (e == EINTR) continue;
+    // AF_UNIX: EAGAIN is a listener whose backlog is full (a server not accepting). Nothing is in progress (the socket
+    // would poll writable at once and then not be connected): try again until the deadline. This runs on the pool.
+    if (e == EAGAIN && nowMs() < deadline) {
+      poll(nullptr, 0, 10);
+      continue;
     }
-    if (e) {
-      close(s);
-      throw NativeError(e, fmt("connect(%s): %s", path.c_str(), strerror(e)));
-    }
+    close(s);
+    if (e == EAGAIN) throw NativeError(ETIMEDOUT, fmt("connect(%s): the server did not accept within %u ms (its backlog is full)", path.c_str(), timeoutMs));
+    throw NativeError(e, fmt("connect(%s): %s", path.c_str(), strerror(e)));
   }
   return std::make_shared<Conn>(s, path);
 }

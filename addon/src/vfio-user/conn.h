@@ -35,7 +35,8 @@ class Conn {
   Conn(const Conn&) = delete;
   Conn& operator=(const Conn&) = delete;
 
-  // Connects to a UNIX socket path (non-blocking connect bounded by timeoutMs). Throws vm::NativeError.
+  // Connects to a UNIX socket path, retrying while the listener's backlog is full, bounded by timeoutMs (a pool job:
+  // vfuConnect). Throws vm::NativeError.
   static std::shared_ptr<Conn> open(const std::string& path, uint32_t timeoutMs);
 
   void setLimits(const Limits& l);

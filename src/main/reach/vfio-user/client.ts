@@ -1,7 +1,7 @@
 // The vfio-user client of one device (one socket): VERSION negotiation, then discovery — DEVICE_GET_INFO and
 // DEVICE_GET_REGION_INFO with its capability chain and the descriptors it passes — all before the device is stopped
-// (servers fence discovery while stopped). Negotiation and discovery run on the libuv pool (vfuRequestAsync), so the
-// main thread never waits on the socket for them.
+// (servers fence discovery while stopped). Connect, negotiation and discovery run on the libuv pool (vfuConnect,
+// vfuRequestAsync), so the main thread never waits on the socket for them.
 import { native } from '../../../addon/native.js';
 import { ErrorCode, MigError } from '../../errors.js';
 import { parseRegionInfo, REGION_INFO_FLAG_MMAP, REGION_INFO_SIZE, type RegionInfo } from '../../protocol/region-info.js';
@@ -49,7 +49,7 @@ export class VfioUserClient {
     if (!Number.isSafeInteger(opts.maxDataXfer) || opts.maxDataXfer < 4096 || opts.maxDataXfer > (1 << 20)) throw bad(`maxDataXfer ${opts.maxDataXfer} (4 KiB..1 MiB)`);
     let conn: number;
     try {
-      conn = native().vfuConnect(path, opts.timeoutMs);
+      conn = await native().vfuConnect(path, opts.timeoutMs);
     } catch (e) {
       const ne = e as { errno?: number; message?: string };
       throw new MigError(ErrorCode.PEER_GONE, `cannot connect to vfio-user server: ${ne.message}`, { device: name, errno: ne.errno, cause: e });
