@@ -87,8 +87,8 @@ test('loopback TCP, 1 channel, 4 devices with the workload running: every destin
     assert.ok(tx.downtimeMs! >= rx.destinationDowntimeMs! - 50, 'end to end includes the destination part');
     // QEMU's states in order on both sides.
     const states = (ev: LiveEvent[]) => ev.filter((e) => e.type === 'state').map((e) => (e as { state: string }).state);
-    assert.equal(states(p.txEvents), ['active', 'device', 'completed']);
-    assert.equal(states(p.rxEvents), ['active', 'device', 'completed']);
+    assert.equal(states(p.txEvents), ['setup', 'active', 'device', 'completed']);
+    assert.equal(states(p.rxEvents), ['setup', 'active', 'device', 'completed']);
     // Pipelined: the destination loaded pre-copy data before the switchover.
     const firstSwitch = p.rxEvents.findIndex((e) => e.type === 'switchover');
     const progressBefore = p.rxEvents.slice(0, firstSwitch).filter((e) => e.type === 'progress')

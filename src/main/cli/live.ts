@@ -34,8 +34,10 @@ function eventLine(side: string, e: LiveEvent): string | null {
   void side;
 }
 
-function logger(side: string, quiet: boolean) {
+/** stderr lines, and every event into the command's --events file (`live`: from CommandOutput.attachLive). */
+function logger(side: string, quiet: boolean, live: { onEvent: (e: LiveEvent) => void }) {
   return (e: LiveEvent) => {
+    live.onEvent(e);
     const l = eventLine(side, e);
     // The listening address always goes out: with port 0 it is how a caller learns the port.
     if (l && (!quiet || e.type === 'listening')) process.stderr.write(`vfio-mig ${side}: ${l}\n`);
@@ -60,14 +62,15 @@ export function sendText(r: SendReport): string {
 export async function cmdSend(o: SendFlags): Promise<void> {
   const dev = deviceOpts(o);
   const cmd = new CommandOutput('send', o, o);
+  const live = cmd.attachLive('source');
   const sources: EngineDevice[] = [];
   try {
     sources.push(...(o.device?.length ? await openDevices(o.device, o) : emulatedSources(dev, o.devices, o.seed)));
     const r = await send(sources, {
       ...migOpts(o), to: o.to, channels: o.channels, tlsDir: o.tlsDir, timeoutMs: o.timeout, threads: o.threads,
       switchoverAckTimeoutMs: o.switchoverAckTimeout, keepaliveMs: o.keepalive,
-      availSwitchoverBandwidth: o.availSwitchoverBandwidth, signal: o.signal, onEvent: logger('send', !!o.json || !!o.quiet),
-      onMigration: (m) => { cmd.attachMigration(m); },
+      availSwitchoverBandwidth: o.availSwitchoverBandwidth, signal: o.signal, onEvent: logger('send', !!o.json || !!o.quiet, live),
+      onMigration: (m) => { cmd.attachMigration(m, live.migration); },
     });
     const j = sendJson(r);
     cmd.done(j, sendText(r), r.ok, `verified: ${j.verified}`);
@@ -112,12 +115,13 @@ export function receiveText(r: ReceiveReport): string {
 
 export async function cmdReceive(o: ReceiveFlags): Promise<void> {
   const cmd = new CommandOutput('receive', o, o);
+  const live = cmd.attachLive('destination');
   const dests = (o.device ?? []).map(parseDeviceSpec);
   try {
     const r = await receive({
       listen: o.listen, destinations: dests.length ? dests : undefined, tlsDir: o.tlsDir, save: o.save, timeoutMs: o.timeout, keepaliveMs: o.keepalive,
-      threads: o.threads, verify: o.verify, signal: o.signal, onEvent: logger('receive', !!o.json || !!o.quiet),
-      onLoader: (l) => { cmd.attachLoader(l); },
+      threads: o.threads, verify: o.verify, signal: o.signal, onEvent: logger('receive', !!o.json || !!o.quiet, live),
+      onLoader: (l) => { cmd.attachLoader(l, undefined, live.migration); },
     });
     const ok = r.ok && r.devices.every((d) => d.verified !== false);
     const j = receiveJson(r);
@@ -137,6 +141,7 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
   if ((o as { stream?: string }).stream) throw new MigError(ErrorCode.BAD_ARGUMENT, '--live sends over a connection: no --stream');
   const dev = deviceOpts(o);
   const cmd = new CommandOutput('run', o, o);
+  const live = cmd.attachLive('source');
   const sock = path.join(os.tmpdir(), `vfio-mig-live-${process.pid}-${Date.now()}.sock`);
   const listenUri = o.live === 'unix' ? `unix:${sock}` : 'tcp:127.0.0.1:0';
   const bin = fileURLToPath(new URL('../../../../bin/vfio-mig.js', import.meta.url));
@@ -161,8 +166,8 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
     });
     sources.push(...emulatedSources(dev, o.devices, o.seed));
     const r = await send(sources, {
-      ...migOpts(o), to, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet),
-      onMigration: (m) => { cmd.attachMigration(m); },
+      ...migOpts(o), to, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet, live),
+      onMigration: (m) => { cmd.attachMigration(m, live.migration); },
     });
     const code = await exited;
     let rx: { ok?: boolean; result?: Record<string, unknown> | null } = {};

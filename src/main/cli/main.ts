@@ -28,7 +28,7 @@ function outputOptions(c: Command): Command {
   return c.option('--json', 'print the result as one JSON document (docs/JSON.md); no progress')
     .option('-q, --quiet', 'no live progress and no summary: only the final verdict line (and errors)')
     .option('-v, --verbose', 'print trace points to stderr as they happen (like VFIO_MIG_TRACE=1) and add dirty-bitmap queries to --events')
-    .option('--events <file|->', 'write NDJSON events as they happen (QEMU MIGRATION / MIGRATION_PASS / VFIO_MIGRATION style; \'-\': stdout)')
+    .option('--events <file|->', 'write NDJSON events as they happen (QEMU MIGRATION / MIGRATION_PASS / VFIO_MIGRATION style; send/receive add VFIO_MIG_LIVE_* live states; \'-\': stdout)')
     .option('--report <file.html>', 'write a self-contained HTML report with charts (opens offline)');
 }
 import { cmdReceive, cmdSend, type ReceiveFlags, type SendFlags } from './live.js';

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Migration } from '../engine/migration.js';
 import type { Loader } from '../engine/load.js';
+import type { LiveEvent } from '../live/events.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { setTraceFilter } from '../trace.js';
 import { EventLog } from '../report/events.js';
@@ -68,8 +69,10 @@ export class CommandOutput {
   private get text(): NodeJS.WritableStream { return this.flags.events === '-' ? process.stderr : reportStream(); }
   private write(s: string): void { this.text.write(printableLines(s) + '\n'); }
 
-  attachMigration(m: Migration): number { return this.rec.attachMigration(m); }
-  attachLoader(l: Loader, source?: number): number { return this.rec.attachLoader(l, source); }
+  attachMigration(m: Migration, id?: number): number { return this.rec.attachMigration(m, id); }
+  attachLoader(l: Loader, source?: number, id?: number): number { return this.rec.attachLoader(l, source, id); }
+  /** A live endpoint (send, receive): its events go to --events under the id its Migration / Loader then shares. */
+  attachLive(side: 'source' | 'destination'): { migration: number; onEvent: (e: LiveEvent) => void } { return this.rec.attachLive(side); }
   /** Stress: refresh the total line's counters. */
   tick(): void { this.progress?.refresh(); }
 

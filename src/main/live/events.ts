@@ -7,7 +7,8 @@ export type LiveState = 'setup' | 'active' | 'device' | 'completed' | 'failed' |
 export type Side = 'source' | 'destination';
 
 export type LiveEvent =
-  | { type: 'state'; side: Side; state: LiveState }
+  /** `cause` with failed, cancelling and cancelled: what both sides report. */
+  | { type: 'state'; side: Side; state: LiveState; cause?: Cause }
   | { type: 'listening'; address: string }
   | { type: 'connected'; side: Side; channel: number; channels: number; peer: string; identity?: string; version: number }
   | { type: 'rejected'; address: string; code: string; message: string }
@@ -36,10 +37,14 @@ export class LiveEndpoint extends EventEmitter<{ event: [LiveEvent] }> {
     this.emit('event', e);
   }
 
-  protected setState(s: LiveState): void {
-    if (this.state === s) return;
+  private announced = false;
+
+  protected setState(s: LiveState, cause?: Cause): void {
+    // The first call announces the initial state (setup) too.
+    if (this.state === s && this.announced) return;
+    this.announced = true;
     this.state = s;
     trace('live_state', { side: this.side, state: s });
-    this.event({ type: 'state', side: this.side, state: s });
+    this.event(cause ? { type: 'state', side: this.side, state: s, cause } : { type: 'state', side: this.side, state: s });
   }
 }

@@ -262,17 +262,18 @@ export class Receiver extends LiveEndpoint {
         ?? (err.code === ErrorCode.PEER_GONE || err.code === ErrorCode.PEER_TIMEOUT ? causeOf(err, 'network') : causeOf(err, 'destination'));
       rep.cause = cause;
       const cancelled = cause.code === ErrorCode.CANCELLED;
-      if (cancelled) this.setState('cancelling');
+      if (cancelled) this.setState('cancelling', cause);
       trace('live_failed', { side: 'destination', code: cause.code, message: cause.message });
+      // A device's own failure, on either side (the source's came in its ABORT record).
+      if (cause.device && cause.side !== 'network') this.event({ type: 'device-error', side: cause.side, cause });
       if (cause.side === 'destination' && this.sock0) {
-        if (cause.device) this.event({ type: 'device-error', side: 'destination', cause });
         if (cause.device) await this.send(F_DEVICE_ERROR, cause).catch(() => undefined);
         await this.send(F_SHUT, { status: cancelled ? 'cancelled' : 'failed', cause } satisfies ShutBody).catch(() => undefined);
       }
       const lr = (err as { report?: LoadReport }).report ?? (e as { report?: LoadReport }).report;
       if (lr) rep.load = lr;
       rep.devices = await this.releaseAll(lr);
-      this.setState(cancelled ? 'cancelled' : 'failed');
+      this.setState(cancelled ? 'cancelled' : 'failed', cause);
       rep.state = this.state;
       rep.bytesReceived = this.source?.bytesReceived ?? 0;
       rep.totalMs = performance.now() - t0;

@@ -286,9 +286,9 @@ export class Sender extends LiveEndpoint {
     const rep: SendReport = { ok: false, state: 'setup', uri: this.uri.text, channels: this.nChannels, tls: !!this.tlsc, bytesSent: 0, totalMs: 0 };
     const pool = this.o.pool ?? new EnginePool({ threads: this.o.threads });
     const onAbort = () => {
-      this.setState('cancelling');
-      this.fail(new MigError(ErrorCode.CANCELLED, 'migration cancelled on the source', { cause: this.o.signal?.reason }),
-        { code: ErrorCode.CANCELLED, message: 'migration cancelled on the source', side: 'source' });
+      const cause: Cause = { code: ErrorCode.CANCELLED, message: 'migration cancelled on the source', side: 'source' };
+      this.setState('cancelling', cause);
+      this.fail(new MigError(ErrorCode.CANCELLED, cause.message, { cause: this.o.signal?.reason }), cause);
     };
     this.o.signal?.addEventListener('abort', onAbort, { once: true });
     let timers: NodeJS.Timeout | undefined;
@@ -365,13 +365,15 @@ export class Sender extends LiveEndpoint {
       let err = e instanceof MigError ? e : new MigError(ErrorCode.WORKER_FAILED, (e as Error)?.message ?? String(e), { cause: e });
       const inner = err as MigError & { report?: MigrationReport };
       if (inner.report) rep.save = inner.report;
+      const cause: Cause = this.remote ?? { code: err.code, message: err.message, device: err.device, side: 'source' };
+      const cancelled = cause.code === ErrorCode.CANCELLED;
+      if (cancelled) this.setState('cancelling', cause);
       // The migration itself rolled its devices back; after a completed save (the destination failed at the end)
       // they are stopped: resume them here.
       if (this.migration && this.migration.phase === 'done') {
         rep.rollback = [];
         for (const d of this.migration.devices) { const r = await d.rollback(); rep.rollback.push(`${d.name}: ${r.detail ?? r.outcome}`); }
       } else if (inner.report?.rollback) rep.rollback = inner.report.rollback.map((r) => `${r.device}: ${r.detail ?? r.outcome}`);
-      const cause: Cause = this.remote ?? { code: err.code, message: err.message, device: err.device, side: 'source' };
       rep.cause = cause;
       rep.refused = this.refused;
       if (cause.side !== 'source') {
@@ -380,8 +382,9 @@ export class Sender extends LiveEndpoint {
         // This side's own decision that aborted the migration (the switchover-ack timeout), not the abort it caused.
         err = new MigError(cause.code as MigError['code'], cause.message, { device: cause.device, cause: err });
       }
-      const cancelled = cause.code === ErrorCode.CANCELLED;
-      this.setState(cancelled ? 'cancelled' : 'failed');
+      // A source device's own failure (the destination's came as DEVICE_ERROR on the return path).
+      if (cause.side === 'source' && cause.device) this.event({ type: 'device-error', side: 'source', cause });
+      this.setState(cancelled ? 'cancelled' : 'failed', cause);
       trace('live_failed', { side: 'source', code: cause.code, message: cause.message });
       rep.state = this.state;
       rep.bytesSent = sink?.bytes ?? 0;

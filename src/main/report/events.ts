@@ -2,9 +2,11 @@
 // events ({"timestamp": {"seconds", "microseconds"}, "event", "data"}): MIGRATION (status), MIGRATION_PASS (a
 // pre-copy round), VFIO_MIGRATION (a device's state), plus VFIO_MIG_PROGRESS (throttled byte counts) and a first
 // VFIO_MIG_START / last VFIO_MIG_END line that carry the schema, the tool version and the command's result.
+// send and receive add their live session's VFIO_MIG_LIVE_* events (state, channels, switchover, downtime, errors).
 // docs/JSON.md lists every field.
 import fs from 'node:fs';
-import type { OperatorEvent, Recorder } from './recorder.js';
+import type { LiveRecEvent, OperatorEvent, Recorder } from './recorder.js';
+import type { LiveEvent } from '../live/events.js';
 import { EVENTS_SCHEMA, SCHEMA_VERSION, TOOL, type ErrorJson } from './json.js';
 import { safeJson } from '../text.js';
 
@@ -33,7 +35,28 @@ export function qmpEvent(e: OperatorEvent): { event: string; data: Record<string
       },
     };
     case 'dirty': return { event: 'VFIO_MIG_DIRTY_QUERY', data: { ...base, 'device-id': e.device, ms: e.ms, pages: e.pages } };
+    case 'live': return liveEvent(e, base);
   }
+}
+
+/** A live endpoint's events, one name per kind (docs/JSON.md); `side` is always the endpoint's own. */
+const LIVE_NAMES: Record<LiveEvent['type'], string> = {
+  state: 'VFIO_MIG_LIVE_STATE', listening: 'VFIO_MIG_LIVE_LISTENING', connected: 'VFIO_MIG_LIVE_CONNECTED',
+  rejected: 'VFIO_MIG_LIVE_REJECTED', accepted: 'VFIO_MIG_LIVE_ACCEPTED', refused: 'VFIO_MIG_LIVE_REFUSED',
+  progress: 'VFIO_MIG_LIVE_PROGRESS', 'switchover-ack': 'VFIO_MIG_LIVE_SWITCHOVER_ACK', 'init-data-loaded': 'VFIO_MIG_LIVE_INIT_DATA_LOADED',
+  switchover: 'VFIO_MIG_LIVE_SWITCHOVER', loaded: 'VFIO_MIG_LIVE_LOADED', 'device-error': 'VFIO_MIG_LIVE_DEVICE_ERROR',
+  downtime: 'VFIO_MIG_LIVE_DOWNTIME',
+};
+
+function liveEvent(r: LiveRecEvent, base: { migration: number; side: string }): { event: string; data: Record<string, unknown> } {
+  const e = r.event;
+  const rest: Record<string, unknown> = { ...e };
+  delete rest.type;
+  delete rest.side; // the endpoint's side is in base; a peer's (progress, device-error) is named by the event or its cause
+  if (e.type === 'state') { delete rest.state; Object.assign(rest, { status: e.state }); }
+  if (e.type === 'init-data-loaded') { delete rest.device; Object.assign(rest, { 'device-id': e.device }); }
+  if (e.type === 'device-error') Object.assign(rest, { 'device-id': e.cause.device ?? null });
+  return { event: LIVE_NAMES[e.type], data: { ...base, ...rest } };
 }
 
 function timestamp(wall: number) {

@@ -4,6 +4,7 @@
 // attaching its engine objects here.
 import type { Migration } from '../engine/migration.js';
 import type { Loader } from '../engine/load.js';
+import type { LiveEvent } from '../live/events.js';
 
 export type Side = 'source' | 'destination';
 
@@ -22,7 +23,9 @@ export interface ProgressEvent extends Base {
   bytesPerSecond: number; sample: boolean;
 }
 export interface DirtyEvent extends Base { type: 'dirty'; device: string; ms: number; pages: number }
-export type OperatorEvent = StatusEvent | PassEvent | DeviceEvent | ProgressEvent | DirtyEvent;
+/** A live migration's own event (send/receive: state, channels, switchover, downtime, per-device errors). */
+export interface LiveRecEvent extends Base { type: 'live'; event: LiveEvent }
+export type OperatorEvent = StatusEvent | PassEvent | DeviceEvent | ProgressEvent | DirtyEvent | LiveRecEvent;
 type Payload<E> = E extends OperatorEvent ? Omit<E, 't' | 'wall'> : never;
 
 /** QEMU's MigrationStatus names for the engine's phases. */
@@ -79,9 +82,18 @@ export class Recorder {
     return true;
   }
 
-  /** Record a source-side migration; returns its id in the events. */
-  attachMigration(m: Migration): number {
+  /**
+   * A live endpoint's events (send: source, receive: destination), under a new id; the endpoint's Migration or Loader
+   * is then attached with the same id (attachMigration(m, id) / attachLoader(l, source, id)).
+   */
+  attachLive(side: Side): { migration: number; onEvent: (e: LiveEvent) => void } {
     const migration = this.nextId++;
+    return { migration, onEvent: (event) => this.push({ type: 'live', migration, side, event }) };
+  }
+
+  /** Record a source-side migration; returns its id in the events (`id`: one attachLive gave). */
+  attachMigration(m: Migration, id?: number): number {
+    const migration = id ?? this.nextId++;
     const side = 'source' as const;
     const names = m.devices.map((d) => d.name);
     // stopcopy and complete are both QEMU's 'device': one event for the two.
@@ -100,8 +112,8 @@ export class Recorder {
   }
 
   /** Record a destination-side load; `source`: the migration whose stream it loads, when this process ran both. */
-  attachLoader(l: Loader, source?: number): number {
-    const migration = this.nextId++;
+  attachLoader(l: Loader, source?: number, id?: number): number {
+    const migration = id ?? this.nextId++;
     if (source !== undefined) this.pairs.set(migration, source);
     const side = 'destination' as const;
     let started = false;
