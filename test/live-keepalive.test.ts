@@ -14,20 +14,12 @@ import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { Receiver } from '../src/main/live/receiver.js';
 import { send } from '../src/main/live/sender.js';
 import { socketFd, tcpKeepalive } from '../src/main/live/conn.js';
-import { makePki, opensslAvailable, type Pki } from './tls-pki.js';
+import { usePki } from './tls-pki.js';
 
 const srcPool = new EnginePool({ threads: 2 });
 const dstPool = new EnginePool({ threads: 2 });
-let pki: Pki;
-test.before(() => {
-  if (!opensslAvailable()) throw new Error('the TLS tests need the openssl CLI (Debian package openssl; .ci/run installs it)');
-  pki = makePki();
-});
-test.after(async () => {
-  await srcPool.close();
-  await dstPool.close();
-  if (pki) fs.rmSync(pki.root, { recursive: true, force: true });
-});
+const pki = usePki(test);
+test.after(async () => { await srcPool.close(); await dstPool.close(); });
 
 /** This process's established TCP sockets to or from `port`, with their options as getsockopt reads them. */
 function connectionsOn(port: number): (TcpKeepalive & { end: 'destination' | 'source' })[] {

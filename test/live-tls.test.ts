@@ -11,20 +11,12 @@ import { ErrorCode, MigError } from '../src/main/errors.js';
 import { Receiver } from '../src/main/live/receiver.js';
 import { send } from '../src/main/live/sender.js';
 import type { LiveEvent } from '../src/main/live/events.js';
-import { makePki, opensslAvailable, type Pki } from './tls-pki.js';
+import { usePki } from './tls-pki.js';
 
 const srcPool = new EnginePool({ threads: 2 });
 const dstPool = new EnginePool({ threads: 2 });
-let pki: Pki;
-test.before(() => {
-  if (!opensslAvailable()) throw new Error('the TLS tests need the openssl CLI (Debian package openssl; .ci/run installs it)');
-  pki = makePki();
-});
-test.after(async () => {
-  await srcPool.close();
-  await dstPool.close();
-  if (pki) fs.rmSync(pki.root, { recursive: true, force: true });
-});
+const pki = usePki(test);
+test.after(async () => { await srcPool.close(); await dstPool.close(); });
 
 function sources(n: number, seed: number): EmulatedTransport[] {
   return Array.from({ length: n }, (_, i) => EmulatedTransport.create({

@@ -1,13 +1,16 @@
 // `vfio-mig run --live tcp|unix`: the main job as a live migration between two processes on this machine (a
 // `vfio-mig receive` child and this CLI process sending to it), end to end through the CLI: the JSON document is
 // validated against docs/vfio-mig.schema.json (as test/operator-cli.test.ts does), both sides' downtime and
-// verification are reported and agree, and the destination really was another process.
+// verification are reported and agree, and the destination really was another process; --tls (a throw-away PKI),
+// --tls-dir (the operator's folder; a client not on the allow list refused) and --channels.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Ajv } from 'ajv';
 import { ROOT, runCli, type CliResult } from './helpers.js';
+import { makePki, opensslAvailable } from './tls-pki.js';
 
 const SMALL = ['--size', '4MiB', '--chunk', '256KiB', '--devices', '2'];
 type Result = CliResult;
@@ -55,6 +58,53 @@ for (const transport of ['tcp', 'unix'] as const) {
     assert.ok(receive.bytes > 2 * (4 << 20), `bytes over the connection: ${receive.bytes}`);
   });
 }
+
+const pkiDirs = () => fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('vfio-mig-pki-'));
+
+test('run --live tcp --tls --channels 2: mutual TLS with a throw-away PKI on both ends, 2 channels, verified; the PKI is removed', async () => {
+  if (!opensslAvailable()) throw new Error('run --live --tls needs the openssl CLI (Debian package openssl; .ci/run installs it)');
+  const before = pkiDirs();
+  const r = await cli(['run', '--live', 'tcp', '--tls', '--channels', '2', '--json', ...SMALL]);
+  assert.is(r.code, 0, r.stderr);
+  const { send, receive } = doc(r, 'run --live tcp --tls').result.live;
+  assert.equal([send.tls, receive.tls], [true, true], 'both processes ran TLS');
+  assert.equal([send.channels, receive.channels], [2, 2]);
+  assert.is(receive.peerIdentity, 'vfio-mig-run-live', 'the destination admitted the client by its certificate');
+  assert.equal(receive.devices.map((x: { verified: boolean }) => x.verified), [true, true]);
+  assert.equal(pkiDirs(), before, 'the throw-away PKI folder is gone');
+});
+
+test('run --live tcp --tls-dir: the operator\'s folder for both ends; a client the allow list does not name is refused', async () => {
+  if (!opensslAvailable()) throw new Error('run --live --tls-dir needs the openssl CLI (Debian package openssl; .ci/run installs it)');
+  const pki = makePki();
+  try {
+    const both = (client: string) => {
+      const dir = path.join(pki.root, `both-${path.basename(client)}`);
+      fs.mkdirSync(dir);
+      for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'allow']) fs.copyFileSync(path.join(pki.server, f), path.join(dir, f));
+      for (const f of ['client-cert.pem', 'client-key.pem']) fs.copyFileSync(path.join(client, f), path.join(dir, f));
+      return dir;
+    };
+    const r = await cli(['run', '--live', 'tcp', '--tls-dir', both(pki.client), '--json', ...SMALL]);
+    assert.is(r.code, 0, r.stderr);
+    const { receive } = doc(r, 'run --live tcp --tls-dir').result.live;
+    assert.is(receive.peerIdentity, pki.allowedCn);
+    assert.ok(receive.verified);
+    const no = await cli(['run', '--live', 'tcp', '--tls-dir', both(pki.intruder), '--json', ...SMALL]);
+    assert.is(no.code, 1, no.stderr);
+    assert.is(doc(no, 'run --live --tls-dir (intruder)').error.code, 'VFM_PEER_NOT_ALLOWED');
+  } finally {
+    fs.rmSync(pki.root, { recursive: true, force: true });
+  }
+});
+
+test('run: --tls over a UNIX socket, --tls with --tls-dir, and --channels / --tls without --live are refused', async () => {
+  for (const args of [['--live', 'unix', '--tls'], ['--live', 'tcp', '--tls', '--tls-dir', '/nonexistent'], ['--tls'], ['--channels', '2']]) {
+    const r = await cli(['run', ...args, '--json', ...SMALL]);
+    assert.is(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.is(doc(r, `run ${args.join(' ')}`).error.code, 'VFM_BAD_ARGUMENT');
+  }
+});
 
 test('run --live: a bad transport and a stream file are refused before anything starts', async () => {
   const a = await cli(['run', '--live', 'udp', '--json', ...SMALL]);

@@ -1,33 +1,14 @@
-// A throw-away PKI for the TLS tests, made with the openssl CLI (Debian's openssl package): a CA, a destination
+// A throw-away PKI for the TLS tests, made with the openssl CLI (src/main/live/pki.ts's pieces): a CA, a destination
 // certificate for the given IPs, an allowed client, a client the CA signed but the allow list does not name, and a
 // client from another CA. Each role gets a --tls-dir with the fixed file names.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { Test } from 'uvu';
+import { makeCa as ca, makeLeaf as leaf } from '../src/main/live/pki.js';
 
 export interface Pki { root: string; server: string; client: string; intruder: string; wrongCa: string; allowedCn: string }
-
-function ossl(cwd: string, ...args: string[]): void {
-  execFileSync('openssl', args, { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
-}
-
-function ca(dir: string, cn: string): void {
-  ossl(dir, 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem',
-    '-days', '2', '-subj', `/CN=${cn}`);
-}
-
-function leaf(caDir: string, outDir: string, base: string, cn: string, san?: string): void {
-  const key = path.join(outDir, `${base}-key.pem`);
-  const csr = path.join(outDir, `${base}.csr`);
-  const ext = path.join(outDir, `${base}.ext`);
-  fs.writeFileSync(ext, san ? `subjectAltName=${san}\n` : 'basicConstraints=CA:FALSE\n');
-  ossl(outDir, 'req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${cn}`);
-  ossl(caDir, 'x509', '-req', '-in', csr, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out',
-    path.join(outDir, `${base}-cert.pem`), '-days', '2', '-extfile', ext);
-  fs.rmSync(csr);
-  fs.rmSync(ext);
-}
 
 export function opensslAvailable(): boolean {
   try { execFileSync('openssl', ['version'], { stdio: 'ignore' }); return true; } catch { return false; }
@@ -53,4 +34,18 @@ export function makePki(ips: string[] = ['127.0.0.1']): Pki {
   fs.copyFileSync(path.join(caDir, 'ca-cert.pem'), path.join(wrongCa, 'ca-cert.pem'));
   fs.writeFileSync(path.join(server, 'allow'), '# clients allowed to migrate into this host\nsource-host-a\n');
   return { root, server, client, intruder, wrongCa, allowedCn: 'source-host-a' };
+}
+
+/**
+ * The TLS test files' fixture: a PKI made before suite `t` runs (the openssl CLI is required) and removed after it.
+ * The object is filled in by the before hook.
+ */
+export function usePki(t: Test): Pki {
+  const pki = {} as Pki;
+  t.before(() => {
+    if (!opensslAvailable()) throw new Error('the TLS tests need the openssl CLI (Debian package openssl; .ci/run installs it)');
+    Object.assign(pki, makePki());
+  });
+  t.after(() => { if (pki.root) fs.rmSync(pki.root, { recursive: true, force: true }); });
+  return pki;
 }

@@ -6,13 +6,16 @@ import { send, type SendReport } from '../live/sender.js';
 import { receive, type ReceiveReport } from '../live/receiver.js';
 import type { LiveEvent } from '../live/events.js';
 import { fmtBytes, parseSize } from './args.js';
-import { deviceOpts, emulatedSources, loadText, migOpts, saveText, type DeviceFlags } from './run.js';
+import { deviceOpts, emulatedSources, loadText, migOpts, saveText, type DeviceFlags, type LiveRunFlags } from './run.js';
+import { loadTlsDir } from '../live/conn.js';
+import { makeThrowawayPki } from '../live/pki.js';
 import { CommandOutput, type OutputFlags } from './output.js';
 import { openDevices } from './devices.js';
 import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { receiveJson, saveJson, sendJson } from '../report/json.js';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -136,18 +139,26 @@ export async function cmdReceive(o: ReceiveFlags): Promise<void> {
  * receive --json` child listens (loopback TCP on a free port, or a UNIX socket); this process sends its emulated
  * devices to it; both sides' end-to-end downtime and verification are reported (the child's JSON document as is).
  */
-export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal?: AbortSignal; timeout?: number }): Promise<void> {
+export async function cmdRunLive(o: DeviceFlags & LiveRunFlags & { live: 'tcp' | 'unix'; signal?: AbortSignal; timeout?: number }): Promise<void> {
   if (o.device?.length || o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--live migrates emulated devices: no --device / --dest');
   if ((o as { stream?: string }).stream) throw new MigError(ErrorCode.BAD_ARGUMENT, '--live sends over a connection: no --stream');
+  if ((o.tls || o.tlsDir) && o.live !== 'tcp') {
+    throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls${o.tlsDir ? '-dir' : ''}: TLS is for --live tcp (a UNIX socket is protected by its file permissions)`);
+  }
+  if (o.tls && o.tlsDir) throw new MigError(ErrorCode.BAD_ARGUMENT, '--tls makes a throw-away PKI, --tls-dir uses yours: one of them');
   const dev = deviceOpts(o);
   const cmd = new CommandOutput('run', o, o);
   const live = cmd.attachLive('source');
+  // Checked before anything starts: a bad folder is this process's error, not the child's.
+  if (o.tlsDir) { loadTlsDir(o.tlsDir, 'server'); loadTlsDir(o.tlsDir, 'client'); }
+  const pki = o.tls ? makeThrowawayPki() : undefined;
+  const tlsDir = o.tlsDir ?? pki;
   const sock = path.join(os.tmpdir(), `vfio-mig-live-${process.pid}-${Date.now()}.sock`);
   const listenUri = o.live === 'unix' ? `unix:${sock}` : 'tcp:127.0.0.1:0';
   const bin = fileURLToPath(new URL('../../../../bin/vfio-mig.js', import.meta.url));
   const timeout = String(o.timeout ?? 10_000);
   const child = spawn(process.execPath, [bin, 'receive', '--listen', listenUri, '--json', '--timeout', timeout,
-    ...(o.threads ? ['--threads', String(o.threads)] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+    ...(o.threads ? ['--threads', String(o.threads)] : []), ...(tlsDir ? ['--tls-dir', tlsDir] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   child.stdout.on('data', (b) => { out += b; });
@@ -166,7 +177,7 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
     });
     sources.push(...emulatedSources(dev, o.devices, o.seed));
     const r = await send(sources, {
-      ...migOpts(o), to, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet, live),
+      ...migOpts(o), to, channels: o.channels, tlsDir, threads: o.threads, timeoutMs: o.timeout, signal: o.signal, onEvent: logger('run', !!o.json || !!o.quiet, live),
       onMigration: (m) => { cmd.attachMigration(m, live.migration); },
     });
     const code = await exited;
@@ -179,7 +190,8 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
     const sj = sendJson(r);
     const ok = r.ok && rx.ok === true && rxr.verified === true && sj.verified === true;
     const text = [
-      `vfio-mig run --live ${o.live}: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, to a vfio-mig receive process (pid ${child.pid}) on ${to}`,
+      `vfio-mig run --live ${o.live}: ${o.devices} device(s) x ${fmtBytes(o.size)}, profile ${o.profile}, to a vfio-mig receive process (pid ${child.pid}) on ${to}`
+        + `${pki ? ' (mutual TLS with a throw-away PKI)' : tlsDir ? ` (mutual TLS, ${tlsDir})` : ''}`,
       sendText(r),
       `destination process: downtime ${rxr.downtimeMs?.toFixed(1) ?? '?'} ms end to end as it reports it, verified: ${rxr.verified}`,
       `verified: ${ok}`,
@@ -193,5 +205,6 @@ export async function cmdRunLive(o: DeviceFlags & { live: 'tcp' | 'unix'; signal
     // A destination left waiting (the send failed before connecting) is stopped; a finished one is already gone.
     if (child.exitCode === null) child.kill('SIGTERM');
     await exited;
+    if (pki) fs.rmSync(pki, { recursive: true, force: true });
   }
 }

@@ -5,7 +5,7 @@ import { ErrorCode, MigError } from '../errors.js';
 import { PROFILES } from '../protocol/profiles.js';
 import { parseEnum, parseIntIn, parseNumberIn, parseSize } from './args.js';
 import { cmdExtract, cmdInspect } from './inspect.js';
-import { cmdLoad, cmdRun, cmdSave, type DeviceFlags } from './run.js';
+import { cmdLoad, cmdRun, cmdSave, type DeviceFlags, type LiveRunFlags } from './run.js';
 import { cmdStress } from './stress.js';
 import { printable } from '../text.js';
 import { outJson } from './io.js';
@@ -93,7 +93,10 @@ export async function main(argv: string[]): Promise<void> {
     .option('--force', 'replace an existing --stream, --report or --events file')
     .option('--dest <spec>', 'destination for each --device, vfio-user:<socket path> or vfio:<sysfs path> (repeatable, same count)', (v, p: string[]) => collectDevice(v, p))
     .option('--live [tcp|unix]', 'a live migration between two processes instead: a `vfio-mig receive` child on loopback TCP (default) or a UNIX socket, sent to from this one', (v) => parseEnum('--live', v, ['tcp', 'unix'] as const))
-    .action((o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true }) => withSignals((signal) => cmdRun({ ...o, signal })));
+    .option('--channels <n>', 'with --live: parallel connections (each device uses one)', (v) => parseIntIn('--channels', v, 1, 64))
+    .option('--tls', 'with --live tcp: mutual TLS 1.3 with a throw-away PKI made with openssl in a temporary folder (removed after)')
+    .option('--tls-dir <dir>', 'with --live tcp: mutual TLS 1.3 with this folder for both ends (ca-cert.pem, server-cert.pem, server-key.pem, allow, client-cert.pem, client-key.pem)')
+    .action((o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true } & LiveRunFlags) => withSignals((signal) => cmdRun({ ...o, signal })));
   outputOptions(deviceOptions(program.command('save').description('save emulated source devices into a stream file')))
     .requiredOption('--stream <file>', 'stream file to write (\'-\': standard output, then the report goes to stderr)')
     .option('--force', 'replace an existing stream, --report or --events file (never an input)')

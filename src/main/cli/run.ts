@@ -134,8 +134,12 @@ async function runReached(o: DeviceFlags & { stream?: string; force?: boolean } 
   }
 }
 
-export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true } & Cancel): Promise<void> {
+/** run's --live options (the live demo's connection: parallel channels, mutual TLS). */
+export interface LiveRunFlags { channels?: number; tls?: boolean; tlsDir?: string }
+
+export async function cmdRun(o: DeviceFlags & { stream?: string; force?: boolean; live?: 'tcp' | 'unix' | true } & LiveRunFlags & Cancel): Promise<void> {
   if (o.live) return cmdRunLive({ ...o, live: o.live === true ? 'tcp' : o.live });
+  if (o.channels !== undefined || o.tls || o.tlsDir) throw new MigError(ErrorCode.BAD_ARGUMENT, '--channels, --tls and --tls-dir go with --live');
   if (o.device?.length) return runReached(o);
   if (o.dest?.length) throw new MigError(ErrorCode.BAD_ARGUMENT, '--dest needs --device sources');
   const dev = deviceOpts(o);
