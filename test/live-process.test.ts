@@ -3,7 +3,9 @@
 // and two hosts: two network namespaces joined by a veth pair (skipped with a message only where namespaces
 // cannot be made). Every child is bounded by a timeout and killed at the end.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
@@ -59,55 +61,75 @@ function rng(seed: number): () => number {
 const SEED = Number(process.env.VFIO_MIG_KILL_SEED ?? Date.now() % 100000);
 
 const SEND = ['--devices', '2', '--size', '32MiB', '--chunk', '256KiB', '--bandwidth', '48MiB', '--max-rounds', '3', '--threads', '2', '--json'];
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-mig-live-process-'));
+test.after(() => { fs.rmSync(TMP, { recursive: true, force: true }); });
+const sleep = (ms: number) => new Promise((res) => setTimeout(res, ms));
 
-async function startReceiver(extra: string[] = []): Promise<{ r: Run; to: string }> {
-  const r = run(['receive', '--listen', 'tcp:127.0.0.1:0', '--json', '--threads', '2', '--timeout', '4000', ...extra]);
+/** A `receive --json` child with an --events file (the test follows the migration through it). */
+async function startReceiver(extra: string[] = []): Promise<{ r: Run; to: string; events: string }> {
+  const events = path.join(TMP, `rx-${process.hrtime.bigint()}.ndjson`);
+  const r = run(['receive', '--listen', 'tcp:127.0.0.1:0', '--json', '--threads', '2', '--timeout', '4000', '--events', events, ...extra]);
   const m = await waitLine(r, /listening on (tcp:[0-9.]+:\d+)/);
-  return { r, to: m[1] };
+  return { r, to: m[1], events };
 }
 
-test(`kill -9 of the source at random points (seed ${SEED}): the destination reports the lost source, no device of it runs, all released`, async () => {
-  const rand = rng(SEED);
-  for (let i = 0; i < 3; i++) {
-    const { r, to } = await startReceiver();
-    const s = run(['send', '--to', to, ...SEND]);
-    await new Promise((res) => setTimeout(res, 400));
-    await new Promise((res) => setTimeout(res, 50 + rand() * 600));
-    s.child.kill('SIGKILL');
-    const rx = await r.out;
-    await s.out;
-    const j = json(rx.stdout);
-    assert.is(rx.code, 1, `seed ${SEED} kill ${i}: ${rx.stderr}`);
-    assert.ok(['VFM_PEER_GONE', 'VFM_PEER_TIMEOUT'].includes(j.error.code), `seed ${SEED}: ${j.error.code}: ${j.error.message}`);
-    assert.is(j.result.cause.side, 'network');
-    const states: string[] = j.result.devices.map((d: { state: string }) => d.state);
-    assert.ok(states.every((st) => /reset, released$/.test(st) && !st.startsWith('RUNNING')), `seed ${SEED}: ${states.join(' | ')}`);
+/** Resolves once the events file has a line of event `name` (and `status`, for VFIO_MIG_LIVE_STATE); bounded. */
+async function waitEvent(file: string, name: string, status?: string, ms = 20_000): Promise<void> {
+  const t0 = Date.now();
+  for (;;) {
+    const lines = fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)) : [];
+    if (lines.some((e) => e.event === name && (status === undefined || e.data.status === status))) return;
+    if (Date.now() - t0 > ms) throw new Error(`no ${name} ${status ?? ''} in ${file} within ${ms} ms`);
+    await sleep(25);
   }
+}
+
+/**
+ * kill -9 of `victim` 3 times (seeded) at a random point from the moment the source's connection is up — before its
+ * device table was accepted (it has then opened no device), in pre-copy, in the switchover — and `check` the
+ * survivor's JSON document.
+ */
+async function killAtRandom(victim: 'source' | 'destination', seed: number, check: (j: Record<string, any>, at: string) => void): Promise<void> { // eslint-disable-line @typescript-eslint/no-explicit-any
+  const rand = rng(seed);
+  for (let i = 0; i < 3; i++) {
+    const { r, to, events } = await startReceiver();
+    const s = run(['send', '--to', to, ...SEND]);
+    await waitEvent(events, 'VFIO_MIG_LIVE_CONNECTED');
+    await sleep(rand() * 700);
+    (victim === 'source' ? s : r).child.kill('SIGKILL');
+    const [rx, tx] = await Promise.all([r.out, s.out]);
+    const survivor = victim === 'source' ? rx : tx;
+    const at = `seed ${SEED} kill ${i}`;
+    assert.is(survivor.code, 1, `${at}: ${survivor.stderr}`);
+    const j = json(survivor.stdout);
+    assert.ok(['VFM_PEER_GONE', 'VFM_PEER_TIMEOUT'].includes(j.error.code), `${at}: ${j.error.code}: ${j.error.message}`);
+    check(j, at);
+  }
+}
+
+/** A source device the failed migration left RUNNING: resumed (or still running), or never opened at all. */
+const NOT_LEFT_STOPPED = /RUNNING|never opened: nothing changed/;
+
+test(`kill -9 of the source at random points (seed ${SEED}): the destination reports the lost source, no device of it runs, all released`, async () => {
+  await killAtRandom('source', SEED, (j, at) => {
+    assert.is(j.result.cause.side, 'network', at);
+    const states: string[] = j.result.devices.map((d: { state: string }) => d.state);
+    assert.ok(states.every((st) => /reset, released$/.test(st) && !st.startsWith('RUNNING')), `${at}: ${states.join(' | ')}`);
+  });
 });
 
 test(`kill -9 of the destination at random points (seed ${SEED}): the source reports it and every source device is RUNNING again`, async () => {
-  const rand = rng(SEED + 1);
-  for (let i = 0; i < 3; i++) {
-    const { r, to } = await startReceiver();
-    const s = run(['send', '--to', to, ...SEND]);
-    await new Promise((res) => setTimeout(res, 400));
-    await new Promise((res) => setTimeout(res, 50 + rand() * 600));
-    r.child.kill('SIGKILL');
-    const tx = await s.out;
-    await r.out;
-    const j = json(tx.stdout);
-    assert.is(tx.code, 1, `seed ${SEED} kill ${i}: ${tx.stderr}`);
-    assert.ok(['VFM_PEER_GONE', 'VFM_PEER_TIMEOUT'].includes(j.error.code), `seed ${SEED}: ${j.error.code}: ${j.error.message}`);
+  await killAtRandom('destination', SEED + 1, (j, at) => {
     const rb: string[] = j.result.rollback ?? [];
-    assert.is(rb.length, 2, `seed ${SEED}: rollback ${JSON.stringify(j.result)}`.slice(0, 400));
-    assert.ok(rb.every((x) => /RUNNING/.test(x) && !/failed/.test(x)), rb.join(' | '));
-  }
+    assert.is(rb.length, 2, `${at}: rollback ${JSON.stringify(j.result)}`.slice(0, 400));
+    assert.ok(rb.every((x) => NOT_LEFT_STOPPED.test(x) && !/failed/.test(x)), `${at}: ${rb.join(' | ')}`);
+  });
 });
 
-test('a destination that stops answering (SIGSTOP): the source notices within its timeout and resumes its devices', async () => {
-  const { r, to } = await startReceiver();
+test('a destination that stops answering (SIGSTOP) mid pre-copy: the source notices within its timeout and resumes its devices', async () => {
+  const { r, to, events } = await startReceiver();
   const s = run(['send', '--to', to, '--timeout', '1500', ...SEND]);
-  await new Promise((res) => setTimeout(res, 600));
+  await waitEvent(events, 'VFIO_MIG_LIVE_STATE', 'active'); // the source's devices are open and in pre-copy
   r.child.kill('SIGSTOP');
   const t0 = Date.now();
   const tx = await s.out;
@@ -117,7 +139,9 @@ test('a destination that stops answering (SIGSTOP): the source notices within it
   const j = json(tx.stdout);
   assert.is(j.error.code, 'VFM_PEER_TIMEOUT', j.error.message);
   assert.ok(waited < 15_000, `noticed after ${waited} ms`);
-  assert.ok((j.result.rollback as string[]).every((x) => /RUNNING/.test(x)));
+  const rb = j.result.rollback as string[];
+  assert.is(rb.length, 2);
+  assert.ok(rb.every((x) => /RUNNING/.test(x)), rb.join(' | '));
 });
 
 test('fd:N: both sides get an already connected socket from their parent', async () => {

@@ -12,6 +12,7 @@ import { EnginePool } from '../src/main/engine/pool.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { ErrorCode, MigError } from '../src/main/errors.js';
 import { inspectContainer } from '../src/main/container/inspect.js';
+import { FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_DEVICE_TABLE, decodeRecordHeader } from '../src/main/container/format.js';
 import { Receiver, type ReceiveOptions, type ReceiveReport } from '../src/main/live/receiver.js';
 import { send, type SendOptions, type SendReport } from '../src/main/live/sender.js';
 import type { LiveEvent } from '../src/main/live/events.js';
@@ -234,6 +235,56 @@ test('a destination that stops answering: the source times out, its devices RUNN
     server.close();
   }
 });
+
+/**
+ * A destination that goes away at a fixed point: before answering the HELLO, or once the device table has arrived
+ * (the source then waits for ACCEPT before it opens any device: what a kill -9 of the destination at that moment does).
+ */
+async function vanishingDestination(when: 'before-reply' | 'after-table'): Promise<{ to: string; close: () => void }> {
+  const server = net.createServer((s) => {
+    s.on('error', () => undefined);
+    let got = Buffer.alloc(0);
+    let replied = false;
+    s.on('data', (b) => {
+      got = Buffer.concat([got, b]);
+      if (got.length < HELLO_SIZE) return;
+      if (when === 'before-reply') { s.destroy(); return; }
+      if (!replied) {
+        replied = true;
+        const h = decodeHello(got.subarray(0, HELLO_SIZE));
+        s.write(encodeReply({ status: HELLO_OK, version: WIRE_VERSION, session: h.session, channel: h.channel, serverMin: 1, serverMax: WIRE_VERSION }));
+      }
+      // Then the container's file header and its DEVICE_TABLE record; the source sends nothing more before ACCEPT.
+      const rest = got.subarray(HELLO_SIZE);
+      if (rest.length < FILE_HEADER_SIZE + RECORD_HEADER_SIZE) return;
+      const t = decodeRecordHeader(rest.subarray(FILE_HEADER_SIZE), FILE_HEADER_SIZE);
+      assert.is(t.type, REC_DEVICE_TABLE);
+      if (rest.length >= FILE_HEADER_SIZE + RECORD_HEADER_SIZE + t.length) s.destroy();
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { to: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`, close: () => server.close() };
+}
+
+for (const when of ['before-reply', 'after-table'] as const) {
+  test(`a destination gone ${when === 'before-reply' ? 'before answering the HELLO' : 'after the device table, before ACCEPT'}: no source device was opened; the report says so for each, all RUNNING`, async () => {
+    const d = await vanishingDestination(when);
+    const srcs = sources(2, { seed: 175 });
+    try {
+      const e = failed(await send(srcs, { to: d.to, pool: srcPool, timeoutMs: 5000 }).catch((x) => x), ErrorCode.PEER_GONE);
+      const rb = e.report.rollback as string[];
+      assert.equal(rb.map((x) => x.split(':')[0]), ['emu0', 'emu1'], `one line per source device: ${JSON.stringify(e.report)}`.slice(0, 600));
+      assert.ok(rb.every((x) => /never opened: nothing changed/.test(x)), rb.join(' | '));
+      for (const s of srcs) assert.is(stateOf(s), 'RUNNING');
+      // After the table the migration exists (it started, then rolled back devices it never opened); before, it never did.
+      const save = e.report.save as { rollback: { outcome: string }[] } | undefined;
+      assert.equal(save?.rollback.map((r) => r.outcome), when === 'after-table' ? ['not-opened', 'not-opened'] : undefined);
+    } finally {
+      for (const s of srcs) s.destroy();
+      d.close();
+    }
+  });
+}
 
 test('a source that stops sending: the destination times out and releases its devices', async () => {
   const rxEvents: LiveEvent[] = [];
