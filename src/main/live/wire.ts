@@ -57,29 +57,22 @@ export interface Cause { code: string; message: string; device?: string; side: '
 export interface RefusedDevice { index: number; name: string; code: string; reason: string }
 export interface ShutBody { status: 'completed' | 'failed' | 'cancelled'; cause?: Cause; devices?: { name: string; state: string; verified: boolean | null }[] }
 
-function put(b: Buffer, magic: string): DataView {
-  b.write(magic, 0, 'latin1');
-  return new DataView(b.buffer, b.byteOffset, b.byteLength);
-}
+// HELLO and HELLO_REPLY share one 64-byte layout: magic (8), u32 words at 8 and 12, the 16-byte session at 16, u32
+// words at 32, 36 and 40, reserved zeros, crc32c of bytes 0..59 at 60 (docs/PROTOCOL.md).
+const WORDS = [8, 12, 32, 36, 40] as const;
+type Words = [number, number, number, number, number];
 
-function seal(b: Buffer, dv: DataView): Buffer {
+function encode64(magic: string, w: Words, session: Buffer): Buffer {
+  const b = Buffer.alloc(HELLO_SIZE);
+  b.write(magic, 0, 'latin1');
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  WORDS.forEach((off, i) => dv.setUint32(off, w[i], true));
+  session.copy(b, 16, 0, 16);
   dv.setUint32(60, crc32c(b.subarray(0, 60)), true);
   return b;
 }
 
-export function encodeHello(h: Hello): Buffer {
-  const b = Buffer.alloc(HELLO_SIZE);
-  const dv = put(b, HELLO_MAGIC);
-  dv.setUint32(8, h.minVersion, true);
-  dv.setUint32(12, h.maxVersion, true);
-  h.session.copy(b, 16, 0, 16);
-  dv.setUint32(32, h.channel, true);
-  dv.setUint32(36, h.channels, true);
-  dv.setUint32(40, h.flags, true);
-  return seal(b, dv);
-}
-
-function open(b: Uint8Array, magic: string, what: string): DataView {
+function decode64(b: Uint8Array, magic: string, what: string): { w: Words; session: Buffer } {
   const got = Buffer.from(b.subarray(0, 8)).toString('latin1');
   if (got !== magic) {
     throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: bad magic ${JSON.stringify(got)} (expected ${magic}): not a vfio-mig peer`, { offset: 0 });
@@ -87,15 +80,16 @@ function open(b: Uint8Array, magic: string, what: string): DataView {
   const dv = new DataView(b.buffer, b.byteOffset, HELLO_SIZE);
   if (dv.getUint32(60, true) !== crc32c(b.subarray(0, 60))) throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: checksum mismatch`, { offset: 60 });
   for (let i = 44; i < 60; i++) if (b[i] !== 0) throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: reserved byte ${i} is not zero`, { offset: i });
-  return dv;
+  return { w: WORDS.map((off) => dv.getUint32(off, true)) as Words, session: Buffer.from(b.subarray(16, 32)) };
+}
+
+export function encodeHello(h: Hello): Buffer {
+  return encode64(HELLO_MAGIC, [h.minVersion, h.maxVersion, h.channel, h.channels, h.flags], h.session);
 }
 
 export function decodeHello(b: Uint8Array): Hello {
-  const dv = open(b, HELLO_MAGIC, 'HELLO');
-  const h: Hello = {
-    minVersion: dv.getUint32(8, true), maxVersion: dv.getUint32(12, true), session: Buffer.from(b.subarray(16, 32)),
-    channel: dv.getUint32(32, true), channels: dv.getUint32(36, true), flags: dv.getUint32(40, true),
-  };
+  const { w: [minVersion, maxVersion, channel, channels, flags], session } = decode64(b, HELLO_MAGIC, 'HELLO');
+  const h: Hello = { minVersion, maxVersion, session, channel, channels, flags };
   if (h.minVersion > h.maxVersion || h.minVersion === 0) throw new MigError(ErrorCode.PEER_PROTOCOL, `HELLO: version range ${h.minVersion}..${h.maxVersion}`, { offset: 8 });
   if (h.channels < 1 || h.channels > MAX_CHANNELS) throw new MigError(ErrorCode.PEER_PROTOCOL, `HELLO: ${h.channels} channels (1..${MAX_CHANNELS})`, { offset: 36 });
   if (h.flags !== 0) throw new MigError(ErrorCode.PEER_PROTOCOL, `HELLO: unknown flags 0x${h.flags.toString(16)}`, { offset: 40 });
@@ -103,23 +97,12 @@ export function decodeHello(b: Uint8Array): Hello {
 }
 
 export function encodeReply(r: HelloReply): Buffer {
-  const b = Buffer.alloc(HELLO_SIZE);
-  const dv = put(b, REPLY_MAGIC);
-  dv.setUint32(8, r.status, true);
-  dv.setUint32(12, r.version, true);
-  r.session.copy(b, 16, 0, 16);
-  dv.setUint32(32, r.channel, true);
-  dv.setUint32(36, r.serverMin, true);
-  dv.setUint32(40, r.serverMax, true);
-  return seal(b, dv);
+  return encode64(REPLY_MAGIC, [r.status, r.version, r.channel, r.serverMin, r.serverMax], r.session);
 }
 
 export function decodeReply(b: Uint8Array): HelloReply {
-  const dv = open(b, REPLY_MAGIC, 'HELLO_REPLY');
-  return {
-    status: dv.getUint32(8, true), version: dv.getUint32(12, true), session: Buffer.from(b.subarray(16, 32)),
-    channel: dv.getUint32(32, true), serverMin: dv.getUint32(36, true), serverMax: dv.getUint32(40, true),
-  };
+  const { w: [status, version, channel, serverMin, serverMax], session } = decode64(b, REPLY_MAGIC, 'HELLO_REPLY');
+  return { status, version, session, channel, serverMin, serverMax };
 }
 
 /** The version both speak: the highest in both ranges, or 0. */
