@@ -140,6 +140,7 @@ test('UNIX socket, draft-2019 devices', async () => {
 test('a destination that refuses (profile mismatch, no matching device): the source learns each reason, its devices stay RUNNING', async () => {
   const srcs = sources(2, { seed: 90 });
   const dst = [EmulatedTransport.create({ name: 'emu0', profile: 'draft-2019', stateSize: 8 << 20, maxChunk: 256 << 10, zeroFill: true })];
+  const resets = countResets(dst);
   try {
     const p = await pair(srcs, 'tcp:127.0.0.1:0', {}, { destinations: dst });
     const tx = failed(p.tx, ErrorCode.PEER_REFUSED);
@@ -151,16 +152,28 @@ test('a destination that refuses (profile mismatch, no matching device): the sou
     assert.is((tx.report.cause as { side: string }).side, 'destination');
     for (const s of srcs) assert.is(stateOf(s), 'RUNNING');
     assert.is(stateOf(dst[0]), 'RUNNING', 'a refused destination was never put in RESUMING');
+    assert.equal([...resets.values()], [1], 'no load ran: the receiver resets it, once');
   } finally {
     for (const s of srcs) s.destroy();
     for (const d of dst) d.destroy();
   }
 });
 
+/** Counts VFIO_DEVICE_RESETs per device at the emulated vendor (whoever asks for them: the loader, the receiver). */
+function countResets(devs: EmulatedTransport[]): Map<string, number> {
+  const n = new Map(devs.map((d) => [d.name, 0]));
+  for (const d of devs) {
+    const reset = d.device.reset.bind(d.device);
+    d.device.reset = () => { n.set(d.name, n.get(d.name)! + 1); reset(); };
+  }
+  return n;
+}
+
 test('the destination fails at the end (refuses to start): the source resumes its stopped devices and reports the destination\'s cause', async () => {
   const srcs = sources(2, { seed: 110 });
   const dst = [0, 1].map((i) => EmulatedTransport.create({ name: `emu${i}`, stateSize: 8 << 20, maxChunk: 256 << 10, zeroFill: true }));
   dst[1].device.setFault('fail-transition', 1); // RESUMING -> RUNNING fails EIO
+  const resets = countResets(dst);
   try {
     const p = await pair(srcs, 'tcp:127.0.0.1:0', {}, { destinations: dst });
     const rx = failed(p.rx, ErrorCode.LOAD_REJECTED);
@@ -168,10 +181,11 @@ test('the destination fails at the end (refuses to start): the source resumes it
     assert.is((tx.report.cause as { device: string }).device, 'emu1');
     assert.equal(tx.report.cause, rx.report.cause, 'the same cause on both sides');
     for (const s of srcs) assert.is(stateOf(s), 'RUNNING', 'source resumed');
-    // None is left running with the migrated state: each was stopped (one started before the failure was reset and
-    // stopped by the loader), then reset.
+    // None is left running with the migrated state, and each is reset exactly once: by the failed load (what it
+    // loaded is discarded, then STOP), the receiver not again.
     const states = (rx.report.devices as { state: string }[]).map((d) => d.state);
-    assert.ok(states.every((st) => /^(STOP|reset \(state discarded\), STOP), reset$/.test(st)), states.join(' | '));
+    assert.ok(states.every((st) => /^(reset \(state discarded\), STOP|STOP, reset)$/.test(st)), states.join(' | '));
+    assert.equal([...resets.values()], [1, 1], `resets per destination: ${JSON.stringify([...resets])}`);
   } finally {
     for (const s of srcs) s.destroy();
     for (const d of dst) d.destroy();
@@ -191,7 +205,8 @@ test('cancel on the source mid pre-copy: both sides report cancelled with the sa
     assert.is(rx.report.state, 'cancelled');
     assert.is(tx.report.state, 'cancelled');
     for (const s of srcs) assert.is(stateOf(s), 'RUNNING');
-    assert.ok((rx.report.devices as { state: string }[]).every((d) => /reset, released/.test(d.state)));
+    assert.ok((rx.report.devices as { state: string }[]).every((d) => d.state.split('reset').length === 2 && d.state.endsWith(', released')),
+      'each reset once (by the failed load or the receiver), then released');
   } finally {
     for (const s of srcs) s.destroy();
   }

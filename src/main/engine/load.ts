@@ -204,6 +204,8 @@ export interface Dest {
   loaded: boolean;
   /** File offset just past this device's last CHUNK record so far: where a stream that stops early ends. */
   streamEnd?: number;
+  /** The failed load reset it (what it loaded is discarded): whoever releases it need not reset it again. */
+  discarded?: boolean;
 }
 
 /**
@@ -708,6 +710,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
           note = ` (STOP refused: ${(e as Error).message})`;
           await dev.reset();
         }
+        d.discarded = true;
         this.setDestState(d, `reset (state discarded), ${await dev.state()}${note}`);
       } catch (e) {
         d.stats.state = `unknown (${(e as Error).message})`;

@@ -111,6 +111,7 @@ export class Receiver extends LiveEndpoint {
   private tLoaded = 0;
   private sourceDowntime: number | undefined;
   private sourceCause: Cause | undefined;
+  private loader: Loader | undefined;
   private doneWait: { resolve: () => void; reject: (e: MigError) => void } | undefined;
   private gotDone = false;
   private loaded = 0;
@@ -244,6 +245,7 @@ export class Receiver extends LiveEndpoint {
         void this.send(F_PROGRESS, { devices }).catch(() => undefined);
       }, 250);
       this.o.onLoader?.(loader);
+      this.loader = loader;
       const lr = await loader.run();
       rep.load = lr;
       rep.downtimeMs = this.sourceDowntime;
@@ -272,7 +274,7 @@ export class Receiver extends LiveEndpoint {
       }
       const lr = (err as { report?: LoadReport }).report ?? (e as { report?: LoadReport }).report;
       if (lr) rep.load = lr;
-      rep.devices = await this.releaseAll(lr);
+      rep.devices = await this.releaseAll(lr, this.loader);
       this.setState(cancelled ? 'cancelled' : 'failed', cause);
       rep.state = this.state;
       rep.bytesReceived = this.source?.bytesReceived ?? 0;
@@ -482,13 +484,18 @@ export class Receiver extends LiveEndpoint {
     return refused;
   }
 
-  /** Failure: no destination runs; each is reset (back to a clean RUNNING-capable state) and those made here released. */
-  private async releaseAll(lr?: LoadReport): Promise<ReceiveReport['devices']> {
+  /**
+   * Failure: no destination runs; each is reset once (back to a clean RUNNING-capable state: by the failed load, which
+   * resets every one it did not leave validated in STOP, else here) and those made here released.
+   */
+  private async releaseAll(lr?: LoadReport, loader?: Loader): Promise<ReceiveReport['devices']> {
     const out: ReceiveReport['devices'] = [];
     for (const [i, d] of this.destinations.entries()) {
       if (!d) continue;
       let state = lr?.devices[i]?.state ?? 'not loaded';
-      try { await d.reset(); state = `${state}, reset`; } catch (e) { state = `${state}, reset failed: ${(e as Error).message}`; }
+      if (!loader?.dests.some((x) => x.entry.index === i && x.discarded)) {
+        try { await d.reset(); state = `${state}, reset`; } catch (e) { state = `${state}, reset failed: ${(e as Error).message}`; }
+      }
       if (this.created.has(d)) {
         destroyEmulated(d);
         state += ', released';
