@@ -376,7 +376,7 @@ export class Sender extends LiveEndpoint {
       } else if (inner.report?.rollback) rep.rollback = inner.report.rollback.map((r) => `${r.device}: ${r.detail ?? r.outcome}`);
       // Failed before the migration took its devices (no connection, a refused HELLO, a device claimed elsewhere):
       // every device is as it was; the report says so for each, as a rollback of a device never opened does.
-      else rep.rollback = this.sources.map((s) => `${s.name}: never opened: nothing changed (the migration failed before its setup)`);
+      else rep.rollback = this.sources.map((s) => `${s.name}: the device was never reached: nothing changed (the migration failed before its setup)`);
       rep.cause = cause;
       rep.refused = this.refused;
       if (cause.side !== 'source') {
