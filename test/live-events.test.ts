@@ -89,6 +89,7 @@ test('a refusal is in both --events files: each device\'s reason, then failed wi
     ['--json', '--events', ER, '--device', 'name=emu0,profile=v2,size=4MiB,chunk=256KiB']);
   assert.is(s.code, 1, s.stderr);
   assert.is(r.code, 1, r.stderr);
+  const causes: unknown[] = [];
   for (const file of [ES, ER]) {
     const ev = events(file);
     assert.equal(states(ev), ['setup', 'failed'], `${file}: live states`);
@@ -99,7 +100,9 @@ test('a refusal is in both --events files: each device\'s reason, then failed wi
     assert.is(failed.cause.code, 'VFM_PEER_REFUSED', file);
     assert.is(failed.cause.side, 'destination', file);
     assert.is(ev.at(-1)!.data.ok, false);
+    causes.push(failed.cause);
   }
+  assert.equal(causes[0], causes[1], 'the same cause on both ends');
 });
 
 // The failure paths below need faults injected into devices: one process, the CLI's own Recorder and EventLog.

@@ -150,6 +150,7 @@ test('a destination that refuses (profile mismatch, no matching device): the sou
     assert.match(refused[0].reason, /linux-5\.8.*draft-2019/);
     assert.equal((rx.report.refused as unknown[]).length, 2);
     assert.is((tx.report.cause as { side: string }).side, 'destination');
+    assert.equal(tx.report.cause, rx.report.cause, 'both sides report the same cause');
     for (const s of srcs) assert.is(stateOf(s), 'RUNNING');
     assert.is(stateOf(dst[0]), 'RUNNING', 'a refused destination was never put in RESUMING');
     assert.equal([...resets.values()], [1], 'no load ran: the receiver resets it, once');

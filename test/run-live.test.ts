@@ -61,16 +61,17 @@ for (const transport of ['tcp', 'unix'] as const) {
 
 const pkiDirs = () => fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('vfio-mig-pki-'));
 
-test('run --live tcp --tls --channels 2: mutual TLS with a throw-away PKI on both ends, 2 channels, verified; the PKI is removed', async () => {
+test('run --live tcp --tls --channels 4: 4 devices between two processes, mutual TLS with a throw-away PKI, all verified; the PKI is removed', async () => {
   if (!opensslAvailable()) throw new Error('run --live --tls needs the openssl CLI (Debian package openssl; .ci/run installs it)');
   const before = pkiDirs();
-  const r = await cli(['run', '--live', 'tcp', '--tls', '--channels', '2', '--json', ...SMALL]);
+  const r = await cli(['run', '--live', 'tcp', '--tls', '--channels', '4', '--json', '--size', '4MiB', '--chunk', '256KiB', '--devices', '4']);
   assert.is(r.code, 0, r.stderr);
   const { send, receive } = doc(r, 'run --live tcp --tls').result.live;
   assert.equal([send.tls, receive.tls], [true, true], 'both processes ran TLS');
-  assert.equal([send.channels, receive.channels], [2, 2]);
+  assert.equal([send.channels, receive.channels], [4, 4]);
+  assert.is(receive.channelBytes.filter((b: number) => b > 4 << 20).length, 4, 'every channel carried a device');
   assert.is(receive.peerIdentity, 'vfio-mig-run-live', 'the destination admitted the client by its certificate');
-  assert.equal(receive.devices.map((x: { verified: boolean }) => x.verified), [true, true]);
+  assert.equal(receive.devices.map((x: { verified: boolean }) => x.verified), [true, true, true, true]);
   assert.equal(pkiDirs(), before, 'the throw-away PKI folder is gone');
 });
 

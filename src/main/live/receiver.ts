@@ -26,7 +26,7 @@ import {
   F_ACCEPT, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK, F_DEVICE_ERROR,
   FRAME_NAMES, HELLO_BUSY, HELLO_CHANNEL, HELLO_NOT_ALLOWED, HELLO_OK, HELLO_SESSION, HELLO_SIZE, HELLO_STATUS_NAMES,
   HELLO_VERSION, SocketReader, WIRE_MIN_VERSION, WIRE_VERSION, chooseVersion, decodeFrameBody, decodeHello, encodeFrame,
-  encodeReply, writeAll, type Cause, type RefusedDevice, type ShutBody,
+  encodeReply, refusalMessage, writeAll, type Cause, type RefusedDevice, type ShutBody,
 } from './wire.js';
 import net from 'node:net';
 
@@ -193,7 +193,7 @@ export class Receiver extends LiveEndpoint {
         rep.refused = refused;
         this.event({ type: 'refused', devices: refused });
         await writeAll(c0.sock, encodeFrame(F_REFUSE, { devices: refused }), 'return path').catch(() => undefined);
-        throw new MigError(ErrorCode.PEER_REFUSED, `refused: ${refused.map((r) => `${r.name}: ${r.reason}`).join('; ')}`,
+        throw new MigError(ErrorCode.PEER_REFUSED, refusalMessage(refused),
           { device: refused[0].name });
       }
       // A CHUNK body is one packet of the source's staging chunk: a v1 region's data area, a seam device's chunk.

@@ -20,7 +20,7 @@ import { parseUri, type MigUri } from './uri.js';
 import {
   F_ACCEPT, F_DEVICE_ERROR, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK,
   FRAME_NAMES, HELLO_OK, HELLO_SIZE, HELLO_STATUS_NAMES, HELLO_NOT_ALLOWED, HELLO_VERSION, MAX_CHANNELS, SocketReader,
-  WIRE_MIN_VERSION, WIRE_VERSION, decodeFrameBody, decodeFrameHeader, decodeReply, encodeFrame, encodeHello, writeAll,
+  WIRE_MIN_VERSION, WIRE_VERSION, decodeFrameBody, decodeFrameHeader, decodeReply, encodeFrame, encodeHello, refusalMessage, writeAll,
   type Cause, type RefusedDevice, type ShutBody,
 } from './wire.js';
 
@@ -230,8 +230,7 @@ export class Sender extends LiveEndpoint {
         const devs = (Array.isArray(msg.devices) ? msg.devices : []) as RefusedDevice[];
         this.refused = devs.map((d) => ({ index: Number(d.index), name: String(d.name), code: String(d.code), reason: String(d.reason) }));
         this.event({ type: 'refused', devices: this.refused });
-        const text = this.refused.map((d) => `${d.name}: ${d.reason}`).join('; ') || 'no reason given';
-        const e = new MigError(ErrorCode.PEER_REFUSED, `the destination refused: ${text}`, { device: this.refused[0]?.name });
+        const e = new MigError(ErrorCode.PEER_REFUSED, refusalMessage(this.refused), { device: this.refused[0]?.name });
         this.fail(e, { code: e.code, message: e.message, device: e.device, side: 'destination' });
         return;
       }

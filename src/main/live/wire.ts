@@ -55,6 +55,10 @@ export interface HelloReply { status: number; version: number; session: Buffer; 
 /** The cause of a failed migration as both sides report it. */
 export interface Cause { code: string; message: string; device?: string; side: 'source' | 'destination' | 'network' }
 export interface RefusedDevice { index: number; name: string; code: string; reason: string }
+/** The one text both ends give a refusal (the destination's cause and what the source learns from REFUSE are equal). */
+export function refusalMessage(devices: RefusedDevice[]): string {
+  return `the destination refused: ${devices.map((d) => `${d.name}: ${d.reason}`).join('; ') || 'no reason given'}`;
+}
 export interface ShutBody { status: 'completed' | 'failed' | 'cancelled'; cause?: Cause; devices?: { name: string; state: string; verified: boolean | null }[] }
 
 // HELLO and HELLO_REPLY share one 64-byte layout: magic (8), u32 words at 8 and 12, the 16-byte session at 16, u32
