@@ -18,10 +18,9 @@ import { destroyEmulated } from '../reach/emulated/v2.js';
 import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
 import { testHooks } from '../engine/test-hooks.js';
 import { trace } from '../trace.js';
-import { allowed, listen, loadTlsDir, tcpKeepalive, tuneInherited, type Listener, type TlsConfig } from './conn.js';
-import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
+import { allowed, listen, tcpKeepalive, tuneInherited, type Listener } from './conn.js';
+import { LiveEndpoint, type EndpointOptions, type LiveState } from './events.js';
 import { LiveSource } from './source.js';
-import { parseUri, type MigUri } from './uri.js';
 import {
   F_ACCEPT, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK, F_DEVICE_ERROR,
   FRAME_NAMES, HELLO_BUSY, HELLO_CHANNEL, HELLO_NOT_ALLOWED, HELLO_OK, HELLO_SESSION, HELLO_SIZE, HELLO_STATUS_NAMES,
@@ -30,7 +29,7 @@ import {
 } from './wire.js';
 import net from 'node:net';
 
-export interface ReceiveOptions {
+export interface ReceiveOptions extends EndpointOptions {
   /** tcp:HOST:PORT, unix:PATH, fd:N (a connected socket) or file:PATH (load a saved stream). */
   listen: string;
   /**
@@ -39,22 +38,15 @@ export interface ReceiveOptions {
    */
   destinations?: EngineDevice[];
   makeDestination?: (e: DeviceTableEntry) => EngineDevice | Promise<EngineDevice>;
-  tlsDir?: string;
   signal?: AbortSignal;
-  pool?: EnginePool;
-  threads?: number;
   verify?: boolean;
   /** Start the destinations after loading (default true). */
   start?: boolean;
   maxStateBytes?: number;
-  /** The source is declared gone after this long without a byte from it (default 10 s). */
-  timeoutMs?: number;
-  keepaliveMs?: number;
   /** Also write the received stream here as a container file (inspect/extract/load work on it). */
   save?: string;
   /** Keep the destinations this receiver created (emulated, from the table) after success; default: destroy them. */
   keepDestinations?: boolean;
-  onEvent?: (e: LiveEvent) => void;
   /** Called with the Loader before it runs (progress, status()). */
   onLoader?: (l: Loader) => void;
 }
@@ -116,19 +108,9 @@ export class Receiver extends LiveEndpoint {
   private gotDone = false;
   private loaded = 0;
   private acked = false;
-  private readonly timeoutMs: number;
-  private readonly keepaliveMs: number;
-  private readonly uri: MigUri;
-  private readonly tlsc: TlsConfig | undefined;
 
   constructor(private readonly o: ReceiveOptions) {
-    super('destination', o.onEvent);
-    this.uri = parseUri(o.listen, '--listen');
-    this.timeoutMs = o.timeoutMs ?? 10_000;
-    this.keepaliveMs = o.keepaliveMs ?? 1000;
-    if (!(this.timeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `timeout ${this.timeoutMs} ms is invalid`);
-    if (this.o.tlsDir && this.uri.kind !== 'tcp') throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls-dir is for tcp: URIs only (${this.uri.text})`);
-    this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'server') : undefined;
+    super('destination', o.listen, '--listen', o);
   }
 
   /** The bound address (tcp: with the real port when 0 was asked for), once listening. */

@@ -14,9 +14,8 @@ import { EnginePool } from '../engine/pool.js';
 import { Migration, type MigrationOptions, type MigrationReport } from '../engine/migration.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { trace } from '../trace.js';
-import { connect, loadTlsDir, tcpKeepalive, type TlsConfig } from './conn.js';
-import { LiveEndpoint, type LiveEvent, type LiveState } from './events.js';
-import { parseUri, type MigUri } from './uri.js';
+import { connect, tcpKeepalive } from './conn.js';
+import { LiveEndpoint, type EndpointOptions, type LiveState } from './events.js';
 import {
   F_ACCEPT, F_DEVICE_ERROR, F_DONE, F_LOADED, F_PING, F_PONG, F_PROGRESS, F_REFUSE, F_SHUT, F_SWITCHOVER, F_SWITCHOVER_ACK,
   FRAME_NAMES, HELLO_OK, HELLO_SIZE, HELLO_STATUS_NAMES, HELLO_NOT_ALLOWED, HELLO_VERSION, MAX_CHANNELS, SocketReader,
@@ -24,18 +23,11 @@ import {
   type Cause, type RefusedDevice, type ShutBody,
 } from './wire.js';
 
-export interface SendOptions extends MigrationOptions {
+export interface SendOptions extends MigrationOptions, EndpointOptions {
   /** tcp:HOST:PORT, unix:PATH, fd:N (a connected socket) or file:PATH (write a container file). */
   to: string;
   /** Parallel connections (QEMU multifd channels); each device's records use one of them. */
   channels?: number;
-  tlsDir?: string;
-  pool?: EnginePool;
-  threads?: number;
-  /** The destination is declared gone after this long without a frame from it (default 10 s). */
-  timeoutMs?: number;
-  /** PING period; also the TCP keepalive delay (default 1 s). */
-  keepaliveMs?: number;
   /**
    * switchover-ack: once pre-copy would switch over and every PRE_COPY device's DEV_INIT_DATA_SENT is out, the
    * destination must acknowledge within this many ms (default: timeoutMs); pre-copy goes on meanwhile. Without the ack
@@ -44,7 +36,6 @@ export interface SendOptions extends MigrationOptions {
   switchoverAckTimeoutMs?: number;
   /** Bytes/s the link can take during switchover, for the downtime estimate only (QEMU avail-switchover-bandwidth). */
   availSwitchoverBandwidth?: number;
-  onEvent?: (e: LiveEvent) => void;
   /** Called with the Migration before it runs (progress, status()). */
   onMigration?: (m: Migration) => void;
 }
@@ -108,11 +99,7 @@ class ChannelSink implements Sink {
 export class Sender extends LiveEndpoint {
   migration: Migration | undefined;
   private chans: Chan[] = [];
-  private readonly uri: MigUri;
-  private readonly tlsc: TlsConfig | undefined;
   private readonly nChannels: number;
-  private readonly timeoutMs: number;
-  private readonly keepaliveMs: number;
   private readonly session = crypto.randomBytes(16);
   private version = 0;
   private accepted: { resolve: () => void; reject: (e: MigError) => void } | undefined;
@@ -137,11 +124,8 @@ export class Sender extends LiveEndpoint {
   private pingId = 0;
 
   constructor(private readonly sources: EngineDevice[], private readonly o: SendOptions) {
-    super('source', o.onEvent);
-    this.uri = parseUri(o.to, '--to');
+    super('source', o.to, '--to', o);
     this.nChannels = o.channels ?? 1;
-    this.timeoutMs = o.timeoutMs ?? 10_000;
-    this.keepaliveMs = o.keepaliveMs ?? 1000;
     this.ackTimeoutMs = o.switchoverAckTimeoutMs ?? this.timeoutMs;
     if (!Number.isInteger(this.nChannels) || this.nChannels < 1 || this.nChannels > MAX_CHANNELS) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels: ${this.nChannels} is out of range 1..${MAX_CHANNELS}`);
@@ -149,10 +133,7 @@ export class Sender extends LiveEndpoint {
     if (this.nChannels > 1 && (this.uri.kind === 'fd' || this.uri.kind === 'file')) {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `--channels ${this.nChannels}: ${this.uri.kind}: URIs carry one channel`);
     }
-    if (!(this.timeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `timeout ${this.timeoutMs} ms is invalid`);
     if (!(this.ackTimeoutMs > 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `switchover-ack timeout ${this.ackTimeoutMs} ms is invalid`);
-    if (o.tlsDir && this.uri.kind !== 'tcp') throw new MigError(ErrorCode.BAD_ARGUMENT, `--tls-dir is for tcp: URIs only (${this.uri.text})`);
-    this.tlsc = o.tlsDir ? loadTlsDir(o.tlsDir, 'client') : undefined;
     this.acceptedP = new Promise<void>((resolve, reject) => { this.accepted = { resolve, reject }; });
     this.acceptedP.catch(() => undefined);
   }
