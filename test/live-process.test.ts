@@ -1,5 +1,5 @@
 // Live migration between processes through the CLI: kill -9 of the source, then of the destination, at random
-// points (a bounded count, seeded), a destination that stops answering (SIGSTOP), inherited connected fds (fd:N),
+// points (a bounded count, seeded), a destination or a source that stops answering (SIGSTOP), inherited connected fds (fd:N),
 // and two hosts: two network namespaces joined by a veth pair (skipped with a message only where namespaces
 // cannot be made). Every child is bounded by a timeout and killed at the end.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -126,23 +126,33 @@ test(`kill -9 of the destination at random points (seed ${SEED}): the source rep
   });
 });
 
-test('a destination that stops answering (SIGSTOP) mid pre-copy: the source notices within its timeout and resumes its devices', async () => {
-  const { r, to, events } = await startReceiver();
-  const s = run(['send', '--to', to, '--timeout', '1500', ...SEND]);
-  await waitEvent(events, 'VFIO_MIG_LIVE_STATE', 'active'); // the source's devices are open and in pre-copy
-  r.child.kill('SIGSTOP');
-  const t0 = Date.now();
-  const tx = await s.out;
-  const waited = Date.now() - t0;
-  r.child.kill('SIGKILL');
-  await r.out;
-  const j = json(tx.stdout);
-  assert.is(j.error.code, 'VFM_PEER_TIMEOUT', j.error.message);
-  assert.ok(waited < 15_000, `noticed after ${waited} ms`);
-  const rb = j.result.rollback as string[];
-  assert.is(rb.length, 2);
-  assert.ok(rb.every((x) => /RUNNING/.test(x)), rb.join(' | '));
-});
+for (const victim of ['destination', 'source'] as const) {
+  const survivor = victim === 'source' ? 'destination' : 'source';
+  test(`a ${victim} that stops answering (SIGSTOP) mid pre-copy: the ${survivor} notices by its --timeout, ${victim === 'source' ? 'releases its devices' : 'resumes its devices'}`, async () => {
+    // The survivor's timeout is the short one; the stopped side's kernel still acknowledges TCP (keepalive cannot tell).
+    const { r, to, events } = await startReceiver(victim === 'source' ? ['--timeout', '1500'] : []);
+    const s = run(['send', '--to', to, '--timeout', victim === 'destination' ? '1500' : '4000', ...SEND]);
+    await waitEvent(events, 'VFIO_MIG_LIVE_STATE', 'active'); // the source's devices are open and in pre-copy
+    const [stopped, other] = victim === 'source' ? [s, r] : [r, s];
+    stopped.child.kill('SIGSTOP');
+    const out = await other.out;
+    stopped.child.kill('SIGKILL');
+    await stopped.out;
+    const j = json(out.stdout);
+    assert.is(j.error.code, 'VFM_PEER_TIMEOUT', j.error.message);
+    // Its heartbeat ('nothing for 1500 ms') or the kernel's TCP_USER_TIMEOUT (the same 1500 ms) for unacknowledged data.
+    assert.match(j.error.message, /1500 ms|stopped acknowledging \(TCP\)/, `the survivor's own timeout fired: ${j.error.message}`);
+    if (victim === 'destination') {
+      const rb = j.result.rollback as string[];
+      assert.is(rb.length, 2);
+      assert.ok(rb.every((x) => /RUNNING/.test(x)), rb.join(' | '));
+    } else {
+      const states: string[] = j.result.devices.map((d: { state: string }) => d.state);
+      assert.is(states.length, 2);
+      assert.ok(states.every((st) => st.split('reset').length === 2 && st.endsWith(', released')), states.join(' | '));
+    }
+  });
+}
 
 test('fd:N: both sides get an already connected socket from their parent', async () => {
   const server = net.createServer();
