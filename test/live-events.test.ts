@@ -57,7 +57,7 @@ async function livePair(sendArgs: string[], recvArgs: string[]): Promise<{ send:
 test('send and receive --events: live states in QEMU order, channels, switchover and the same downtime on both ends', async () => {
   const ES = path.join(TMP, 'send.ndjson');
   const ER = path.join(TMP, 'receive.ndjson');
-  const { send: s, receive: r } = await livePair([...SMALL, '--json', '--events', ES], ['--json', '--events', ER]);
+  const { send: s, receive: r } = await livePair([...SMALL, '--json', '--events', ES, '--switchover-ack-timeout', '4000'], ['--json', '--events', ER]);
   assert.is(s.code, 0, s.stderr);
   assert.is(r.code, 0, r.stderr);
   const downtime = JSON.parse(s.stdout).result.downtimeMs;
@@ -78,6 +78,10 @@ test('send and receive --events: live states in QEMU order, channels, switchover
     assert.ok(at('VFIO_MIG_LIVE_STATE', 'active') < at('VFIO_MIG_LIVE_SWITCHOVER'), `${side}: active before switchover`);
     assert.ok(at('VFIO_MIG_LIVE_DOWNTIME') < at('VFIO_MIG_LIVE_STATE', 'completed'), `${side}: downtime before completed`);
     assert.is(ev.at(-1)!.event, 'VFIO_MIG_END');
+    // The settings as QEMU names them, each with its unit: downtime-limit in ms (default 300), the peer timeout.
+    const params = ev[0].data.params;
+    assert.equal([params.timeoutMs, params.keepaliveMs], [5000, 1000], `${side}: ${JSON.stringify(params)}`);
+    if (side === 'source') assert.equal([params.downtimeLimitMs, params.switchoverAckTimeoutMs], [300, 4000]);
   }
   assert.match(named(events(ER), 'VFIO_MIG_LIVE_LISTENING')[0]?.data.address ?? '', /^unix:\//, 'the destination says where it listens');
 });

@@ -39,7 +39,7 @@ export interface ResultDocument {
 /** Flag names -> parameter names that carry their unit. */
 const PARAM_UNITS: Record<string, string> = {
   size: 'sizeBytes', chunk: 'chunkBytes', downtime: 'downtimeLimitMs', bandwidth: 'bandwidthBytesPerSecond',
-  timeout: 'timeoutMs', availSwitchoverBandwidth: 'availSwitchoverBandwidthBytesPerSecond', dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond', roundTime: 'roundTimeMs', roundBytes: 'roundBytes',
+  timeout: 'timeoutMs', keepalive: 'keepaliveMs', switchoverAckTimeout: 'switchoverAckTimeoutMs', availSwitchoverBandwidth: 'availSwitchoverBandwidthBytesPerSecond', dirtyRate: 'dirtyPagesPerSecond', dmaRate: 'dmaPagesPerSecond', roundTime: 'roundTimeMs', roundBytes: 'roundBytes',
 };
 
 export function paramsJson(o: object): Record<string, unknown> {
