@@ -73,6 +73,8 @@ test('send and receive --events: live states in QEMU order, channels, switchover
     const ids = new Set(ev.filter((e) => e.event !== 'VFIO_MIG_START' && e.event !== 'VFIO_MIG_END').map((e) => e.data.migration));
     assert.equal([...ids], [0], `${side}: one migration id`);
     assert.ok(named(ev, 'VFIO_MIGRATION').length >= 4, `${side}: the engine's device events are there too`);
+    // The engine's own MIGRATION status ends too (the destination's Loader: active, then completed).
+    assert.is(named(ev, 'MIGRATION').at(-1)?.data.status, 'completed', `${side}: the Migration / Loader ended`);
     // The switchover comes between active and device; the last live state is written before the END line.
     const at = (name: string, status?: string) => ev.findIndex((e) => e.event === name && (status === undefined || e.data.status === status));
     assert.ok(at('VFIO_MIG_LIVE_STATE', 'active') < at('VFIO_MIG_LIVE_SWITCHOVER'), `${side}: active before switchover`);
@@ -163,6 +165,8 @@ test('a destination device that fails: VFIO_MIG_LIVE_DEVICE_ERROR naming it in b
       assert.is(de[0].data.cause.side, 'destination', side);
       assert.is(states(ev).at(-1), 'failed', side);
       assert.equal(named(ev, 'VFIO_MIG_LIVE_STATE').at(-1)!.data.cause, de[0].data.cause, `${side}: the failed state carries the cause`);
+      // The destination's Loader failed; the source's save itself had completed (its live state is what failed).
+      if (side === 'destination') assert.is(named(ev, 'MIGRATION').at(-1)?.data.status, 'failed', 'the Loader failed');
     }
   } finally {
     for (const d of [...srcs, ...dst]) d.destroy();

@@ -96,6 +96,8 @@ export interface LoaderEvents {
   progress: [LoadProgress];
   /** A destination's device_state changed (RESUMING, then RUNNING or STOP). */
   state: [{ device: string; index: number; state: string }];
+  /** The load ended (QEMU's final MIGRATION status on the destination). */
+  end: [{ status: 'completed' | 'failed' | 'cancelled' }];
 }
 
 /** query-migrate on the destination side; times in ms, sizes in bytes. */
@@ -364,7 +366,9 @@ export class Loader extends EventEmitter<LoaderEvents> {
       this.claims.release();
     }
     this.tEnd = performance.now();
-    this.phase = !failure ? 'completed' : failure.name === 'AbortError' ? 'cancelled' : 'failed';
+    const status = !failure ? 'completed' : failure.name === 'AbortError' ? 'cancelled' : 'failed';
+    this.phase = status;
+    this.emit('end', { status });
     const totalMs = performance.now() - t0;
     const rep: LoadReport = {
       ok: !failure, devices: this.dests.map((d) => d.stats), bytesRead: reader.offset, totalMs, dataMs,

@@ -124,6 +124,7 @@ export class Recorder {
       if (entry) total.set(e.device, entry.geometry.stateSize);
       this.push({ type: 'device', migration, side, device: e.device, state: e.state });
     });
+    l.on('end', (e) => this.loadEnded(migration, e.status));
     l.on('progress', (p) => this.push({
       type: 'progress', migration, side, device: p.device, phase: 'resuming', bytes: p.bytes, pendingBytes: null,
       totalBytes: total.get(p.device) ?? null, bytesPerSecond: p.bytesPerSecond, sample: p.sample,
@@ -131,7 +132,7 @@ export class Recorder {
     return migration;
   }
 
-  /** A destination load ended (Loader has no phase events: its promise tells). */
+  /** A destination load ended. */
   loadEnded(migration: number, status: 'completed' | 'failed' | 'cancelled'): void {
     this.push({ type: 'status', migration, side: 'destination', status });
   }
