@@ -26,8 +26,9 @@ async function pair(srcs: EngineDevice[], so: Partial<SendOptions>, ro: Partial<
   const listening = new Promise<string>((r) => rx.on('event', (e) => { if (e.type === 'listening') r(e.address); }));
   const rp = rx.run().catch((e: MigError) => e);
   const to = await listening;
+  const stop = new AbortController(); // a hung pair is cancelled, so the suite can end
   const tp = send(srcs, {
-    to, pool: srcPool, timeoutMs: 10_000, ...so,
+    to, pool: srcPool, timeoutMs: 10_000, signal: stop.signal, ...so,
     onEvent: (e) => tl.push({ side: 'tx', type: e.type }),
     onMigration: (m) => m.on('state', (s) => tl.push({ side: 'tx', type: 'device-state', device: s.device, state: s.state })),
   }).catch((e: MigError) => e);
@@ -37,6 +38,10 @@ async function pair(srcs: EngineDevice[], so: Partial<SendOptions>, ro: Partial<
   try {
     const [tx, rxr] = await Promise.race([Promise.all([tp, rp]), hang]);
     return { tx: tx as SendReport | MigError, rx: rxr as ReceiveReport | MigError, tl };
+  } catch (e) {
+    stop.abort();
+    await Promise.all([tp, rp]);
+    throw e;
   } finally {
     clearTimeout(timer);
   }
@@ -103,7 +108,9 @@ test('a destination that never acknowledges: the source keeps iterating, gives u
   const dev = emulatedV2({ name: 'v2a', stateSize: 4 << 20, maxChunk: 256 << 10, seed: 11, dirtyRate: 2000 });
   const srcs = [dev, EmulatedTransport.create({ name: 'v1', stateSize: 2 << 20, maxChunk: 256 << 10, seed: 12 })];
   try {
-    const p = await pair(srcs, { maxRounds: 1000, downtimeLimitMs: 300, switchoverAckTimeoutMs: 1500 },
+    // A downtime limit every round meets: pre-copy converges at its first round whatever the machine's speed, so the
+    // ack wait (and its timeout) always begins; the rounds go on while it waits.
+    const p = await pair(srcs, { maxRounds: 1000, downtimeLimitMs: 1e6, switchoverAckTimeoutMs: 1500 },
       withTestHooks({}, { withholdSwitchoverAck: true }));
     assert.instance(p.tx, MigError);
     assert.instance(p.rx, MigError);
