@@ -160,6 +160,24 @@ test('a destination that refuses (profile mismatch, no matching device): the sou
   }
 });
 
+test('refusal reasons per device reach the source: geometry (another state size) and budget (more state than the destination allows)', async () => {
+  const srcs = sources(2, { seed: 95 });
+  const dst = [0, 1].map((i) => EmulatedTransport.create({ name: `emu${i}`, stateSize: (i ? 8 : 4) << 20, maxChunk: 256 << 10, zeroFill: true }));
+  try {
+    const g = await pair(srcs, 'tcp:127.0.0.1:0', {}, { destinations: dst });
+    const refused = (failed(g.tx, ErrorCode.PEER_REFUSED).report.refused as { name: string; code: string; reason: string }[]);
+    assert.equal(refused.map((r) => [r.name, r.code]), [['emu0', 'geometry']], 'only the device whose state size differs');
+    assert.match(refused[0].reason, /source state 8388608 B.*destination 4194304 B/);
+    const b = await pair(srcs, 'tcp:127.0.0.1:0', {}, { maxStateBytes: 12 << 20 });
+    const over = (failed(b.tx, ErrorCode.PEER_REFUSED).report.refused as { name: string; code: string; reason: string }[]);
+    assert.equal(over.map((r) => [r.name, r.code]), [['emu0', 'budget'], ['emu1', 'budget']]);
+    assert.match(over[0].reason, /16777216 bytes of state, more than the 12582912/);
+    for (const x of srcs) assert.is(stateOf(x), 'RUNNING');
+  } finally {
+    for (const x of [...srcs, ...dst]) x.destroy();
+  }
+});
+
 /** Counts VFIO_DEVICE_RESETs per device at the emulated vendor (whoever asks for them: the loader, the receiver). */
 function countResets(devs: EmulatedTransport[]): Map<string, number> {
   const n = new Map(devs.map((d) => [d.name, 0]));
