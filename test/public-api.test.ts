@@ -35,7 +35,7 @@ const VALUES = [
   'ContainerReader', 'ContainerWriter', 'EmulatedDevice', 'EmulatedTransport', 'EnginePool', 'ErrorCode', 'FileSink', 'KernelVfioDevice',
   'Loader', 'MigError', 'Migration', 'MigrationRegion', 'NEXT_STATE', 'PHASE_ARCS', 'PROFILE_DEFS', 'Receiver', 'RollbackOutcome',
   'STATE_TABLE', 'Sender', 'VfioKernelTransport', 'emulatedDestination', 'connectVfioUser', 'VfioUserClient', 'VfioUserTransport', 'DeviceServer', 'emulatedDigest', 'isMigError', 'kernelDevice', 'loadStream',
-  'onTrace', 'parseUri', 'pendingRollback', 'profileDef', 'receive', 'runEmulated', 'saveDevices', 'send', 'statePath', 'stress', 'stressReached',
+  'onTrace', 'parseUri', 'pendingRollback', 'profileDef', 'receive', 'registerReach', 'registeredReaches', 'runEmulated', 'saveDevices', 'send', 'statePath', 'stress', 'stressReached',
 ];
 
 test('the export list: exactly these values; RollbackOutcome is the enum the reports carry', () => {

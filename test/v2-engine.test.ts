@@ -61,6 +61,41 @@ test('v2 beside v1 devices in every data mode: one migration, one load, every de
   }
 });
 
+test('v2 in every feature set (STOP_COPY only, +P2P, +PRE_COPY, all): alone and beside v1 devices, one migration and one load each, verified', async () => {
+  for (const migFlags of [1, 3, 5, 7]) {
+    const p2p = (migFlags & 2) !== 0;
+    const pre = (migFlags & 4) !== 0;
+    for (const withV1 of [false, true]) {
+      const file = tmpFile(`v2f${migFlags}`);
+      const devs: EngineDevice[] = [emulatedV2({ ...V2, name: `v2f${migFlags}`, seed: 30 + migFlags, migFlags })];
+      if (withV1) {
+        devs.push(EmulatedTransport.create({ name: 'v1mmap', profile: 'linux-5.8', stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'mmap', seed: 40 }));
+        devs.push(EmulatedTransport.create({ name: 'v1trap', profile: 'draft-2019', stateSize: 1 << 20, maxChunk: 64 << 10, dataMode: 'trapped', seed: 41 }));
+      }
+      const seen: string[] = [];
+      const off = onTrace((ev, f) => { if (ev === 'vfio_migration_set_state' && f.device === `v2f${migFlags}`) seen.push(String(f.to)); });
+      let loader: Loader | undefined;
+      try {
+        const rep = await new Migration(devs, pool, sink(file), { maxRounds: 3, allowWithoutP2P: !p2p }).run();
+        assert.ok(rep.ok, `flags ${migFlags}`);
+        // The source walked only states its feature set has: P2P ones only with P2P, PRE_COPY ones only with PRE_COPY.
+        assert.is(seen.some((x) => x.endsWith('_P2P')), p2p, `flags ${migFlags}: ${seen.join(' ')}`);
+        assert.is(seen.some((x) => x.startsWith('PRE_COPY')), pre, `flags ${migFlags}: ${seen.join(' ')}`);
+        loader = new Loader(file, pool);
+        const lr = await loader.run();
+        const want = withV1 ? [[`v2f${migFlags}`, true, 'RUNNING'], ['v1mmap', true, 'RUNNING'], ['v1trap', true, 'RUNNING']] : [[`v2f${migFlags}`, true, 'RUNNING']];
+        assert.equal(lr.devices.map((d) => [d.name, d.verified, d.state]), want, `flags ${migFlags}${withV1 ? ' with v1' : ''}`);
+        assert.is(lr.devices[0].initDataSent, pre, `DEV_INIT_DATA_SENT only with PRE_COPY (flags ${migFlags})`);
+      } finally {
+        off();
+        for (const d of devs) destroyEmulated(d);
+        await loader?.close();
+        rm(file);
+      }
+    }
+  }
+});
+
 test('v2 stream: QEMU 8.1+ packets, DEV_INIT_DATA_SENT once after the initial bytes (not at all without PRE_COPY)', async () => {
   for (const migFlags of [7, 1]) {
     const file = tmpFile('v2tags');

@@ -10,7 +10,14 @@ export {
 // What a report or an event hands back: per-device statistics, vendor anomalies, typed rollback outcomes.
 export { RollbackOutcome, type RollbackResult, type DeviceStats, type VendorAnomaly, type EngineDevice } from './engine/source-device.js';
 export type { VendorMode } from '../workers/tasks.js';
-export type { MigDevice } from './device/seam.js';
+// The device seam: a reach added from outside implements MigDevice (and, if its bytes travel neither through a region
+// nor an fd, a DataPath module; a ConfigRestorer module for its config) and calls registerReach: no engine edit.
+export type {
+  MigDevice, MigState, TargetState, ProtocolName, ReachKind, DirtyTrackingKind, DeviceCaps, SizeEstimate, StateChange, DataPathDesc,
+  ReadStatus, ReadResult, DataPath, AbortProbe, DataPathFactory, DirtyLog, ConfigTargetDesc, ReachProvider, Awaitable,
+} from './device/seam.js';
+export { registerReach, registeredReaches } from './device/registry.js';
+export type { ConfigRestorer, ModuleConfigTarget } from './transport/config.js';
 export {
   Loader, emulatedDestination, type LoadOptions, type LoadReport, type LoadedDevice, type LoadProgress, type LoadStatus, type LoaderEvents,
 } from './engine/load.js';

@@ -11,7 +11,7 @@ import {
 import { decodeConfigBlob } from '../main/protocol/config-blob.js';
 import { RECORD_HEADER_SIZE, decodeRecordHeader, verifyRecord } from '../main/container/format.js';
 import { reservePosition } from '../main/container/sink.js';
-import { applyConfig, type ConfigTarget } from '../main/transport/config.js';
+import { applyConfig, loadConfigModule, type ConfigTarget } from '../main/transport/config.js';
 import { emitRecord } from './emit-record.js';
 import type { LoadDataPathTask, LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
 
@@ -95,6 +95,8 @@ export async function savePath(t: SavePathTask): Promise<SaveResult> {
 
 export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
   const path = await openDataPath(t.path);
+  // A reach's own config restore (ConfigTargetDesc.module) is imported here, as its data path is.
+  await loadConfigModule(t.config as ConfigTarget | undefined, t.path.device);
   if (path.load) return path.load(t);
   const slot = new Uint8Array(t.slot);
   const header = slot.subarray(0, RECORD_HEADER_SIZE);

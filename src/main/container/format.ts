@@ -3,6 +3,7 @@
 // device's exact QEMU byte stream is the concatenation of its CHUNK payloads in sequence order.
 import { crc32c } from './checksum.js';
 import { ErrorCode, MigError } from '../errors.js';
+import { registeredReaches } from '../device/registry.js';
 
 export const FILE_MAGIC = 'VFMIGSTR';
 export const FILE_VERSION = 1;
@@ -156,6 +157,8 @@ export function decodeJson<T>(body: Uint8Array, what: string, fileOffset: number
   }
 }
 
+const BUILTIN_TRANSPORTS: readonly unknown[] = ['emulated', 'vfio-v1', 'vfio-user', 'kernel'];
+
 /** Check the device table's shape: it drives allocation on load, so every number is bounded here. */
 export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceTable {
   const bad = (m: string) => new MigError(ErrorCode.STREAM_BAD_RECORD, `device table: ${m}`, { offset: fileOffset });
@@ -167,9 +170,10 @@ export function validateDeviceTable(t: DeviceTable, fileOffset: number): DeviceT
     if (typeof d.name !== 'string' || d.name.length === 0 || d.name.length > 256) throw bad(`entry ${i}: bad name`);
     if (d.profile !== 'draft-2019' && d.profile !== 'linux-5.8' && d.profile !== 'v2') throw bad(`${d.name}: unknown profile ${String(d.profile)}`);
     const g = d.geometry;
-    if (d.transport !== 'emulated' && d.transport !== 'vfio-v1' && d.transport !== 'vfio-user' && d.transport !== 'kernel') throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
-    // A v2 device reached through the kernel has no migration region (regionSize 0): its data comes from a data fd.
-    if (!g || !isInt(g.regionSize, d.profile === 'v2' && d.transport === 'kernel' ? 0 : 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
+    // The built-in reaches' names, and any reach registered in this process (a reach added without editing this file).
+    if (!BUILTIN_TRANSPORTS.includes(d.transport) && !registeredReaches().includes(d.transport)) throw bad(`${d.name}: unknown transport ${String(d.transport)}`);
+    // A v2 device reached other than in-process may have no migration region (regionSize 0): its data comes from a data fd.
+    if (!g || !isInt(g.regionSize, d.profile === 'v2' && d.transport !== 'emulated' ? 0 : 64, 2 ** 40)) throw bad(`${d.name}: bad regionSize`);
     // A kernel device's state size is the vendor's secret; only an emulated source describes itself fully.
     if (d.transport !== 'emulated') return;
     if (!isInt(g.stateSize, 8192, 2 ** 36) || g.stateSize % 4096 !== 0) throw bad(`${d.name}: bad stateSize`);

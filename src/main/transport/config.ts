@@ -4,8 +4,38 @@ import { native, COPY_ALL } from '../../addon/native.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { CONFIG_FLAG_EMBEDDER, type ConfigBlob } from '../protocol/config-blob.js';
 
-/** Where a load worker restores config; `hook`: nowhere, the bytes go back to the main thread's restore hook. */
-export type ConfigTarget = { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number } | { kind: 'vfio-user'; handle: number } | { kind: 'hook' };
+/**
+ * Where a load worker restores config; `hook`: nowhere, the bytes go back to the main thread's restore hook. The
+ * built-in reaches' kinds are restored here; any other reach names a `module` (a URL) whose default export restores
+ * (ConfigRestorer), imported by the worker as a DataPathDesc's module is, so a new reach needs no edit to this file.
+ */
+export type ConfigTarget = { kind: 'emulated'; id: number } | { kind: 'vfio-v1'; handle: number } | { kind: 'vfio-user'; handle: number } | { kind: 'hook' }
+  | ModuleConfigTarget;
+export interface ModuleConfigTarget { kind: string; module: string; [k: string]: unknown }
+
+/** Default export of a config-restore module: write `space` back to the device `target` describes. */
+export type ConfigRestorer = (target: ModuleConfigTarget, space: Uint8Array) => void;
+
+const restorers = new Map<string, ConfigRestorer>();
+
+function moduleOf(t: ConfigTarget): string | undefined {
+  const m = (t as { module?: unknown }).module;
+  return typeof m === 'string' ? m : undefined;
+}
+
+/** Import a target's restore module once per thread (before a load task applies a CONFIG section synchronously). */
+export async function loadConfigModule(t: ConfigTarget | undefined, device?: string): Promise<void> {
+  const url = t && moduleOf(t);
+  if (!url || restorers.has(url)) return;
+  let m: { default?: unknown };
+  try {
+    m = await import(url) as { default?: unknown };
+  } catch (e) {
+    throw new MigError(ErrorCode.WORKER_FAILED, `cannot load config restore module ${url}: ${(e as Error).message}`, { device, cause: e });
+  }
+  if (typeof m.default !== 'function') throw new MigError(ErrorCode.WORKER_FAILED, `config restore module ${url} has no default export`, { device });
+  restorers.set(url, m.default as ConfigRestorer);
+}
 
 /**
  * A loaded CONFIG blob in a load worker: the reach's default restore, or (target `hook`) the blob handed back for the
@@ -26,9 +56,17 @@ const PCI_COMMAND = 4;
 
 export function restoreConfig(t: ConfigTarget, space: Uint8Array): void {
   if (t.kind === 'hook') throw new MigError(ErrorCode.INTERNAL, 'restoreConfig: a hook target has no default restore');
-  if (t.kind === 'emulated') native().emuConfigWrite(t.id, space);
+  const url = moduleOf(t);
+  if (url) {
+    const f = restorers.get(url);
+    if (!f) throw new MigError(ErrorCode.INTERNAL, `restoreConfig: config restore module ${url} not loaded (loadConfigModule first)`);
+    f(t as ModuleConfigTarget, space);
+    return;
+  }
+  if (t.kind === 'emulated') native().emuConfigWrite((t as { id: number }).id, space);
   // A vfio-user device's config space is the server's own emulation: it takes the whole of it back.
-  else if (t.kind === 'vfio-user') native().regionCopyIn(t.handle, 0, space.length, space, 0, COPY_ALL);
+  else if (t.kind === 'vfio-user') native().regionCopyIn((t as { handle: number }).handle, 0, space.length, space, 0, COPY_ALL);
   // A kernel device gets PCI_COMMAND only: BARs and MSI/MSI-X belong to the VMM's own vmstate, as in QEMU.
-  else native().regionCopyIn(t.handle, PCI_COMMAND, 2, space, PCI_COMMAND, COPY_ALL);
+  else if (t.kind === 'vfio-v1') native().regionCopyIn((t as { handle: number }).handle, PCI_COMMAND, 2, space, PCI_COMMAND, COPY_ALL);
+  else throw new MigError(ErrorCode.INTERNAL, `restoreConfig: config target kind '${t.kind}' is no built-in reach's and names no module`);
 }
