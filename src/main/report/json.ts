@@ -98,6 +98,8 @@ export function loadJson(r: LoadReport): Record<string, unknown> {
     devices: r.devices.map((d) => ({
       name: d.name, dataPackets: d.dataPackets, dataBytes: d.dataBytes, state: d.state, digest: d.digest ?? null,
       expectedDigest: d.expectedDigest ?? null, verified: d.verified,
+      // v2 only: whether DEV_INIT_DATA_SENT arrived (the source's initial bytes all loaded; switchover-ack's trigger).
+      ...(d.initDataSent !== undefined ? { initDataSent: d.initDataSent } : {}),
     })),
     verified: r.devices.length > 0 && r.devices.every((d) => d.verified === true),
   };
