@@ -1,7 +1,8 @@
 // A reach added from outside the engine (issue 8 §1): the "mem" reach below is written against the package's public
-// entry point only — a MigDevice, a worker-side DataPath module and a config-restore module in
-// test/fixtures/mem-reach/, and registerReach — and migrates beside the built-in reaches (emulated v2 and v1), then
-// loads back through its own registered provider, with no edit to the engine, the worker or the container format.
+// entry point only — a MigDevice, worker-side modules in
+// test/fixtures/mem-reach/ (data path, config restore, digest), and registerReach — and migrates beside the built-in
+// reaches (emulated v2 and v1), then loads back through its own registered provider, verified by its own digest, with no
+// edit to the engine, the worker or the container format.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import crypto from 'node:crypto';
@@ -16,6 +17,7 @@ import { rm, tmpFile } from './helpers.js';
 
 const PATH_URL = new URL('./fixtures/mem-reach/path.js', import.meta.url).href;
 const CONFIG_URL = new URL('./fixtures/mem-reach/config.js', import.meta.url).href;
+const DIGEST_URL = new URL('./fixtures/mem-reach/digest.js', import.meta.url).href;
 const SAVING = new Set<MigState>(['PRE_COPY', 'PRE_COPY_P2P', 'STOP_COPY']);
 
 /** A device whose stream is a SharedArrayBuffer: RUNNING/P2P/pre-copy states, one data session per saving run or RESUMING. */
@@ -66,7 +68,7 @@ class MemDevice implements MigDevice {
   geometry(): DeviceGeometry {
     return { stateSize: this.size, maxChunk: 64 << 10, dataMode: 'mem', offsetPolicy: 'fixed', guestPages: 0, regionSize: 0, migFlags: 7 };
   }
-  digestTarget() { return null; }
+  digestTarget() { return { kind: 'mem', module: DIGEST_URL, data: this.data }; }
   close(): void { this.closed = true; }
 }
 
@@ -90,7 +92,9 @@ test('a reach registered from outside migrates beside emulated v2 and v1 devices
     loader = new Loader(file, pool);
     const lr = await loader.run();
     assert.equal(lr.devices.map((d) => [d.name, d.state]), [['mem0', 'RUNNING'], ['v2e', 'RUNNING'], ['v1e', 'RUNNING']]);
-    assert.equal(lr.devices.slice(1).map((d) => d.verified), [true, true]);
+    // Verified by digest, the new reach's computed in the workers by its own module like the built-in ones.
+    assert.equal(lr.devices.map((d) => d.verified), [true, true, true]);
+    assert.match(lr.devices[0].digest!, /^sha256:[0-9a-f]{64}$/);
     // The destination came from the reach's provider (no makeDestination), got every byte and its config through
     // the reach's own modules in the workers.
     assert.is(made.length, 1);

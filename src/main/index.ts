@@ -18,6 +18,7 @@ export type {
 } from './device/seam.js';
 export { registerReach, registeredReaches } from './device/registry.js';
 export type { ConfigRestorer, ModuleConfigTarget } from './transport/config.js';
+export type { DigestTarget, ModuleDigestTarget } from './transport/transport.js';
 export {
   Loader, emulatedDestination, type LoadOptions, type LoadReport, type LoadedDevice, type LoadProgress, type LoadStatus, type LoaderEvents,
 } from './engine/load.js';

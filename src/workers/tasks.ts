@@ -157,7 +157,8 @@ export interface LoadDataPathTask extends Omit<LoadDataTask, 'op' | 'region'> {
 }
 
 /** Hash an emulated device's state, or read a device's own digest region (handle of a 32-byte region). */
-export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op: 'digest'; digestRegion: number };
+export type DigestTask = { op: 'digest'; id: number; stateSize: number } | { op: 'digest'; digestRegion: number }
+  | { op: 'digest'; digestModule: { kind: string; module: string; [k: string]: unknown } };
 
 /** Bench only: the seed's sequential algorithm run natively in this worker (a second thread for the 2-thread limit). */
 export interface BaselineTask { op: 'baseline'; handles: number[]; profile: number; bufSize: number; outPath: string }

@@ -249,7 +249,23 @@ function baseline(t: BaselineTask): BaselineResult {
 
 let digestScratch: Uint8Array | undefined; // reused across tasks: fresh 4 MiB per device would be paged in every time
 
-function digest(t: DigestTask): string {
+const digestModules = new Map<string, (t: unknown) => string>();
+
+async function digest(t: DigestTask): Promise<string> {
+  if ('digestModule' in t) {
+    // A reach's own digest (DigestTarget.module), imported once per thread as data-path modules are.
+    const url = t.digestModule.module;
+    let f = digestModules.get(url);
+    if (!f) {
+      const m = await import(url) as { default?: unknown };
+      if (typeof m.default !== 'function') throw new MigError(ErrorCode.WORKER_FAILED, `digest module ${url} has no default export`);
+      f = m.default as (t: unknown) => string;
+      digestModules.set(url, f);
+    }
+    const d = f(t.digestModule);
+    if (typeof d !== 'string' || !/^sha256:[0-9a-f]{64}$/.test(d)) throw new MigError(ErrorCode.WORKER_FAILED, `digest module ${url} returned ${String(d).slice(0, 80)}, not sha256:<64 hex>`);
+    return d;
+  }
   if ('digestRegion' in t) {
     // A device that reports its own digest (the vfio-user device server's digest region): 32 bytes, read whole.
     const b = new Uint8Array(32);
@@ -281,7 +297,7 @@ export default async function run(task: Task): Promise<unknown> {
       case 'save-path': return await savePath(task);
       case 'load-path': return await loadPath(task);
       case 'load-data-path': return await loadDataPath(task);
-      case 'digest': return digest(task);
+      case 'digest': return await digest(task);
       case 'baseline': return baseline(task);
       default: throw new Error(`unknown task ${(task as { op: string }).op}`);
     }

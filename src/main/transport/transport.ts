@@ -8,11 +8,19 @@ import type { DigestTask } from '../../workers/tasks.js';
 import type { Awaitable } from '../device/seam.js';
 import type { V1Registers } from '../protocol/v1/device.js';
 
-/** Where a device's state digest comes from: hashed from an in-process emulated device, or read from a digest region. */
-export type DigestTarget = { kind: 'emulated'; id: number; stateSize: number } | { kind: 'region'; handle: number };
+/**
+ * Where a device's state digest comes from: hashed from an in-process emulated device, read from a digest region, or
+ * (any other reach) computed by the module a target names, imported by the worker as a DataPathDesc's module is.
+ */
+export type DigestTarget = { kind: 'emulated'; id: number; stateSize: number } | { kind: 'region'; handle: number } | ModuleDigestTarget;
+/** A reach's own digest: the module's default export takes this (structured-cloned) target and returns `sha256:<hex>`. */
+export interface ModuleDigestTarget { kind: string; module: string; [k: string]: unknown }
 
 export function digestTask(t: DigestTarget): DigestTask {
-  return t.kind === 'region' ? { op: 'digest', digestRegion: t.handle } : { op: 'digest', id: t.id, stateSize: t.stateSize };
+  if (typeof (t as { module?: unknown }).module === 'string') return { op: 'digest', digestModule: t as ModuleDigestTarget };
+  if (t.kind === 'region') return { op: 'digest', digestRegion: (t as { handle: number }).handle };
+  const e = t as { id: number; stateSize: number };
+  return { op: 'digest', id: e.id, stateSize: e.stateSize };
 }
 
 export interface DirtyQueryResult { pages: number; bitmap: Uint8Array }
