@@ -4,7 +4,7 @@ export { onTrace } from './trace.js';
 export { EnginePool, type EnginePoolOptions } from './engine/pool.js';
 export type { LatencySummary } from './engine/histogram.js';
 export {
-  Migration, PHASE_ARCS, type MigrationOptions, type SwitchoverGate, type MigrationReport, type MigrationPhase, type MigrationEvents, type MigrationProgress,
+  Migration, PHASE_ARCS, type MigrationOptions, type StopCopyOrder, type SwitchoverGate, type MigrationReport, type MigrationPhase, type MigrationEvents, type MigrationProgress,
   type MigrationStatus, type DeviceStateEvent, type DirtyQueryEvent, type RoundStats,
 } from './engine/migration.js';
 // What a report or an event hands back: per-device statistics, vendor anomalies, typed rollback outcomes.

@@ -59,6 +59,7 @@ export function checkMigrationOptions(opts: unknown): void {
   optNumber(o, 'stagingChunk', 4096, 256 << 20, true);
   optNumber(o, 'memoryBudget', 1 << 20, 2 ** 53, true);
   if (o.vendorMode !== undefined && o.vendorMode !== 'compatible' && o.vendorMode !== 'strict') throw bad('vendorMode', o.vendorMode, 'compatible or strict');
+  if (o.stopCopyOrder !== undefined && o.stopCopyOrder !== 'parallel' && o.stopCopyOrder !== 'sequential') throw bad('stopCopyOrder', o.stopCopyOrder, 'parallel or sequential');
   optTrappedAccess(o);
   checkConfigHooks(o.config);
   optBoolean(o, 'digests');

@@ -44,6 +44,8 @@ const trappedAccessOption = () => new Option('--trapped-access <mode>', TRAPPED_
 
 const vendorStallOption = () => new Option('--vendor-stall <ms>', 'a v2 data fd that gives no data in STOP_COPY (or takes none while RESUMING) this long fails the device with VFM_VENDOR_STUCK')
   .argParser((v) => parseIntIn('--vendor-stall', v, 1, 86_400_000)).default(30_000);
+const STOP_COPY_ORDER_HELP = 'parallel: every device\'s stop-and-copy data at once (QEMU 10 multifd device state); sequential: every device '
+  + 'stops at once, then one device after another is drained whole (QEMU\'s legacy save order: one device\'s state in flight at a time)';
 
 const MEMORY_BUDGET_HELP = 'refuse to start (exit 2) when what the command would commit (device state, guest RAM, dirty logs, '
   + 'staging, worker threads; for load: the destinations the stream\'s device table asks for) exceeds this (default: half of the available memory)';
@@ -69,6 +71,7 @@ function deviceOptions(c: Command): Command {
     .addOption(new Option('--vendor-mode <mode>', VENDOR_MODE_HELP).argParser((v) => parseEnum('--vendor-mode', v, VENDOR_MODES)).default('compatible', 'compatible'))
     .addOption(trappedAccessOption())
     .addOption(vendorStallOption())
+    .addOption(new Option('--stop-copy-order <order>', STOP_COPY_ORDER_HELP).argParser((v) => parseEnum('--stop-copy-order', v, ['parallel', 'sequential'] as const)).default('parallel', 'parallel'))
     .option('--round-time <ms>', 'bound of one pre-copy round per device, whatever pending_bytes says', (v) => parseIntIn('--round-time', v, 1, 3_600_000), 2000)
     .addOption(sizeOption('--round-bytes <bytes>', 'data bound of one pre-copy round per device', 2 ** 31))
     .option('--device <spec>', 'a device reached elsewhere: vfio-user:<socket path> or vfio:<sysfs path> (repeatable; replaces the emulated devices)', (v, p: string[]) => collectDevice(v, p))

@@ -3,7 +3,7 @@ import { EnginePool, defaultThreads } from '../engine/pool.js';
 import { admitEmulated } from '../engine/budget.js';
 import { pendingRollback, runEmulated, saveDevices, loadStream } from '../api.js';
 import { EmulatedTransport } from '../transport/emulated.js';
-import type { MigrationReport } from '../engine/migration.js';
+import type { MigrationReport, StopCopyOrder } from '../engine/migration.js';
 import type { VendorMode } from '../../workers/tasks.js';
 import { RollbackOutcome, type RollbackResult } from '../engine/source-device.js';
 import { releaseDestination, type LoadReport, type Loader } from '../engine/load.js';
@@ -33,7 +33,7 @@ export interface DeviceFlags extends ReachFlags, OutputFlags {
   devices: number; size: number; profile: ProfileName | 'v2'; allowNoP2p?: boolean; chunk: number; dataMode: DataMode; offsetPolicy: OffsetPolicy;
   dirtyRate: number; dmaRate: number; seed: number; threads?: number; downtime: number; maxRounds: number;
   bandwidth?: number; vendorMode: VendorMode; roundTime: number; roundBytes: number; device?: string[]; dest?: string[];
-  memoryBudget?: number; trappedAccess?: TrappedAccess; vendorStall?: number;
+  memoryBudget?: number; trappedAccess?: TrappedAccess; vendorStall?: number; stopCopyOrder?: StopCopyOrder;
 }
 
 /** `count` emulated source devices emu0.. with consecutive seeds (v2 or v1 by the profile in `dev`). */
@@ -57,7 +57,7 @@ export function migOpts(o: DeviceFlags) {
   return {
     downtimeLimitMs: o.downtime, maxRounds: o.maxRounds, bandwidthCap: o.bandwidth, vendorMode: o.vendorMode,
     roundTimeMs: o.roundTime, roundBytes: o.roundBytes, memoryBudget: o.memoryBudget, allowWithoutP2P: o.allowNoP2p,
-    trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStall,
+    trappedAccess: o.trappedAccess, vendorStallMs: o.vendorStall, stopCopyOrder: o.stopCopyOrder,
   };
 }
 

@@ -21,6 +21,9 @@ import type { VendorMode } from '../../workers/tasks.js';
 import type { TrappedAccess } from '../protocol/migration-region.js';
 import type { ConfigHooks } from './config-hook.js';
 
+export type StopCopyOrder = 'parallel' | 'sequential';
+export const STOP_COPY_ORDERS: readonly StopCopyOrder[] = ['parallel', 'sequential'];
+
 export type MigrationPhase = 'idle' | 'setup' | 'precopy' | 'stopcopy' | 'complete' | 'done' | 'failed' | 'cancelled';
 
 /** Allowed phase arcs: [from] -> to[]. */
@@ -85,6 +88,14 @@ export interface MigrationOptions {
    * naming the device (default 30000 ms; a PRE_COPY fd with nothing to give is "nothing more for now").
    */
   vendorStallMs?: number;
+  /**
+   * How the stop-and-copy data of several devices is saved. `parallel` (default; QEMU 10's multifd device state
+   * transfer): every device drains at once, each through its own worker (and, live, its own channel). `sequential`
+   * (QEMU's legacy save order): every device stops at once, then one device after another is drained whole, so the
+   * destination (or the link) takes one device's state at a time: one device's staging and CPU instead of N, and each
+   * device's final state contiguous in a stream file.
+   */
+  stopCopyOrder?: StopCopyOrder;
   /** Compute each source device's final digest into the END record (emulated devices). */
   digests?: boolean;
   /** Worker lanes per device when the sink takes positioned writes (default 1). */
@@ -213,7 +224,7 @@ export class Migration extends EventEmitter<MigrationEvents> {
     super();
     this.o = {
       downtimeLimitMs: 300, maxRounds: 30, dirtyQueryIntervalMs: 50, maxEmptyChunks: 64, maxNoProgress: 256, digests: true, progressIntervalMs: 200,
-      vendorMode: 'compatible', roundBytes: 2 ** 31, roundTimeMs: 2000,
+      vendorMode: 'compatible', roundBytes: 2 ** 31, roundTimeMs: 2000, stopCopyOrder: 'parallel',
       ...opts,
     };
     if (!Array.isArray(given) || given.length === 0) throw new MigError(ErrorCode.BAD_ARGUMENT, 'a migration needs at least one device');
@@ -229,6 +240,9 @@ export class Migration extends EventEmitter<MigrationEvents> {
     }
     if (!(this.o.downtimeLimitMs >= 0)) throw new MigError(ErrorCode.BAD_ARGUMENT, `downtime limit ${this.o.downtimeLimitMs} ms is invalid`);
     if (!Number.isInteger(this.o.maxRounds) || this.o.maxRounds < 0) throw new MigError(ErrorCode.BAD_ARGUMENT, `max rounds ${this.o.maxRounds} is invalid`);
+    if (this.o.stopCopyOrder !== undefined && !STOP_COPY_ORDERS.includes(this.o.stopCopyOrder)) {
+      throw new MigError(ErrorCode.BAD_ARGUMENT, `stop-copy order '${String(this.o.stopCopyOrder)}' is not parallel or sequential`);
+    }
     if (this.o.vendorMode !== 'compatible' && this.o.vendorMode !== 'strict') {
       throw new MigError(ErrorCode.BAD_ARGUMENT, `vendor mode '${String(this.o.vendorMode)}' is not compatible or strict`);
     }
@@ -386,10 +400,18 @@ export class Migration extends EventEmitter<MigrationEvents> {
       const s0 = performance.now();
       // Every P2P-capable device stops peer-to-peer DMA before any device enters STOP_COPY (QEMU's prepare step).
       await this.onAll((d) => d.quiesce());
-      await this.onAll(async (d) => {
-        await d.complete();
-        this.progress(d, false, (d.stats.stopCopyBytes * 1000) / Math.max(d.stats.stopCopyMs, 0.001));
-      });
+      const drained = (d: SourceDevice) => this.progress(d, false, (d.stats.stopCopyBytes * 1000) / Math.max(d.stats.stopCopyMs, 0.001));
+      if (this.o.stopCopyOrder === 'sequential') {
+        // QEMU's legacy order: vm_stop stops every device, then each one's state is saved whole, in table order.
+        await this.onAll((d) => d.stop());
+        for (const d of this.devices) {
+          this.checkCancel();
+          await d.complete();
+          drained(d);
+        }
+      } else {
+        await this.onAll(async (d) => { await d.complete(); drained(d); });
+      }
       await this.dirty.queryAll(this.stopWaits.signal); // final dirty set, devices stopped
       for (const d of this.devices) await d.saveState();
       const stopCopyMs = performance.now() - s0;

@@ -240,11 +240,20 @@ export class SourceDevice {
     return r;
   }
 
-  /** save_live_complete_precopy: SAVING, drain while pending_bytes > 0, [END], then STOP. */
-  async complete(): Promise<void> {
-    const t0 = performance.now();
+  private tStopped = 0;
+
+  /** The VM stops this device (QEMU's vfio_vmstate_change): STOP_COPY, not yet drained. complete() drains it. */
+  async stop(): Promise<void> {
+    if (this.phase === 'stopcopy') return;
+    this.tStopped = performance.now();
     this.setPhase('stopcopy');
     await this.locked(() => this.devSet('STOP_COPY'));
+  }
+
+  /** save_live_complete_precopy: SAVING (stop() if not yet), drain while pending_bytes > 0, [END], then STOP. */
+  async complete(): Promise<void> {
+    await this.stop();
+    const t0 = this.tStopped;
     const r = await this.runPhase('complete', Number.MAX_SAFE_INTEGER);
     await this.writer.deviceBytes(this.index, this.shared, endTag());
     await this.locked(() => this.devSet('STOP'));
