@@ -133,4 +133,21 @@ test('a destination that never acknowledges: the source keeps iterating, gives u
   }
 });
 
+test('v1 devices have no init-data marker: waiting for a late ack with max rounds 0, they move no pre-copy data', async () => {
+  // The ack is withheld: the source must only wait (v1 never writes DEV_INIT_DATA_SENT, so no "marker round" is due),
+  // then give up after its ack timeout, with every byte still unsent (max rounds 0: all of it is stop-and-copy data).
+  const srcs = [0, 1].map((i) => EmulatedTransport.create({ name: `v1w${i}`, stateSize: 2 << 20, maxChunk: 256 << 10, seed: 20 + i }));
+  try {
+    const p = await pair(srcs, { maxRounds: 0, switchoverAckTimeoutMs: 800 }, withTestHooks({}, { withholdSwitchoverAck: true }));
+    const tx = p.tx as MigError & { report: SendReport };
+    assert.instance(tx, MigError);
+    assert.is(tx.code, ErrorCode.PEER_TIMEOUT, tx.message);
+    assert.is(tx.report.save!.rounds.length, 0, `${tx.report.save!.rounds.length} pre-copy rounds, ${tx.report.save!.precopyBytes} bytes`);
+    assert.is(tx.report.save!.precopyBytes, 0);
+    for (const s of srcs) assert.is(s.openRegion().state(), 'RUNNING');
+  } finally {
+    for (const s of srcs) destroyEmulated(s);
+  }
+});
+
 test.run();

@@ -137,7 +137,10 @@ export class SourceDevice {
   private initialBytes = 0;
   initDataSent = false;
   /** v2 with PRE_COPY, in its pre-copy session, and DEV_INIT_DATA_SENT not yet written: the next iterate writes it. */
-  get initPending(): boolean { return !!this.dev?.caps.precopy && !!this.dev.dataPath() && !this.initDataSent; }
+  get initPending(): boolean {
+    // v1 has no DEV_INIT_DATA_SENT (its PRE_COPY is SAVING|RUNNING): a v1 device never holds a switchover back.
+    return this.dev.caps.protocol === 'v2' && !!this.dev.caps.precopy && !!this.dev.dataPath() && !this.initDataSent;
+  }
 
   constructor(readonly index: number, device: EngineDevice, private readonly pool: EnginePool,
     private readonly writer: ContainerWriter, private readonly opts: SourceDeviceOptions, private readonly limiter?: RateLimiter) {
