@@ -32,7 +32,7 @@ process.on('message', (m: PeerRequest) => {
       const r = await rx.run();
       const cpu = process.cpuUsage(c0);
       const elu = perf.eventLoopUtilization(e0);
-      reply({ report: { cpuMs: (cpu.user + cpu.system) / 1000, elu: elu.utilization, ok: r.ok, destinationDowntimeMs: r.destinationDowntimeMs, verified: r.devices.every((d) => d.verified), bytes: r.bytesReceived, channelBytes: r.channelBytes } });
+      reply({ report: { cpuMs: (cpu.user + cpu.system) / 1000, elu: elu.utilization, ok: r.ok, destinationDowntimeMs: r.destinationDowntimeMs, verified: r.devices.every((d) => d.verified), bytes: r.bytesReceived, channelBytes: r.channelBytes, receiveWorkers: r.receiveWorkers } });
     } catch (e) {
       reply({ error: `${(e as MigError).code ?? ''} ${(e as Error).message}` });
     }

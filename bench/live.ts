@@ -25,7 +25,7 @@ import type { PeerRequest } from './live-peer.js';
 
 const MiB = 1 << 20;
 
-export interface LiveRun { srcCpuMs?: number; dstCpuMs?: number; srcElu?: number; dstElu?: number; downtimeMs: number; totalMs: number; verified: boolean; destinationDowntimeMs?: number; stopCopyMs?: number }
+export interface LiveRun { receiveWorkers?: number; srcCpuMs?: number; dstCpuMs?: number; srcElu?: number; dstElu?: number; downtimeMs: number; totalMs: number; verified: boolean; destinationDowntimeMs?: number; stopCopyMs?: number }
 export interface LiveConfig { name: string; channels: number; tls?: boolean; file?: boolean; order?: StopCopyOrder }
 
 /** The destination process: one request at a time. */
@@ -110,8 +110,8 @@ export async function benchLive(o: LiveBenchOptions) {
     const elu = perf.eventLoopUtilization(e0);
     if (tx instanceof Error) throw tx;
     if (m.error) throw new Error(`receive: ${m.error}`);
-    const rep = m.report as { verified: boolean; destinationDowntimeMs?: number; cpuMs: number; elu: number };
-    return { srcCpuMs: (cpu.user + cpu.system) / 1000, srcElu: elu.utilization, dstCpuMs: rep.cpuMs, dstElu: rep.elu, downtimeMs: tx.downtimeMs!, totalMs: tx.totalMs, verified: rep.verified, destinationDowntimeMs: rep.destinationDowntimeMs, stopCopyMs: tx.save?.stopCopyMs };
+    const rep = m.report as { verified: boolean; destinationDowntimeMs?: number; cpuMs: number; elu: number; receiveWorkers?: number };
+    return { receiveWorkers: rep.receiveWorkers, srcCpuMs: (cpu.user + cpu.system) / 1000, srcElu: elu.utilization, dstCpuMs: rep.cpuMs, dstElu: rep.elu, downtimeMs: tx.downtimeMs!, totalMs: tx.totalMs, verified: rep.verified, destinationDowntimeMs: rep.destinationDowntimeMs, stopCopyMs: tx.save?.stopCopyMs };
   };
   const runs: Record<string, LiveRun[]> = {};
   const warm: Record<string, boolean> = {};
@@ -165,7 +165,8 @@ export async function benchLive(o: LiveBenchOptions) {
     const rs = runs[c.name];
     const m = (f: (r: LiveRun) => number) => med(rs.map(f));
     o.row(`${c.name}: CPU source / destination, main threads busy`, `${m((r) => r.srcCpuMs!).toFixed(0)} / ${m((r) => r.dstCpuMs!).toFixed(0)} ms CPU`,
-      `${m((r) => r.downtimeMs).toFixed(0)} ms downtime`, `main ${(m((r) => r.srcElu!) * 100).toFixed(0)}% / ${(m((r) => r.dstElu!) * 100).toFixed(0)}%`, 'diagnostic');
+      `${m((r) => r.downtimeMs).toFixed(0)} ms downtime`, `main ${(m((r) => r.srcElu!) * 100).toFixed(0)}% / ${(m((r) => r.dstElu!) * 100).toFixed(0)}%`
+        + `, ${rs[0]?.receiveWorkers ?? 0} receive workers`, 'diagnostic');
   }
   if (!tls) o.row('mutual TLS rows', 'skipped: no openssl CLI to make certificates', '', '', '');
   return out;

@@ -1,6 +1,7 @@
 // Worker tasks that move a device's data through the device seam's DataPath (src/main/device/seam.ts): the module
 // named in the task's descriptor is imported here, so a new protocol or reach needs no edit to this file.
 import { openDataPath } from '../main/device/registry.js';
+import type { DataPath } from '../main/device/seam.js';
 import { DeviceShared } from '../main/engine/device-shared.js';
 import { OWNER_WORKER } from '../main/engine/region-lock.js';
 import { StagingRing } from '../main/engine/staging.js';
@@ -97,6 +98,11 @@ export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
   const path = await openDataPath(t.path);
   // A reach's own config restore (ConfigTargetDesc.module) is imported here, as its data path is.
   await loadConfigModule(t.config as ConfigTarget | undefined, t.path.device);
+  return loadPathWith(path, t);
+}
+
+/** One record into a device through a data path already open (a live channel's receive worker keeps its own). */
+export function loadPathWith(path: DataPath, t: LoadPathTask): LoadResult {
   if (path.load) return path.load(t);
   const slot = new Uint8Array(t.slot);
   const header = slot.subarray(0, RECORD_HEADER_SIZE);

@@ -6,6 +6,9 @@ import {
   FILE_HEADER_SIZE, MAX_META_BODY, RECORD_HEADER_SIZE, RECORD_NAMES, REC_DEVICE_TABLE, decodeFileHeader, decodeJson,
   decodeRecordHeader, validateDeviceTable, verifyRecord, type DeviceTable, type RecordHeader,
 } from './format.js';
+import type { DataPathDesc } from '../device/seam.js';
+import type { QemuLimits, QemuParseState } from '../protocol/qemu-stream.js';
+import type { ConfigTarget } from '../transport/config.js';
 
 export interface RecordRef {
   h: RecordHeader;
@@ -36,12 +39,42 @@ export interface RecordSource {
    * a worker to take without a copy (a network source receives bodies there); null when it has none.
    */
   takeSlot?(r: RecordRef): { sab: SharedArrayBuffer; release: () => void } | null;
+  /**
+   * Optional: the source applies some devices' records itself, off the main thread (a live receiver's data channels
+   * received by worker threads). Called once every destination is RESUMING, before the source is accepted. Returns,
+   * per device it took (by table index), a promise that settles once its last record is applied (or it failed and
+   * nothing touches the device any more), once the source is ready to apply them; `applied` reports what was applied
+   * as it goes (deltas).
+   */
+  adopt?(devices: AdoptedDevice[], applied: (index: number, r: AppliedDelta) => void): Promise<Map<number, Promise<void>>>;
+  /** Optional: the load failed; stop reading (and applying) and wake a pending next() with `e`. */
+  fail?(e: MigError): void;
   metaBody<T>(r: RecordRef): Promise<T>;
   /** Skip a body (only called when `descriptor` is set: a worker reads it from there). */
   skip(r: RecordRef): void;
   /** After END: nothing may follow it. */
   checkEnd(): Promise<void>;
   close(): void;
+}
+
+/** A destination as a source that applies its records needs it (engine/load.ts Dest). */
+export interface AdoptedDevice {
+  index: number;
+  name: string;
+  path: DataPathDesc;
+  shared: SharedArrayBuffer;
+  limits: QemuLimits;
+  parse: QemuParseState;
+  config: ConfigTarget;
+}
+
+/** Records applied since the last report: the parse state after them and what they moved. */
+export interface AppliedDelta {
+  parse: QemuParseState;
+  dataPackets: number;
+  dataBytes: number;
+  /** Offset just past the device's last record, in the source's own offsets (a live channel's bytes). */
+  streamEnd: number;
 }
 
 export class ContainerReader implements RecordSource {

@@ -6,7 +6,7 @@ import { EventEmitter } from 'node:events';
 import os from 'node:os';
 import { ErrorCode, MigError, abortError, toMigError } from '../errors.js';
 import { trace } from '../trace.js';
-import { ContainerReader, type RecordRef, type RecordSource } from '../container/reader.js';
+import { ContainerReader, type AdoptedDevice, type RecordRef, type RecordSource } from '../container/reader.js';
 import { nativeCrcAvailable } from '../container/checksum.js';
 import {
   FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
@@ -208,6 +208,8 @@ export interface Dest {
   streamEnd?: number;
   /** The failed load reset it (what it loaded is discarded): whoever releases it need not reset it again. */
   discarded?: boolean;
+  /** The source applies this device's records itself (RecordSource.adopt: a live data channel's worker). */
+  adopted?: boolean;
 }
 
 /**
@@ -339,6 +341,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       if (signal?.aborted) throw abortError(signal, 'load cancelled');
       this.table = await reader.readPreamble();
       await this.setup(this.table);
+      await this.adopt(reader);
       await this.o.onSetup?.(this.dests);
       this.phase = 'active';
       d0 = performance.now();
@@ -354,7 +357,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
     } catch (e) {
       failure = toMigError(e);
       if (signal?.aborted && failure.name !== 'AbortError') failure = abortError(signal, 'load cancelled');
-      // Let in-flight chunks settle before touching device state.
+      // Let in-flight chunks settle before touching device state (a source applying records itself stops first).
+      reader.fail?.(failure);
       await Promise.allSettled(this.dests.map((d) => d.chain));
       if (d0) dataMs = performance.now() - d0; // what ran of the data phase: the partial report's rate is real
       await this.leaveNotRunning();
@@ -494,6 +498,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       if (r.h.type !== REC_CHUNK) throw new MigError(ErrorCode.STREAM_BAD_RECORD, `unexpected record type ${r.h.type}`, { offset: r.at });
       const d = this.dests[r.h.device];
       if (!d) throw new MigError(ErrorCode.STREAM_BAD_RECORD, `CHUNK for device ${r.h.device}, table has ${this.dests.length}`, { offset: r.at + 8 });
+      if (d.adopted) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'CHUNK of a device the source applies itself', { offset: r.at, device: d.entry.name });
       if (r.h.seq !== d.nextSeq || r.h.streamOffset !== d.nextOffset) {
         throw new MigError(ErrorCode.STREAM_BAD_RECORD,
           `CHUNK seq ${r.h.seq} at stream offset ${r.h.streamOffset}, expected seq ${d.nextSeq} at ${d.nextOffset} (missing or reordered record)`,
@@ -537,7 +542,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
               this.queued -= batch.length;
               for (const w of this.dequeued.splice(0)) w();
             }
-          }).catch((e) => { failed ??= e; throw e; });
+          }).catch((e) => { failed ??= e; reader.fail?.(toMigError(e)); throw e; });
           d.chain.catch(() => undefined);
         }
         d.openBatch.push(item);
@@ -573,19 +578,8 @@ export class Loader extends EventEmitter<LoaderEvents> {
           await restoreWithHook(this.o.config!, { name: d.entry.name, index: d.entry.index, device: target, entry: d.entry },
             res.config.bytes, res.config.flags, res.config.offset, (b) => target.writeConfig(b));
         }
-        d.parse = res.parse;
-        d.stats.dataPackets += res.dataPackets;
-        d.stats.dataBytes += res.dataBytes;
-        if (d.parse.initDataSent && !d.stats.initDataSent) {
-          d.stats.initDataSent = true;
-          this.o.onInitDataLoaded?.(d);
-        }
-        // The config section is always last: once it is closed the device has everything but END's digest.
-        if (d.parse.sawConfig && !d.parse.inSection && !d.loaded) {
-          d.loaded = true;
-          this.o.onDeviceLoaded?.(d);
-        }
-      }).catch((e) => { failed ??= e; throw e; }).finally(done);
+        this.applied(d, res.parse, res.dataPackets, res.dataBytes);
+      }).catch((e) => { failed ??= e; reader.fail?.(toMigError(e)); throw e; }).finally(done);
       d.chain.catch(() => undefined);
     }
   }
@@ -594,6 +588,47 @@ export class Loader extends EventEmitter<LoaderEvents> {
   private dataPath(d: Dest) {
     const path = d.dev.dataPath();
     return path && withStallBound(path, this.o.vendorStallMs);
+  }
+
+  /** Records of `d` applied (by a load task, or by the source itself): its parse state, stats and events. */
+  private applied(d: Dest, parse: QemuParseState, dataPackets: number, dataBytes: number): void {
+    d.parse = parse;
+    d.stats.dataPackets += dataPackets;
+    d.stats.dataBytes += dataBytes;
+    if (d.parse.initDataSent && !d.stats.initDataSent) {
+      d.stats.initDataSent = true;
+      this.o.onInitDataLoaded?.(d);
+    }
+    // The config section is always last: once it is closed the device has everything but END's digest.
+    if (d.parse.sawConfig && !d.parse.inSection && !d.loaded) {
+      d.loaded = true;
+      this.o.onDeviceLoaded?.(d);
+    }
+  }
+
+  /**
+   * A source that applies some devices' records itself (a live receiver's data channels, each read and applied by a
+   * worker thread of its own): those devices' chains are its promises, and what it applied comes back through
+   * applied(). Not with a config restore hook, which runs on the main thread.
+   */
+  private async adopt(reader: RecordSource): Promise<void> {
+    if (!reader.adopt || this.o.config?.restore) return;
+    const devs: AdoptedDevice[] = [];
+    for (const d of this.dests) {
+      const path = this.dataPath(d);
+      if (path) devs.push({ index: d.entry.index, name: d.entry.name, path, shared: d.shared.sab, limits: d.limits, parse: d.parse, config: this.configTarget(d) });
+    }
+    const taken = await reader.adopt(devs, (i, r) => {
+      const d = this.dests[i];
+      if (r.streamEnd) d.streamEnd = r.streamEnd;
+      this.applied(d, r.parse, r.dataPackets, r.dataBytes);
+    });
+    for (const [i, p] of taken) {
+      const d = this.dests[i];
+      d.adopted = true;
+      d.chain = p;
+      p.catch(() => undefined);
+    }
   }
 
   /** Where a worker puts a loaded CONFIG section: the device (default restore), or back to the main thread's hook. */

@@ -18,7 +18,7 @@ import { destroyEmulated } from '../reach/emulated/v2.js';
 import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
 import { testHooks } from '../engine/test-hooks.js';
 import { trace } from '../trace.js';
-import { allowed, listen, tcpKeepalive, tuneInherited, type Listener } from './conn.js';
+import { allowed, listen, socketFd, tcpKeepalive, tuneInherited, type Listener } from './conn.js';
 import { LiveEndpoint, type EndpointOptions, type LiveState } from './events.js';
 import { LiveSource } from './source.js';
 import {
@@ -71,6 +71,8 @@ export interface ReceiveReport {
   bytesReceived: number;
   /** Per channel. */
   channelBytes?: number[];
+  /** Data channels received and applied by worker threads of their own (not TLS, not --save); 0 with 1 channel. */
+  receiveWorkers?: number;
   totalMs: number;
   cause?: Cause;
   devices: { name: string; state: string; verified: boolean | null }[];
@@ -168,7 +170,11 @@ export class Receiver extends LiveEndpoint {
       const table = await this.withTimeout(src.openMain(c0.reader), 'the device table');
       await this.withTimeout(new Promise<void>((r) => { this.allUp = r; if (this.chans.length === this.nChannels) r(); }),
         `all ${this.nChannels} channels`);
-      for (const c of this.chans) if (c.index > 0) src.addChannel(c.index, c.reader);
+      // Data channels are received by worker threads (QEMU's multifd recv threads): each reads its socket's fd and
+      // applies its devices' CHUNKs, so the main thread no longer carries every byte. Not under TLS (node:tls decrypts
+      // on the main thread) and not with --save (the saved file takes every record through here, in order).
+      const offThread = !this.tlsc && !this.o.save;
+      for (const c of this.chans) if (c.index > 0) src.addChannel(c.index, c.reader, offThread ? socketFd(c.sock) : undefined);
       rep.channels = this.nChannels;
       const refused = await this.admit(table);
       if (refused.length) {
@@ -261,15 +267,18 @@ export class Receiver extends LiveEndpoint {
       rep.state = this.state;
       rep.bytesReceived = this.source?.bytesReceived ?? 0;
       rep.totalMs = performance.now() - t0;
-      const out = new MigError(cause.code as MigError['code'], cause.side === 'destination' ? err.message : `${cause.side}: ${cause.message}`,
+      // err's message already names its device (MigError formats it in): not twice.
+      const own = cause.device && err.message.startsWith(`${cause.device}: `) ? err.message.slice(cause.device.length + 2) : err.message;
+      const out = new MigError(cause.code as MigError['code'], cause.side === 'destination' ? own : `${cause.side}: ${cause.message}`,
         { device: cause.device, cause: err });
-      Object.assign(out, { report: rep });
+      Object.assign(out, { report: rep, offset: cause.side === 'destination' ? err.offset : undefined });
       throw out;
     } finally {
       clearInterval(watchdog);
       clearInterval(progress);
       releaseLoads?.();
       this.o.signal?.removeEventListener('abort', onAbort);
+      await this.source?.stopWorkers();
       this.closeSockets();
       this.listener?.close();
       await save?.close().catch(() => undefined);
@@ -278,6 +287,7 @@ export class Receiver extends LiveEndpoint {
     rep.state = this.state;
     rep.bytesReceived = this.source?.bytesReceived ?? 0;
     rep.channelBytes = this.source?.channelBytes;
+    rep.receiveWorkers = this.source?.receiveWorkers;
     rep.totalMs = performance.now() - t0;
     if (this.o.save) rep.saved = this.o.save;
     if (!this.o.keepDestinations) for (const d of this.created) destroyEmulated(d);

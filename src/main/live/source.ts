@@ -6,10 +6,11 @@ import {
   FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, decodeFileHeader, decodeJson,
   validateDeviceTable, verifyRecord, type DeviceTable, type RecordHeader, RECORD_NAMES,
 } from '../container/format.js';
-import type { RecordRef, RecordSource } from '../container/reader.js';
+import type { AdoptedDevice, AppliedDelta, RecordRef, RecordSource } from '../container/reader.js';
 import type { FileSink } from '../container/sink.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { FRAME_NAMES, SocketReader, decodeFrameHeader } from './wire.js';
+import { ChannelRx } from './channel-rx.js';
 
 interface Rec {
   h: RecordHeader; header: Uint8Array; body: Uint8Array; channel: number;
@@ -20,12 +21,15 @@ interface Rec {
 interface Chan {
   index: number;
   reader: SocketReader;
+  /** Received off the main thread: the fd a worker reads once the loader hands over the devices (adopt). */
+  offThread?: { fd: number; rx: ChannelRx; begun?: boolean };
   queue: Rec[];
   queuedBytes: number;
   ended: boolean;
   /** Bytes of frames read on this connection (after the HELLO), for error offsets. */
   rx: number;
   space: (() => void) | null;
+  pumping?: boolean;
 }
 
 /** Bytes of records a channel may read ahead of the loader (at least one record). */
@@ -99,27 +103,76 @@ export class LiveSource implements RecordSource {
     return this.table;
   }
 
-  addChannel(index: number, reader: SocketReader): void {
-    this.chans[index] = { index, reader, queue: [], queuedBytes: 0, ended: false, rx: 0, space: null };
+  /**
+   * A data channel (1..N-1). With `fd` (a plain TCP or UNIX socket) it is received off the main thread once the
+   * loader hands over its devices (adopt): a worker reads the fd and applies the CHUNKs of the devices pinned to it.
+   */
+  addChannel(index: number, reader: SocketReader, fd?: number): void {
+    // Its receive worker starts now: the thread loads its modules while the destinations are made.
+    const offThread = fd !== undefined && fd >= 0 ? { fd, rx: new ChannelRx(index) } : undefined;
+    this.chans[index] = { index, reader, queue: [], queuedBytes: 0, ended: false, rx: 0, space: null, offThread };
   }
 
   /** Start reading every channel; `maxBody` bounds a CHUNK body (from the destinations' own geometry). */
   start(maxBody: number): void {
     this.maxBody = maxBody;
-    for (const c of this.chans) this.pump(c).catch((e) => this.fail(e instanceof MigError ? e : new MigError(ErrorCode.PEER_GONE, String(e))));
+    for (const c of this.chans) if (!c.offThread) this.startPump(c);
+  }
+
+  private startPump(c: Chan): void {
+    this.pump(c).catch((e) => this.fail(e instanceof MigError ? e : new MigError(ErrorCode.PEER_GONE, String(e))));
+  }
+
+  /**
+   * The loader's devices, once every destination is RESUMING (before ACCEPT, so no CHUNK has been sent yet): each
+   * off-thread channel gets a receive worker with the devices pinned to it (device mod N), and their completion.
+   */
+  async adopt(devices: AdoptedDevice[], applied: (index: number, r: AppliedDelta) => void): Promise<Map<number, Promise<void>>> {
+    const taken = new Map<number, Promise<void>>();
+    const ready: Promise<void>[] = [];
+    const n = this.chans.length;
+    for (const c of this.chans) {
+      const off = c.offThread;
+      if (!off || this.err) continue;
+      const mine = devices.filter((d) => d.index % n === c.index);
+      const prefix = c.reader.detach((e) => this.fail(e));
+      ready.push(off.rx.begin({
+        channel: c.index, channels: n, fd: off.fd, prefix, tableDevices: this.nextSeq.length, maxBody: this.maxBody, devices: mine,
+      }, {
+        applied,
+        ended: () => { c.ended = true; this.wake(); },
+        failed: (e) => this.fail(e),
+      }));
+      off.begun = true;
+      for (const d of mine) taken.set(d.index, off.rx.done);
+    }
+    await Promise.all(ready);
+    return taken;
+  }
+
+  /** Is this device's channel received off the main thread (its CHUNKs never come through here)? */
+  private offThreadDevice(device: number): boolean {
+    return device < this.nextSeq.length && !!this.chans[device % this.chans.length]?.offThread?.begun;
   }
 
   fail(e: MigError): void {
     this.err ??= e;
-    for (const c of this.chans) { c.reader.fail(e); c.space?.(); }
+    for (const c of this.chans) { c.reader.fail(e); c.space?.(); c.offThread?.rx.stop(); }
     this.wake();
   }
 
+  /** Stop every receive worker and wait until each thread is gone (their sockets may then be closed). */
+  async stopWorkers(): Promise<void> {
+    await Promise.all(this.chans.map((c) => c.offThread?.rx.close()));
+  }
+
+  /** Channels received by worker threads (off the main thread). */
+  get receiveWorkers(): number { return this.chans.filter((c) => c.offThread?.begun).length; }
   get failed(): MigError | undefined { return this.err; }
   get channels(): number { return this.chans.length; }
-  get bytesReceived(): number { return this.chans.reduce((a, c) => a + c.reader.bytes, 0); }
+  get bytesReceived(): number { return this.channelBytes.reduce((a, b) => a + b, 0); }
   /** Bytes received on each channel (its HELLO included). */
-  get channelBytes(): number[] { return this.chans.map((c) => c.reader.bytes); }
+  get channelBytes(): number[] { return this.chans.map((c) => c.reader.bytes + (c.offThread?.rx.bytes ?? 0)); }
 
   private wake(): void {
     const w = this.waiter;
@@ -144,6 +197,10 @@ export class LiveSource implements RecordSource {
         continue;
       }
       if (h.type === REC_DEVICE_TABLE) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'a second DEVICE_TABLE', { offset: at });
+      if (h.type === REC_CHUNK && this.offThreadDevice(h.device)) {
+        throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: CHUNK of device ${h.device}, whose records travel on channel ${h.device % this.chans.length} (device mod ${this.chans.length})`,
+          { offset: at + 8, device: this.table?.devices[h.device]?.name });
+      }
       if (c.index !== 0 && h.type !== REC_CHUNK) {
         throw new MigError(ErrorCode.PEER_PROTOCOL, `${what}: ${name} record outside channel 0 (channels 1..N carry CHUNKs only)`, { offset: at });
       }
@@ -209,6 +266,10 @@ export class LiveSource implements RecordSource {
   }
 
   async next(): Promise<RecordRef | null> {
+    // Off-thread channels the loader did not adopt (it had a reason to keep every record) are read here after all.
+    for (const c of this.chans) {
+      if (c.offThread && !c.offThread.begun && !c.pumping) { c.pumping = true; void c.offThread.rx.close(); this.startPump(c); }
+    }
     for (;;) {
       if (this.err) throw this.err;
       const n = this.chans.length;

@@ -155,9 +155,15 @@ export class SocketReader {
   lastRx = performance.now();
   bytes = 0;
   private pausedByUs = false;
+  private detached: ((e: MigError) => void) | undefined;
 
   constructor(readonly sock: Duplex, readonly what: string, private readonly highWater = 8 << 20) {
     sock.on('data', (b: Buffer) => {
+      if (this.detached) {
+        // Node read after the hand-over: those bytes belong to the worker's stream, which now has a hole.
+        this.detached(new MigError(ErrorCode.BAD_STATE, `${what}: ${b.length} bytes read after the connection was handed to its receive worker`));
+        return;
+      }
       this.bufs.push(b);
       this.len += b.length;
       this.bytes += b.length;
@@ -174,6 +180,28 @@ export class SocketReader {
   get backpressured(): boolean { return this.pausedByUs; }
   get buffered(): number { return this.len; }
   get eof(): boolean { return this.ended && this.len === 0; }
+
+  /**
+   * Hand the connection's reading over (to a receive worker reading its fd): Node stops reading it now, and the bytes
+   * it had already read come back, to be consumed first. Nothing is read here afterwards.
+   */
+  detach(onLate: (e: MigError) => void): Buffer {
+    const h = (this.sock as unknown as { _handle?: { readStop?: () => number; reading?: boolean } })._handle;
+    const stop = () => { if (h?.readStop) { h.reading = false; h.readStop(); } };
+    this.sock.pause();
+    stop();
+    // Bytes Node read but has not emitted yet (paused in its readable buffer) belong to the stream too: read() emits
+    // them to the 'data' listener above. It may restart reading on the handle: stopped again at once (nothing is read
+    // before the event loop runs).
+    while (this.sock.readableLength > 0 && this.sock.read() !== null) { /* collected by the 'data' listener */ }
+    stop();
+    this.pausedByUs = false;
+    this.detached = onLate;
+    const b = Buffer.concat(this.bufs);
+    this.bufs = [];
+    this.len = 0;
+    return b;
+  }
 
   /** Wake a pending read with this error (cancel, timeout, the other side failed). */
   fail(e: MigError): void {
