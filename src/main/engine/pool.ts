@@ -42,6 +42,11 @@ export class EnginePool {
       minThreads: this.threads,
       maxThreads: this.threads,
       idleTimeout: 60_000,
+      // piscina loads the task module with require() first; on Node 20.19+ that is require(esm), which can abort the
+      // whole process (V8 "IsGraphAsync must be used on an instantiated module") when it races the import() of the
+      // same module in a fresh worker. Without it piscina goes straight to import().
+      execArgv: process.allowedNodeEnvironmentFlags.has('--no-experimental-require-module')
+        ? [...process.execArgv, '--no-experimental-require-module'] : undefined,
     });
   }
 
