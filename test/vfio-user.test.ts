@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { EnginePool } from '../src/main/engine/pool.js';
-import { saveDevices, loadStream } from '../src/main/api.js';
+import { saveDevices, loadStream, pendingRollback } from '../src/main/api.js';
 import { EmulatedTransport } from '../src/main/transport/emulated.js';
 import { DeviceServer, VfioUserClient, VfioUserTransport, connectVfioUser } from '../src/main/reach/vfio-user/index.js';
 import type { MigDevice } from '../src/main/device/seam.js';
@@ -108,6 +108,34 @@ test('a server killed mid-save: VFM_PEER_GONE naming the device, the other devic
 
 test('a server that stalls mid-save: VFM_PEER_TIMEOUT within the per-request timeout, the other device rolled back', async () => {
   await failMidSave((c) => kill(c, 'SIGSTOP'), 400, ErrorCode.PEER_TIMEOUT);
+});
+
+test('a server killed mid-save next to a healthy vfio-user device: the request in flight of the healthy one is interrupted and drained, it is rolled back to RUNNING and migrates again, verified', async () => {
+  const SLOW = ['--size', '4MiB', '--chunk', '64KiB', '--data-mode', 'trapped', '--fault', 'slow-chunk:20000', '--dirty-rate', '0'];
+  const doomed = await serverProcess(SLOW);
+  const healthy = await serverProcess([...SLOW, '--seed', '17']);
+  const dst = DeviceServer.start({ socket: sockPath('healthy-dst'), stateSize: 4 << 20, maxChunk: 64 << 10, dataMode: 'trapped', zeroFill: true, dirtyRate: 0, dmaRate: 0 });
+  const a = await VfioUserTransport.connect(doomed.socket, { timeoutMs: 5000 });
+  const b = await VfioUserTransport.connect(healthy.socket, { name: 'healthy', timeoutMs: 5000 });
+  const d = await VfioUserTransport.connect(dst.socket);
+  const stream = path.join(TMP, 'healthy.vfmig');
+  try {
+    const p = saveDevices([a, b], stream, pool, {}, (m) => m.on('phase', (_from, to) => {
+      if (to === 'precopy') setTimeout(() => kill(doomed.child, 'SIGKILL'), 150);
+    }));
+    const e = await rejectsCode(p, ErrorCode.PEER_GONE);
+    const rep = (e as MigError & { report: MigrationReport }).report;
+    const finals = await (pendingRollback(e) ?? Promise.resolve(rep.rollback!));
+    const hb = finals.find((r) => r.device === 'healthy');
+    assert.ok(hb && (hb.outcome === 'resumed' || hb.outcome === 'was-running'), JSON.stringify(finals));
+    // The healthy device's connection is in step: it migrates again, end to end.
+    const save = await saveDevices([b], stream, pool, { force: true });
+    assert.ok(save.ok);
+    const { report } = await loadStream(stream, pool, { verify: true, makeDestination: () => d });
+    assert.is(report.devices[0].verified, true);
+  } finally {
+    a.close(); b.close(); d.close(); dst.stop(); kill(doomed.child); kill(healthy.child, 'SIGTERM'); rm(stream);
+  }
 });
 
 const HOSTILE_CASES: [string, string | string[]][] = [
