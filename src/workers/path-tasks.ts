@@ -14,7 +14,7 @@ import { RECORD_HEADER_SIZE, decodeRecordHeader, verifyRecord } from '../main/co
 import { reservePosition } from '../main/container/sink.js';
 import { applyConfig, loadConfigModule, type ConfigTarget } from '../main/transport/config.js';
 import { emitRecord } from './emit-record.js';
-import type { LoadDataPathTask, LoadPathTask, LoadResult, SavePathTask, SaveResult } from './tasks.js';
+import type { LoadDataPathTask, LoadPathTask, LoadResult, LoadTask, SavePathTask, SaveResult } from './tasks.js';
 
 export async function savePath(t: SavePathTask): Promise<SaveResult> {
   const path = await openDataPath(t.path);
@@ -104,27 +104,39 @@ export async function loadPath(t: LoadPathTask): Promise<LoadResult> {
 /** One record into a device through a data path already open (a live channel's receive worker keeps its own). */
 export function loadPathWith(path: DataPath, t: LoadPathTask): LoadResult {
   if (path.load) return path.load(t);
+  const base = t.fileOffset + RECORD_HEADER_SIZE;
+  return applyRecord(t, t.device, (slot, e) => {
+    // The device stream offset of these bytes: the record's stream offset plus their place in its body.
+    try {
+      path.write(slot, e.dataAt, e.size, t.streamOffset + (e.dataAt - RECORD_HEADER_SIZE));
+    } catch (err) {
+      (err as MigError & { fileOffset?: number }).fileOffset = base + (e.dataAt - RECORD_HEADER_SIZE);
+      throw err;
+    }
+  });
+}
+
+/**
+ * One staged record (header at [0, 32) of the slot, body after) into a device: checked and parsed whole before the
+ * first byte reaches the device, then each data packet through `write` under the device lock, and the CONFIG
+ * section applied to the task's config target. Shared by the seam's data paths and the v1 region loop.
+ */
+export function applyRecord(t: Pick<LoadTask, 'slot' | 'bodyLen' | 'fileOffset' | 'parse' | 'limits' | 'shared' | 'config'>, device: string,
+  write: (slot: Uint8Array, e: { dataAt: number; size: number; at: number }) => void): LoadResult {
   const slot = new Uint8Array(t.slot);
   const header = slot.subarray(0, RECORD_HEADER_SIZE);
   const body = slot.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen);
   const h = decodeRecordHeader(header, t.fileOffset);
-  verifyRecord(header, body, h, t.fileOffset, t.device);
+  verifyRecord(header, body, h, t.fileOffset, device);
   const lock = new DeviceShared(t.shared).lock;
   const st = t.parse;
-  // The whole record is validated before the first byte reaches the device.
-  const base = t.fileOffset + RECORD_HEADER_SIZE;
-  const events = parsePackets(st, slot, RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen, base, t.limits, t.device);
+  const events = parsePackets(st, slot, RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen, t.fileOffset + RECORD_HEADER_SIZE, t.limits, device);
   const res: LoadResult = { parse: st, dataPackets: 0, dataBytes: 0, configLoaded: false };
   for (const e of events) {
     if (e.kind === 'data' && e.size > 0) {
-      // The device stream offset of these bytes: the record's stream offset plus their place in its body.
-      const streamOffset = t.streamOffset + (e.dataAt - RECORD_HEADER_SIZE);
       lock.lockSync(OWNER_WORKER);
       try {
-        path.write(slot, e.dataAt, e.size, streamOffset);
-      } catch (err) {
-        (err as MigError & { fileOffset?: number }).fileOffset = base + (e.dataAt - RECORD_HEADER_SIZE);
-        throw err;
+        write(slot, e);
       } finally {
         lock.unlock();
       }
@@ -132,7 +144,7 @@ export function loadPathWith(path: DataPath, t: LoadPathTask): LoadResult {
       res.dataBytes += e.size;
     } else if (e.kind === 'config') {
       const blobOff = t.fileOffset + e.blobAt;
-      const blob = applyConfig(t.config as ConfigTarget, decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), t.device, blobOff), t.device, blobOff);
+      const blob = applyConfig(t.config as ConfigTarget, decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), device, blobOff), device, blobOff);
       if (blob) res.config = { ...blob, offset: blobOff };
       res.configLoaded = true;
     }

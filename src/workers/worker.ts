@@ -10,15 +10,13 @@ import { MigrationRegion } from '../main/protocol/migration-region.js';
 import {
   DATA_PREFIX, FLAG_DEV_DATA_STATE, FLAG_END_OF_STATE, acceptData, parsePackets, putBe64,
 } from '../main/protocol/qemu-stream.js';
-import { decodeConfigBlob } from '../main/protocol/config-blob.js';
-import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc, verifyRecord } from '../main/container/format.js';
+import { RECORD_HEADER_SIZE, REC_CHUNK, decodeRecordHeader, fillRecordHeader, headerCrc } from '../main/container/format.js';
 import { emulatedDigest } from '../main/emulated/device.js';
 import { fillHole, reservePosition } from '../main/container/sink.js';
 import { crc32c, nativeCrcAvailable, simulateNoSse42 } from '../main/container/checksum.js';
 import { workerData } from 'node:worker_threads';
-import { applyConfig } from '../main/transport/config.js';
 import fs from 'node:fs';
-import { loadDataPath, loadPath, savePath } from './path-tasks.js';
+import { applyRecord, loadDataPath, loadPath, savePath } from './path-tasks.js';
 import { emitRecord } from './emit-record.js';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
@@ -149,38 +147,14 @@ export function save(t: SaveTask): SaveResult {
 }
 
 export function load(t: LoadTask): LoadResult {
-  const slot = new Uint8Array(t.slot);
-  const header = slot.subarray(0, RECORD_HEADER_SIZE);
-  const body = slot.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen);
-  const h = decodeRecordHeader(header, t.fileOffset);
-  verifyRecord(header, body, h, t.fileOffset, t.region.device);
   const region = new MigrationRegion(t.region);
-  const lock = new DeviceShared(t.shared).lock;
-  const st = t.parse;
-  // Validate the whole record before the first write reaches the device.
-  const events = parsePackets(st, slot, RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + t.bodyLen, t.fileOffset + RECORD_HEADER_SIZE,
-    t.limits, region.device);
-  const res: LoadResult = { parse: st, dataPackets: 0, dataBytes: 0, configLoaded: false };
-  for (const e of events) {
-    if (e.kind === 'data' && e.size > 0) {
-      lock.lockSync(OWNER_WORKER);
-      try {
-        region.loadChunk(slot, e.dataAt, e.size);
-      } catch (err) {
-        throw rejected(err, region.device, e.at);
-      } finally {
-        lock.unlock();
-      }
-      res.dataPackets++;
-      res.dataBytes += e.size;
-    } else if (e.kind === 'config') {
-      const blobOff = t.fileOffset + e.blobAt;
-      const blob = applyConfig(t.config, decodeConfigBlob(slot.subarray(e.blobAt, e.blobAt + e.len), region.device, blobOff), region.device, blobOff);
-      if (blob) res.config = { ...blob, offset: blobOff };
-      res.configLoaded = true;
+  return applyRecord(t, t.region.device, (slot, e) => {
+    try {
+      region.loadChunk(slot, e.dataAt, e.size);
+    } catch (err) {
+      throw rejected(err, region.device, e.at);
     }
-  }
-  return res;
+  });
 }
 
 export function loadData(t: LoadDataTask): LoadResult | null {

@@ -11,7 +11,8 @@ import { loadTlsDir } from '../live/conn.js';
 import { makeThrowawayPki } from '../live/pki.js';
 import { CommandOutput, type OutputFlags } from './output.js';
 import { openDevices } from './devices.js';
-import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
+import { destroyEmulated, emulatedV2 } from '../reach/emulated/v2.js';
+import { releaseDestination } from '../engine/load.js';
 import type { EngineDevice } from '../engine/source-device.js';
 import { receiveJson, saveJson, sendJson } from '../report/json.js';
 import { spawn } from 'node:child_process';
@@ -78,7 +79,7 @@ export async function cmdSend(o: SendFlags): Promise<void> {
     const j = sendJson(r);
     cmd.done(j, sendText(r), r.ok, `verified: ${j.verified}`);
   } finally {
-    for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else s.close();
+    for (const s of sources) await releaseDestination(s);
   }
 }
 

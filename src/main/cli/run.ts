@@ -13,7 +13,7 @@ import type { ReceiveReport } from '../live/receiver.js';
 import type { ProfileName } from '../protocol/profiles.js';
 import type { TrappedAccess } from '../protocol/migration-region.js';
 import type { EngineDevice } from '../engine/source-device.js';
-import { destroyEmulated, emulatedDeviceOf, emulatedV2 } from '../reach/emulated/v2.js';
+import { emulatedV2 } from '../reach/emulated/v2.js';
 import type { DataMode, OffsetPolicy, EmulatedDeviceOptions } from '../emulated/device.js';
 import { table } from './args.js';
 import { fmtBytes, fmtRate } from '../report/units.js';
@@ -226,7 +226,7 @@ export async function cmdSave(o: DeviceFlags & { stream: string; force?: boolean
     cmd.done({ stream: o.stream, save: saveJson(r) }, `${saveText(r)}\n${where}`, r.ok, where);
   } finally {
     await afterRollback(failure, async () => {
-      for (const s of sources) if (emulatedDeviceOf(s)) destroyEmulated(s); else await s.close();
+      for (const s of sources) await releaseDestination(s);
       await pool.close();
     });
   }

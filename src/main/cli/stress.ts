@@ -8,6 +8,7 @@ import { printable } from '../text.js';
 import { openDevices, type ReachFlags } from './devices.js';
 import { reachedIteration, stressReached, type ReachedIteration } from '../stress/reached.js';
 import type { EngineDevice } from '../engine/source-device.js';
+import { releaseDestination } from '../engine/load.js';
 import { ErrorCode, MigError } from '../errors.js';
 
 type StressFlags = OutputFlags & ReachFlags & {
@@ -107,6 +108,6 @@ async function stressDevices(o: StressFlags): Promise<void> {
     const text = `stress: ${s.iterations} iterations, ${s.migrations} migrations, ${s.devices} device saves, ${fmtBytes(s.bytes)}, ${s.chunks} chunks, ${s.failures} failures in ${seconds.toFixed(1)} s`;
     out.done({ ...rest, durationMs: seconds * 1000 }, text, s.failures === 0, text);
   } finally {
-    for (const d of all) d.close();
+    for (const d of all) await releaseDestination(d);
   }
 }

@@ -10,11 +10,10 @@ import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
 import { type AbortRecord, type DeviceTable, type DeviceTableEntry, type RecordHeader } from '../container/format.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { EnginePool } from '../engine/pool.js';
-import { Loader, emulatedDestination, type LoadReport } from '../engine/load.js';
+import { Loader, emulatedDestination, releaseDestination, type LoadReport } from '../engine/load.js';
 import { DEFAULT_STAGING_CHUNK, type EngineDevice } from '../engine/source-device.js';
 import { asMigDevice } from '../protocol/v1/device.js';
 import { reachProvider } from '../device/registry.js';
-import { destroyEmulated } from '../reach/emulated/v2.js';
 import { MIGRATION_PRE_COPY } from '../protocol/v2/uapi.js';
 import { testHooks } from '../engine/test-hooks.js';
 import { trace } from '../trace.js';
@@ -290,7 +289,7 @@ export class Receiver extends LiveEndpoint {
     rep.receiveWorkers = this.source?.receiveWorkers;
     rep.totalMs = performance.now() - t0;
     if (this.o.save) rep.saved = this.o.save;
-    if (!this.o.keepDestinations) for (const d of this.created) destroyEmulated(d);
+    if (!this.o.keepDestinations) for (const d of this.created) await releaseDestination(d);
     return rep;
   }
 
@@ -489,7 +488,7 @@ export class Receiver extends LiveEndpoint {
         try { await d.reset(); state = `${state}, reset`; } catch (e) { state = `${state}, reset failed: ${(e as Error).message}`; }
       }
       if (this.created.has(d)) {
-        destroyEmulated(d);
+        await releaseDestination(d);
         state += ', released';
       }
       out.push({ name: d.name, state, verified: null });
