@@ -17,6 +17,7 @@ import { crc32c, nativeCrcAvailable, simulateNoSse42 } from '../main/container/c
 import { workerData } from 'node:worker_threads';
 import fs from 'node:fs';
 import { applyRecord, loadDataPath, loadPath, savePath } from './path-tasks.js';
+import { importDefault } from '../main/device/registry.js';
 import { emitRecord } from './emit-record.js';
 import type { BaselineResult, BaselineTask, DataItem, DigestTask, LoadDataTask, LoadResult, LoadTask, SaveResult, SaveTask, Task, TaskError } from './tasks.js';
 
@@ -223,20 +224,11 @@ function baseline(t: BaselineTask): BaselineResult {
 
 let digestScratch: Uint8Array | undefined; // reused across tasks: fresh 4 MiB per device would be paged in every time
 
-const digestModules = new Map<string, (t: unknown) => string>();
-
 async function digest(t: DigestTask): Promise<string> {
   if ('digestModule' in t) {
     // A reach's own digest (DigestTarget.module), imported once per thread as data-path modules are.
     const url = t.digestModule.module;
-    let f = digestModules.get(url);
-    if (!f) {
-      const m = await import(url) as { default?: unknown };
-      if (typeof m.default !== 'function') throw new MigError(ErrorCode.WORKER_FAILED, `digest module ${url} has no default export`);
-      f = m.default as (t: unknown) => string;
-      digestModules.set(url, f);
-    }
-    const d = f(t.digestModule);
+    const d = (await importDefault<(t: unknown) => string>(url, 'digest module', 'default export'))(t.digestModule);
     if (typeof d !== 'string' || !/^sha256:[0-9a-f]{64}$/.test(d)) throw new MigError(ErrorCode.WORKER_FAILED, `digest module ${url} returned ${String(d).slice(0, 80)}, not sha256:<64 hex>`);
     return d;
   }

@@ -34,23 +34,29 @@ export function reachForSpec(spec: string): { provider: ReachProvider; target: s
   return provider ? { provider, target: spec.slice(i + 1) } : null;
 }
 
-const factories = new Map<string, DataPathFactory>();
+const imported = new Map<string, unknown>();
 
-/** Worker side: the DataPath for `desc`, importing its module once per thread. */
-export async function openDataPath(desc: DataPathDesc): Promise<DataPath> {
-  let f = factories.get(desc.module);
+/**
+ * Worker side: the default export (a function) of a reach's module (data path, config restore, digest), imported
+ * once per thread; `what` names the module's role in errors, `missing` what it lacks.
+ */
+export async function importDefault<T>(url: string, what: string, missing: string, device?: string): Promise<T> {
+  let f = imported.get(url);
   if (!f) {
     let m: { default?: unknown };
     try {
-      m = await import(desc.module) as { default?: unknown };
+      m = await import(url) as { default?: unknown };
     } catch (e) {
-      throw new MigError(ErrorCode.WORKER_FAILED, `cannot load data path module ${desc.module}: ${(e as Error).message}`, { device: desc.device, cause: e });
+      throw new MigError(ErrorCode.WORKER_FAILED, `cannot load ${what} ${url}: ${(e as Error).message}`, { device, cause: e });
     }
-    if (typeof m.default !== 'function') {
-      throw new MigError(ErrorCode.WORKER_FAILED, `data path module ${desc.module} has no default factory`, { device: desc.device });
-    }
-    f = m.default as DataPathFactory;
-    factories.set(desc.module, f);
+    if (typeof m.default !== 'function') throw new MigError(ErrorCode.WORKER_FAILED, `${what} ${url} has no ${missing}`, { device });
+    f = m.default;
+    imported.set(url, f);
   }
-  return f(desc);
+  return f as T;
+}
+
+/** Worker side: the DataPath for `desc`, importing its module once per thread. */
+export async function openDataPath(desc: DataPathDesc): Promise<DataPath> {
+  return (await importDefault<DataPathFactory>(desc.module, 'data path module', 'default factory', desc.device))(desc);
 }

@@ -1,5 +1,6 @@
 // Writing a loaded config space back to a device, shared by the transports and the load worker (which gets only
 // this plain descriptor across the thread boundary).
+import { importDefault } from '../device/registry.js';
 import { native, COPY_ALL } from '../../addon/native.js';
 import { ErrorCode, MigError } from '../errors.js';
 import { CONFIG_FLAG_EMBEDDER, type ConfigBlob } from '../protocol/config-blob.js';
@@ -27,14 +28,7 @@ function moduleOf(t: ConfigTarget): string | undefined {
 export async function loadConfigModule(t: ConfigTarget | undefined, device?: string): Promise<void> {
   const url = t && moduleOf(t);
   if (!url || restorers.has(url)) return;
-  let m: { default?: unknown };
-  try {
-    m = await import(url) as { default?: unknown };
-  } catch (e) {
-    throw new MigError(ErrorCode.WORKER_FAILED, `cannot load config restore module ${url}: ${(e as Error).message}`, { device, cause: e });
-  }
-  if (typeof m.default !== 'function') throw new MigError(ErrorCode.WORKER_FAILED, `config restore module ${url} has no default export`, { device });
-  restorers.set(url, m.default as ConfigRestorer);
+  restorers.set(url, await importDefault<ConfigRestorer>(url, 'config restore module', 'default export', device));
 }
 
 /**
