@@ -10,7 +10,7 @@ import { native } from '../addon/native.js';
 import { openDataPath } from '../main/device/registry.js';
 import type { DataPath } from '../main/device/seam.js';
 import { ErrorCode, MigError, toMigError } from '../main/errors.js';
-import { MAX_CHUNK_BODY, RECORD_HEADER_SIZE, RECORD_NAMES, REC_CHUNK, decodeRecordHeader } from '../main/container/format.js';
+import { MAX_CHUNK_BODY, RECORD_HEADER_SIZE, RECORD_NAMES, REC_CHUNK, checkChunkOrder, decodeRecordHeader } from '../main/container/format.js';
 import { loadPathWith } from './path-tasks.js';
 import { loadConfigModule } from '../main/transport/config.js';
 import type { ChannelRxInit, ChannelRxMessage, ChannelRxWorkerData, RxDeviceDelta } from '../main/live/channel-rx.js';
@@ -113,11 +113,7 @@ async function main(): Promise<void> {
       throw new MigError(ErrorCode.STREAM_TOO_LARGE, `CHUNK of ${h.length} bytes exceeds what the destination can take (${init.maxBody})`,
         { offset: at + 4, value: h.length, device: d.name });
     }
-    if (h.seq !== d.nextSeq || h.streamOffset !== d.nextOffset) {
-      throw new MigError(ErrorCode.STREAM_BAD_RECORD,
-        `CHUNK seq ${h.seq} at stream offset ${h.streamOffset}, expected seq ${d.nextSeq} at ${d.nextOffset} (missing or reordered record)`,
-        { offset: at, device: d.name });
-    }
+    checkChunkOrder(h, d.nextSeq, d.nextOffset, at, d.name);
     if (slot.length < RECORD_HEADER_SIZE + h.length) {
       const grown = new Uint8Array(new SharedArrayBuffer(2 ** Math.ceil(Math.log2(RECORD_HEADER_SIZE + h.length))));
       grown.set(slot.subarray(0, RECORD_HEADER_SIZE));

@@ -119,6 +119,15 @@ export function headerCrc(header: Uint8Array, bodyCrc: number): number {
   return crc32c(header.subarray(16, 32), crc32c(header.subarray(0, 12), bodyCrc));
 }
 
+/** A CHUNK must be its device's next record, in sequence and in device stream offset (file loads and live channels alike). */
+export function checkChunkOrder(h: { seq: bigint; streamOffset: bigint }, nextSeq: bigint, nextOffset: bigint, at: number, device: string): void {
+  if (h.seq !== nextSeq || h.streamOffset !== nextOffset) {
+    throw new MigError(ErrorCode.STREAM_BAD_RECORD,
+      `CHUNK seq ${h.seq} at stream offset ${h.streamOffset}, expected seq ${nextSeq} at ${nextOffset} (missing or reordered record)`,
+      { offset: at, device });
+  }
+}
+
 export function decodeRecordHeader(b: Uint8Array, fileOffset: number): RecordHeader {
   const dv = new DataView(b.buffer, b.byteOffset, RECORD_HEADER_SIZE);
   const h: RecordHeader = {

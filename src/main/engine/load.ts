@@ -9,7 +9,7 @@ import { trace } from '../trace.js';
 import { ContainerReader, type AdoptedDevice, type RecordRef, type RecordSource } from '../container/reader.js';
 import { nativeCrcAvailable } from '../container/checksum.js';
 import {
-  FILE_HEADER_SIZE, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
+  FILE_HEADER_SIZE, checkChunkOrder, RECORD_HEADER_SIZE, REC_ABORT, REC_CHUNK, REC_DEVICE_TABLE, REC_END, type AbortRecord, type DeviceTable,
   type DeviceTableEntry, type EndRecord, validateAbort, validateEnd,
 } from '../container/format.js';
 import { MAX_CONFIG_BLOB } from '../protocol/config-blob.js';
@@ -499,11 +499,7 @@ export class Loader extends EventEmitter<LoaderEvents> {
       const d = this.dests[r.h.device];
       if (!d) throw new MigError(ErrorCode.STREAM_BAD_RECORD, `CHUNK for device ${r.h.device}, table has ${this.dests.length}`, { offset: r.at + 8 });
       if (d.adopted) throw new MigError(ErrorCode.STREAM_BAD_RECORD, 'CHUNK of a device the source applies itself', { offset: r.at, device: d.entry.name });
-      if (r.h.seq !== d.nextSeq || r.h.streamOffset !== d.nextOffset) {
-        throw new MigError(ErrorCode.STREAM_BAD_RECORD,
-          `CHUNK seq ${r.h.seq} at stream offset ${r.h.streamOffset}, expected seq ${d.nextSeq} at ${d.nextOffset} (missing or reordered record)`,
-          { offset: r.at, device: d.entry.name });
-      }
+      checkChunkOrder(r.h, d.nextSeq, d.nextOffset, r.at, d.entry.name);
       if (r.h.length > slotSize - RECORD_HEADER_SIZE) {
         throw new MigError(ErrorCode.STREAM_TOO_LARGE, `CHUNK of ${r.h.length} bytes exceeds what the destination can take (${slotSize - RECORD_HEADER_SIZE})`,
           { offset: r.at + 4, device: d.entry.name, value: r.h.length });
