@@ -181,7 +181,7 @@ export async function runEmulated(o: RunOptions): Promise<RunReport> {
       const settled = pendingRollback(e);
       if (settled) {
         // Reject now; the sources (one still inside a vendor call) and the pool are released once it returns.
-        pending = settled.then(async (finals) => { await release(); return finals; }, async (err) => { await release(); throw err; });
+        pending = settled.finally(release);
         throw withPending(e, pending);
       }
       throw e;

@@ -282,9 +282,6 @@ async function afterRollback(failure: unknown, release: () => Promise<void>): Pr
   const settled = failure === undefined ? undefined : pendingRollback(failure);
   if (!settled) { await release(); return; }
   const waiting = new Set(((failure as { report?: { rollbackPending?: string[] } }).report?.rollbackPending ?? []));
-  finishBeforeExit(settled.then(async (finals) => {
-    await release();
-    return finals.filter((r) => waiting.has(r.device)).map((r) => `${p(r.device)}: rollback after its vendor call returned: ${r.outcome}`
-      + `${r.outcome === RollbackOutcome.FAILED ? ' (NOT RUNNING)' : ''}: ${p(r.detail)}`);
-  }, async (err) => { await release(); throw err; }));
+  finishBeforeExit(settled.finally(release).then((finals) => finals.filter((r) => waiting.has(r.device))
+    .map((r) => `${p(r.device)}: rollback after its vendor call returned: ${r.outcome}${r.outcome === RollbackOutcome.FAILED ? ' (NOT RUNNING)' : ''}: ${p(r.detail)}`)));
 }
